@@ -1,0 +1,173 @@
+//! Kafka helpers for the stack and the tests, through rdkafka only (so they
+//! work unchanged on a real cluster).
+//!
+//! Reading "to the end" of a partition here means fetching until nothing more
+//! arrives for a quiet period — never trusting the high watermark, which
+//! Tansu 0.6.0 reports wrongly after multi-record batches.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// Creates `topic` with `partitions` partitions (replication 1) unless it
+/// exists already.
+pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("creating Kafka admin client")?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .await
+        .with_context(|| format!("creating topic {topic}"))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => bail!("creating topic {name}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// A record as read back from a topic, with text key, headers and value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub value: Option<String>,
+}
+
+impl Record {
+    /// The first header named `name`, as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The record as one JSON object (what `devstack watch` prints).
+    pub fn to_json(&self) -> serde_json::Value {
+        let headers: serde_json::Map<String, serde_json::Value> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        let value = self.value.as_deref().map(|v| {
+            serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_owned()))
+        });
+        serde_json::json!({
+            "partition": self.partition,
+            "offset": self.offset,
+            "timestamp_ms": self.timestamp_ms,
+            "key": self.key,
+            "headers": headers,
+            "value": value,
+        })
+    }
+}
+
+/// Reads every partition of one topic from a chosen start, without a
+/// consumer group commit.
+pub struct TopicReader {
+    consumer: StreamConsumer,
+    pub partitions: i32,
+}
+
+impl TopicReader {
+    /// Assigns all partitions of `topic`, from the beginning or the end.
+    pub fn new(bootstrap: &str, topic: &str, from_beginning: bool) -> anyhow::Result<TopicReader> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", format!("devstack-reader-{}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", if from_beginning { "earliest" } else { "latest" })
+            .create()
+            .context("creating Kafka consumer")?;
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .with_context(|| format!("fetching metadata of topic {topic}"))?;
+        let partitions = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map(|t| t.partitions().len() as i32)
+            .unwrap_or(0);
+        if partitions == 0 {
+            bail!("topic {topic} does not exist or has no partitions");
+        }
+        let mut assignment = TopicPartitionList::new();
+        let start = if from_beginning { Offset::Beginning } else { Offset::End };
+        for p in 0..partitions {
+            assignment
+                .add_partition_offset(topic, p, start)
+                .context("building partition assignment")?;
+        }
+        consumer.assign(&assignment).context("assigning partitions")?;
+        Ok(TopicReader { consumer, partitions })
+    }
+
+    /// The next record, or `None` when nothing arrives within `wait`.
+    pub async fn next(&self, wait: Duration) -> anyhow::Result<Option<Record>> {
+        match tokio::time::timeout(wait, self.consumer.recv()).await {
+            Err(_) => Ok(None),
+            Ok(Err(e)) => Err(e).context("reading from Kafka"),
+            Ok(Ok(msg)) => {
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                let headers = msg
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| (h.key.to_owned(), h.value.map(text).unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(Some(Record {
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    timestamp_ms: msg.timestamp().to_millis(),
+                    key: msg.key().map(text),
+                    headers,
+                    value: msg.payload().map(text),
+                }))
+            }
+        }
+    }
+
+    /// Reads until at least `count` records arrived (or `timeout` passed),
+    /// then keeps reading until `quiet` passes with nothing new, so extra
+    /// records (duplicates) are seen too.
+    pub async fn read_at_least(
+        &self,
+        count: usize,
+        timeout: Duration,
+        quiet: Duration,
+    ) -> anyhow::Result<Vec<Record>> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if let Some(r) = self.next(left.min(Duration::from_millis(500))).await? {
+                out.push(r);
+            }
+        }
+        while let Some(r) = self.next(quiet).await? {
+            out.push(r);
+        }
+        Ok(out)
+    }
+}

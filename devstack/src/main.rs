@@ -1,0 +1,131 @@
+//! `devstack`: the local stack's command-line tool (used by `scripts/up` and
+//! `scripts/test`, and by people watching the topic without kcat).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+
+#[derive(Parser)]
+#[command(name = "devstack", version, about = "Tooling for the local outbox-relay stack")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the migrations in `migrations/` that are not applied yet.
+    Migrate {
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+    /// Print the broker's metadata (brokers and topics); fails if unreachable.
+    Metadata {
+        #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+        bootstrap_servers: String,
+        /// How long to wait for the broker.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Create a topic through the Admin API (no-op if it exists).
+    CreateTopic {
+        #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+        bootstrap_servers: String,
+        #[arg(long, env = "OUTBOX_TOPIC", default_value = "microshop.order-outbox")]
+        topic: String,
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+    },
+    /// Print a topic's records as JSON lines: partition, offset, key, headers, value.
+    Watch {
+        #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+        bootstrap_servers: String,
+        #[arg(long, env = "OUTBOX_TOPIC", default_value = "microshop.order-outbox")]
+        topic: String,
+        /// Start at the beginning of each partition (default: only new records).
+        #[arg(long)]
+        from_beginning: bool,
+        /// Keep waiting for new records; without it, stop once nothing new
+        /// arrives for `--idle`.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        idle: Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration {s:?}: use ms, s or m")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Migrate { database_url } => {
+            let applied = devstack::migrations::apply(&database_url).await?;
+            if applied.is_empty() {
+                println!("migrations: up to date");
+            }
+            for m in applied {
+                println!("migrations: applied V{}__{}", m.version, m.name);
+            }
+        }
+        Command::Metadata {
+            bootstrap_servers,
+            timeout,
+        } => {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap_servers)
+                .create()
+                .context("creating Kafka client")?;
+            let md = tokio::task::spawn_blocking(move || consumer.fetch_metadata(None, timeout))
+                .await?
+                .with_context(|| format!("fetching metadata from {bootstrap_servers}"))?;
+            for b in md.brokers() {
+                println!("broker {} {}:{}", b.id(), b.host(), b.port());
+            }
+            for t in md.topics() {
+                println!("topic {} partitions={}", t.name(), t.partitions().len());
+            }
+        }
+        Command::CreateTopic {
+            bootstrap_servers,
+            topic,
+            partitions,
+        } => {
+            devstack::kafka::create_topic(&bootstrap_servers, &topic, partitions).await?;
+            println!("topic {topic} ready");
+        }
+        Command::Watch {
+            bootstrap_servers,
+            topic,
+            from_beginning,
+            follow,
+            idle,
+        } => {
+            let reader = devstack::kafka::TopicReader::new(&bootstrap_servers, &topic, from_beginning)?;
+            let wait = if follow { Duration::from_secs(3600) } else { idle };
+            loop {
+                match reader.next(wait).await? {
+                    Some(record) => println!("{}", record.to_json()),
+                    None if follow => continue,
+                    None => break,
+                }
+            }
+        }
+    }
+    Ok(())
+}

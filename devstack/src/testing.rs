@@ -1,0 +1,158 @@
+//! Per-test isolation on the test stack that `scripts/test` starts.
+//!
+//! Every test gets its own database (cloned from the migrated template
+//! `TEST_TEMPLATE_DB`), so it has its own `orders`, `outbox` and
+//! `outbox_pub`; a slot name derived from that database (slots are
+//! cluster-wide); and its own topic. Tests therefore run in parallel without
+//! sharing state.
+//!
+//! The stack is found through the variables `scripts/test` exports (and
+//! writes to `.run/test/env`): `TEST_DATABASE_URL` (a superuser URL),
+//! `TEST_TEMPLATE_DB` and `TEST_KAFKA_BOOTSTRAP_SERVERS`.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config, NoTls};
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: these tests need the test stack. Run `scripts/test`, or \
+             `scripts/test --stack-only` and then `source .run/test/env` before `cargo nextest run`"
+        )
+    })
+}
+
+/// Superuser URL of the test cluster's maintenance database.
+pub fn admin_url() -> String {
+    env("TEST_DATABASE_URL")
+}
+
+/// Bootstrap servers of the test broker.
+pub fn kafka_bootstrap() -> String {
+    env("TEST_KAFKA_BOOTSTRAP_SERVERS")
+}
+
+/// A name unique across test processes and within one: `prefix_<hex>`.
+/// Lower-case, so it is valid unquoted as a database, slot or topic name.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}_{:x}_{nanos:x}_{n}", std::process::id())
+}
+
+/// Connects with tokio-postgres and drives the connection in the background.
+pub async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .with_context(|| format!("connecting to {}", redact(url)))?;
+    tokio::spawn(async move {
+        // A closed connection surfaces as errors on the client's calls.
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// `url` with its password replaced, for messages.
+pub fn redact(url: &str) -> String {
+    match url.parse::<Config>() {
+        Ok(cfg) => format!(
+            "postgres://{}@{:?}/{}",
+            cfg.get_user().unwrap_or(""),
+            cfg.get_hosts().first(),
+            cfg.get_dbname().unwrap_or("")
+        ),
+        Err(_) => "<unparseable database url>".to_owned(),
+    }
+}
+
+/// `base` with the database name replaced by `dbname`.
+pub fn url_for_database(base: &str, dbname: &str) -> String {
+    match base.rsplit_once('/') {
+        Some((head, tail)) => {
+            let query = tail.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+            format!("{head}/{dbname}{query}")
+        }
+        None => format!("{base}/{dbname}"),
+    }
+}
+
+/// A fresh database with the migrated schema, private to one test.
+pub struct TestDb {
+    pub name: String,
+    /// Superuser URL of this database.
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates the database from the migrated template.
+    pub async fn create() -> anyhow::Result<TestDb> {
+        let admin = connect(&admin_url()).await?;
+        let name = unique_name("t");
+        let template = env("TEST_TEMPLATE_DB");
+        // CREATE DATABASE .. TEMPLATE fails while another session is in the
+        // template; other tests only ever connect to their own clones, but
+        // retry briefly in case two creations overlap.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match admin
+                .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+                .await
+            {
+                Ok(()) => break,
+                Err(e)
+                    if e.code() == Some(&SqlState::OBJECT_IN_USE) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e).context("creating test database"),
+            }
+        }
+        Ok(TestDb {
+            url: url_for_database(&admin_url(), &name),
+            name,
+        })
+    }
+
+    /// A slot name private to this database.
+    pub fn slot_name(&self) -> String {
+        format!("slot_{}", self.name)
+    }
+
+    /// A normal SQL connection to this database.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        connect(&self.url).await
+    }
+}
+
+/// Creates a topic with a unique name and returns the name.
+pub async fn create_topic(partitions: i32) -> anyhow::Result<String> {
+    let name = unique_name("topic");
+    crate::kafka::create_topic(&kafka_bootstrap(), &name, partitions).await?;
+    Ok(name)
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,269 @@
+# shellcheck shell=bash
+# The local stack, shared by scripts/up, scripts/down and scripts/test.
+#
+# Each stack lives in its own run directory ($RUN_DIR) with its own ports, so
+# the test stack (.run/test) never collides with the one scripts/up starts
+# (.run). Every process started here writes its pid to $RUN_DIR/pids/NAME.pid
+# and its log to $RUN_DIR/logs/NAME.log; scripts/down stops them by pid.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+CACHE_DIR=${OUTBOX_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay}
+TANSU_VERSION=0.6.0
+TANSU_BIN=$CACHE_DIR/tansu-$TANSU_VERSION/bin/tansu
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+SYS_PYTHON=/usr/bin/python3
+PG_SUPERUSER=outbox
+
+log() { printf '\033[1m[%s]\033[0m %s\n' "${STACK_NAME:-stack}" "$*" >&2; }
+die() { printf '\033[31m[%s] error:\033[0m %s\n' "${STACK_NAME:-stack}" "$*" >&2; exit 1; }
+
+# --- installation ----------------------------------------------------------
+
+apt_install_missing() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing apt packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# What the stack and the build need: Postgres 15 server binaries, the SMTP
+# sink, Prometheus, and what rdkafka's bundled librdkafka builds against.
+ensure_packages() {
+    local pkgs=(python3-aiosmtpd prometheus build-essential pkg-config cmake libssl-dev libsasl2-dev
+                libzstd-dev zlib1g-dev openssl postgresql-client-15)
+    [ -x "$PG_BIN/postgres" ] || pkgs+=(postgresql-15)
+    apt_install_missing "${pkgs[@]}"
+    [ -x "$PG_BIN/postgres" ] || die "no PostgreSQL 15 server binaries in $PG_BIN"
+    command -v cargo-nextest >/dev/null || {
+        log "installing cargo-nextest"
+        cargo install cargo-nextest --locked
+    }
+}
+
+# Tansu (Kafka-protocol broker, in-memory engine), built once into a cache
+# directory outside the clone and reused by every later run.
+ensure_tansu() {
+    [ -x "$TANSU_BIN" ] && return 0
+    log "building the Kafka-protocol broker Tansu $TANSU_VERSION into $CACHE_DIR (first time only, about 12 minutes)"
+    mkdir -p "$CACHE_DIR"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
+        --root "$CACHE_DIR/tansu-$TANSU_VERSION" >"$CACHE_DIR/tansu-build.log" 2>&1 \
+        || { tail -n 30 "$CACHE_DIR/tansu-build.log" >&2; die "building Tansu failed (log: $CACHE_DIR/tansu-build.log)"; }
+}
+
+# --- processes -------------------------------------------------------------
+
+pid_file() { echo "$RUN_DIR/pids/$1.pid"; }
+
+is_running() {
+    local f; f=$(pid_file "$1")
+    [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+# start NAME CMD...: runs CMD in the background (own process group) with its
+# log under $RUN_DIR/logs, unless NAME is already running.
+start() {
+    local name=$1; shift
+    if is_running "$name"; then
+        log "$name already running (pid $(cat "$(pid_file "$name")"))"
+        return 0
+    fi
+    mkdir -p "$RUN_DIR/pids" "$RUN_DIR/logs"
+    log "starting $name"
+    setsid "$@" >>"$RUN_DIR/logs/$name.log" 2>&1 < /dev/null &
+    echo $! >"$(pid_file "$name")"
+}
+
+stop() {
+    local name=$1 f pid
+    f=$(pid_file "$name")
+    [ -f "$f" ] || return 0
+    pid=$(cat "$f")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL -- "-$pid" 2>/dev/null || true
+    fi
+    rm -f "$f"
+}
+
+# wait_healthy NAME DEADLINE_SECONDS CHECK...: polls CHECK until it succeeds;
+# on timeout names the service and prints the tail of its log.
+wait_healthy() {
+    local name=$1 deadline=$2; shift 2
+    local end=$((SECONDS + deadline))
+    until "$@" >/dev/null 2>&1; do
+        if [ $SECONDS -ge $end ]; then
+            printf '\n--- last lines of %s ---\n' "$RUN_DIR/logs/$name.log" >&2
+            tail -n 30 "$RUN_DIR/logs/$name.log" >&2 2>/dev/null || true
+            die "$name did not become healthy within ${deadline}s"
+        fi
+        if [ -f "$(pid_file "$name")" ] && ! is_running "$name"; then
+            printf '\n--- last lines of %s ---\n' "$RUN_DIR/logs/$name.log" >&2
+            tail -n 30 "$RUN_DIR/logs/$name.log" >&2 2>/dev/null || true
+            die "$name exited during start-up"
+        fi
+        sleep 0.2
+    done
+    log "$name healthy"
+}
+
+http_ok() { curl -fsS -o /dev/null --max-time 2 "$1"; }
+
+# --- Postgres --------------------------------------------------------------
+
+# Postgres refuses to run as root: as root, the cluster belongs to the
+# 'postgres' system user (created by Debian's packages, or here).
+pg_os_user() {
+    if [ "$(id -u)" -eq 0 ]; then echo postgres; else id -un; fi
+}
+
+as_pg() {
+    if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pg_password() { cat "$RUN_DIR/pg-password"; }
+
+pg_url() { echo "postgres://$PG_SUPERUSER:$(pg_password)@127.0.0.1:$PG_PORT/${1:-outbox}"; }
+
+pg_init() {
+    local data=$RUN_DIR/pg
+    [ -f "$data/PG_VERSION" ] && return 0
+    mkdir -p "$RUN_DIR"
+    if [ "$(id -u)" -eq 0 ]; then
+        id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+        # The postgres user must be able to reach $RUN_DIR: grant search (x,
+        # not read) on each ancestor that lacks it.
+        local d=$RUN_DIR
+        while [ "$d" != / ]; do
+            runuser -u postgres -- test -x "$d" 2>/dev/null || { log "granting o+x on $d so Postgres can reach its data"; chmod o+x "$d"; }
+            d=$(dirname "$d")
+        done
+    fi
+    [ -f "$RUN_DIR/pg-password" ] || (umask 077; openssl rand -hex 16 >"$RUN_DIR/pg-password")
+    mkdir -p "$data"
+    chmod 700 "$data"
+    [ "$(id -u)" -ne 0 ] || chown postgres: "$data"
+    local pwfile; pwfile=$(mktemp)
+    pg_password >"$pwfile"
+    chmod 644 "$pwfile"
+    log "initdb $data (port $PG_PORT, wal_level=logical)"
+    as_pg "$PG_BIN/initdb" -D "$data" -U "$PG_SUPERUSER" --pwfile="$pwfile" -E UTF8 --locale=C.UTF-8 \
+        --auth-local=trust --auth-host=scram-sha-256 >"$RUN_DIR/initdb.log" 2>&1 \
+        || { rm -f "$pwfile"; cat "$RUN_DIR/initdb.log" >&2; die "initdb failed"; }
+    rm -f "$pwfile"
+    # A self-signed certificate so clients can use sslmode=require.
+    openssl req -new -x509 -days 3650 -nodes -subj /CN=localhost \
+        -keyout "$data/server.key" -out "$data/server.crt" >/dev/null 2>&1
+    chmod 600 "$data/server.key"
+    [ "$(id -u)" -ne 0 ] || chown postgres: "$data/server.key" "$data/server.crt"
+    as_pg tee -a "$data/postgresql.conf" >/dev/null <<CONF
+
+# --- outbox-relay stack ---
+port = $PG_PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = ''
+wal_level = logical
+max_replication_slots = ${PG_MAX_SLOTS:-20}
+max_wal_senders = ${PG_MAX_SLOTS:-20}
+max_connections = ${PG_MAX_CONNECTIONS:-100}
+wal_sender_timeout = '15s'
+ssl = on
+log_min_messages = warning
+log_connections = off
+${PG_EXTRA_CONF:-}
+CONF
+    {
+        echo "# TYPE  DATABASE     USER  ADDRESS  METHOD"
+        # Test stack only: one role per authentication method the relay supports.
+        if [ "${PG_AUTH_TEST_ROLES:-0}" = 1 ]; then
+            for m in trust password md5; do
+                echo "host all relay_$m 127.0.0.1/32 $m"
+                echo "host replication relay_$m 127.0.0.1/32 $m"
+            done
+        fi
+        echo "host all all 127.0.0.1/32 scram-sha-256"
+        echo "host replication all 127.0.0.1/32 scram-sha-256"
+    } | as_pg tee "$data/pg_hba.conf" >/dev/null
+}
+
+pg_ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; }
+
+pg_start() {
+    pg_init
+    if pg_ready; then
+        log "postgres already running on port $PG_PORT"
+        return 0
+    fi
+    mkdir -p "$RUN_DIR/logs"
+    touch "$RUN_DIR/logs/postgres.log"
+    [ "$(id -u)" -ne 0 ] || chown postgres: "$RUN_DIR/logs/postgres.log"
+    log "starting postgres"
+    as_pg "$PG_BIN/pg_ctl" -D "$RUN_DIR/pg" -l "$RUN_DIR/logs/postgres.log" -w -t 60 start >/dev/null \
+        || { tail -n 30 "$RUN_DIR/logs/postgres.log" >&2; die "postgres did not start"; }
+    wait_healthy postgres 30 pg_ready
+}
+
+pg_stop() {
+    [ -f "$RUN_DIR/pg/postmaster.pid" ] || return 0
+    log "stopping postgres"
+    as_pg "$PG_BIN/pg_ctl" -D "$RUN_DIR/pg" -m fast -w -t 60 stop >/dev/null || true
+}
+
+psql_admin() { PGCONNECT_TIMEOUT=5 psql -X -q -v ON_ERROR_STOP=1 "$(pg_url "${PSQL_DB:-postgres}")" "$@"; }
+
+# Creates database $1 (if missing) and applies the migrations to it.
+pg_database() {
+    local db=$1
+    if [ -z "$(PSQL_DB=postgres psql_admin -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'")" ]; then
+        PSQL_DB=postgres psql_admin -c "CREATE DATABASE $db"
+    fi
+    "$DEVSTACK" migrate --database-url "$(pg_url "$db")" | sed "s/^/[$STACK_NAME] $db: /" >&2
+}
+
+# --- Kafka-protocol broker -------------------------------------------------
+
+kafka_ready() { "$DEVSTACK" metadata --bootstrap-servers "127.0.0.1:$KAFKA_PORT" --timeout 2s; }
+
+kafka_start() {
+    if [ -n "${EXTERNAL_KAFKA:-}" ]; then
+        log "using the Kafka cluster at $KAFKA_BOOTSTRAP_SERVERS (no local broker)"
+        return 0
+    fi
+    ensure_tansu
+    start kafka "$TANSU_BIN" broker \
+        --storage-engine "memory://tansu/" \
+        --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+        --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT"
+    wait_healthy kafka 60 kafka_ready
+}
+
+# --- SMTP sink -------------------------------------------------------------
+
+smtp_ready() { "$SYS_PYTHON" -c "import smtplib; smtplib.SMTP('127.0.0.1', $SMTP_PORT, timeout=2).quit()"; }
+
+smtp_start() {
+    mkdir -p "$RUN_DIR/smtp-maildir"
+    start smtp "$SYS_PYTHON" -m aiosmtpd -n -l "127.0.0.1:$SMTP_PORT" \
+        -c aiosmtpd.handlers.Mailbox "$RUN_DIR/smtp-maildir"
+    wait_healthy smtp 20 smtp_ready
+}
+
+# --- teardown --------------------------------------------------------------
+
+stack_down() {
+    local f
+    for f in "$RUN_DIR"/pids/*.pid; do
+        [ -e "$f" ] || continue
+        stop "$(basename "$f" .pid)"
+    done
+    pg_stop
+}
