@@ -24,7 +24,10 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyh
         .context("creating Kafka admin client")?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let results = admin
-        .create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .create_topics(
+            [&new],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
         .await
         .with_context(|| format!("creating topic {topic}"))?;
     for result in results {
@@ -89,10 +92,16 @@ impl TopicReader {
     pub fn new(bootstrap: &str, topic: &str, from_beginning: bool) -> anyhow::Result<TopicReader> {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
-            .set("group.id", format!("devstack-reader-{}", std::process::id()))
+            .set(
+                "group.id",
+                format!("devstack-reader-{}", std::process::id()),
+            )
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
-            .set("auto.offset.reset", if from_beginning { "earliest" } else { "latest" })
+            .set(
+                "auto.offset.reset",
+                if from_beginning { "earliest" } else { "latest" },
+            )
             .create()
             .context("creating Kafka consumer")?;
         let metadata = consumer
@@ -108,14 +117,23 @@ impl TopicReader {
             bail!("topic {topic} does not exist or has no partitions");
         }
         let mut assignment = TopicPartitionList::new();
-        let start = if from_beginning { Offset::Beginning } else { Offset::End };
+        let start = if from_beginning {
+            Offset::Beginning
+        } else {
+            Offset::End
+        };
         for p in 0..partitions {
             assignment
                 .add_partition_offset(topic, p, start)
                 .context("building partition assignment")?;
         }
-        consumer.assign(&assignment).context("assigning partitions")?;
-        Ok(TopicReader { consumer, partitions })
+        consumer
+            .assign(&assignment)
+            .context("assigning partitions")?;
+        Ok(TopicReader {
+            consumer,
+            partitions,
+        })
     }
 
     /// The next record, or `None` when nothing arrives within `wait`.

@@ -9,7 +9,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
 #[derive(Parser)]
-#[command(name = "devstack", version, about = "Tooling for the local outbox-relay stack")]
+#[command(
+    name = "devstack",
+    version,
+    about = "Tooling for the local outbox-relay stack"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,7 +28,11 @@ enum Command {
     },
     /// Print the broker's metadata (brokers and topics); fails if unreachable.
     Metadata {
-        #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+        #[arg(
+            long,
+            env = "KAFKA_BOOTSTRAP_SERVERS",
+            default_value = "127.0.0.1:9092"
+        )]
         bootstrap_servers: String,
         /// How long to wait for the broker.
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
@@ -32,7 +40,11 @@ enum Command {
     },
     /// Create a topic through the Admin API (no-op if it exists).
     CreateTopic {
-        #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+        #[arg(
+            long,
+            env = "KAFKA_BOOTSTRAP_SERVERS",
+            default_value = "127.0.0.1:9092"
+        )]
         bootstrap_servers: String,
         #[arg(long, env = "OUTBOX_TOPIC", default_value = "microshop.order-outbox")]
         topic: String,
@@ -41,7 +53,11 @@ enum Command {
     },
     /// Print a topic's records as JSON lines: partition, offset, key, headers, value.
     Watch {
-        #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:9092")]
+        #[arg(
+            long,
+            env = "KAFKA_BOOTSTRAP_SERVERS",
+            default_value = "127.0.0.1:9092"
+        )]
         bootstrap_servers: String,
         #[arg(long, env = "OUTBOX_TOPIC", default_value = "microshop.order-outbox")]
         topic: String,
@@ -116,8 +132,13 @@ async fn main() -> anyhow::Result<()> {
             follow,
             idle,
         } => {
-            let reader = devstack::kafka::TopicReader::new(&bootstrap_servers, &topic, from_beginning)?;
-            let wait = if follow { Duration::from_secs(3600) } else { idle };
+            let reader =
+                devstack::kafka::TopicReader::new(&bootstrap_servers, &topic, from_beginning)?;
+            let wait = if follow {
+                Duration::from_secs(3600)
+            } else {
+                idle
+            };
             loop {
                 match reader.next(wait).await? {
                     Some(record) => println!("{}", record.to_json()),

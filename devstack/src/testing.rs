@@ -77,7 +77,10 @@ pub fn redact(url: &str) -> String {
 pub fn url_for_database(base: &str, dbname: &str) -> String {
     match base.rsplit_once('/') {
         Some((head, tail)) => {
-            let query = tail.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+            let query = tail
+                .split_once('?')
+                .map(|(_, q)| format!("?{q}"))
+                .unwrap_or_default();
             format!("{head}/{dbname}{query}")
         }
         None => format!("{base}/{dbname}"),

@@ -31,11 +31,20 @@ async fn idempotent_keyed_records_with_headers_round_trip() -> anyhow::Result<()
         let key = format!("user-{}", i % 6);
         let payload = format!("{{\"n\":{i}}}");
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "event_id", value: Some(i.to_string().as_bytes()) })
-            .insert(Header { key: "lsn", value: Some("0/16B374D8".as_bytes()) });
+            .insert(Header {
+                key: "event_id",
+                value: Some(i.to_string().as_bytes()),
+            })
+            .insert(Header {
+                key: "lsn",
+                value: Some("0/16B374D8".as_bytes()),
+            });
         let delivery = producer
             .send(
-                FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers),
+                FutureRecord::to(&topic)
+                    .key(&key)
+                    .payload(&payload)
+                    .headers(headers),
                 Duration::from_secs(10),
             )
             .await
@@ -54,7 +63,10 @@ async fn idempotent_keyed_records_with_headers_round_trip() -> anyhow::Result<()
     let mut per_key_last: HashMap<String, u32> = HashMap::new();
     for r in &records {
         let key = r.key.clone().expect("keyed");
-        assert_eq!(sent_partition[&key], r.partition, "read from the partition it was written to");
+        assert_eq!(
+            sent_partition[&key], r.partition,
+            "read from the partition it was written to"
+        );
         assert_eq!(r.header("lsn"), Some("0/16B374D8"));
         let n: u32 = r.header("event_id").expect("event_id header").parse()?;
         let value: serde_json::Value = serde_json::from_str(r.value.as_deref().unwrap_or(""))?;
@@ -94,8 +106,18 @@ async fn consumer_group_members_share_partitions() -> anyhow::Result<()> {
     loop {
         let _ = tokio::time::timeout(Duration::from_millis(200), a.recv()).await;
         let _ = tokio::time::timeout(Duration::from_millis(200), b.recv()).await;
-        let pa: HashSet<i32> = a.assignment()?.elements().iter().map(|e| e.partition()).collect();
-        let pb: HashSet<i32> = b.assignment()?.elements().iter().map(|e| e.partition()).collect();
+        let pa: HashSet<i32> = a
+            .assignment()?
+            .elements()
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        let pb: HashSet<i32> = b
+            .assignment()?
+            .elements()
+            .iter()
+            .map(|e| e.partition())
+            .collect();
         if !pa.is_empty() && !pb.is_empty() && pa.len() + pb.len() == 4 && pa.is_disjoint(&pb) {
             break;
         }

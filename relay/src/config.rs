@@ -1,0 +1,236 @@
+//! Command-line and environment configuration (`relay --help`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::event::{EventConfig, TopicRouting, ValueFormat};
+use crate::sink::KafkaConfig;
+
+/// Streams outbox inserts from a Postgres logical replication slot (pgoutput)
+/// to Kafka, in commit order, confirming WAL only after Kafka acknowledged it.
+#[derive(Parser, Clone)]
+#[command(name = "relay", version, about, long_about = None)]
+pub struct Config {
+    /// Postgres URL (postgres://user:pass@host:port/db?sslmode=require); the
+    /// role needs REPLICATION.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Logical replication slot to stream (created with pgoutput if missing).
+    #[arg(long, env = "RELAY_SLOT", default_value = "outbox_relay")]
+    pub slot: String,
+
+    /// Publication to stream (created for the outbox table, inserts only, if missing).
+    #[arg(long, env = "RELAY_PUBLICATION", default_value = "outbox_pub")]
+    pub publication: String,
+
+    /// The outbox table, optionally schema-qualified.
+    #[arg(long, env = "RELAY_TABLE", default_value = "outbox")]
+    pub table: String,
+
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub kafka_bootstrap_servers: String,
+
+    /// Extra librdkafka property, repeatable (e.g. security.protocol=SASL_SSL).
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
+
+    /// Topic for every record; default: the topic prefix + the table name.
+    #[arg(long, env = "OUTBOX_TOPIC")]
+    pub topic: Option<String>,
+
+    /// Prefix of topic names, as the JDBC source connector's topic.prefix.
+    #[arg(long, env = "RELAY_TOPIC_PREFIX", default_value = "microshop.order-")]
+    pub topic_prefix: String,
+
+    /// Route each record to prefix + the value of this column instead of one topic.
+    #[arg(long, env = "RELAY_ROUTE_BY_COLUMN")]
+    pub route_by_column: Option<String>,
+
+    /// Column whose value (as text) is the record key.
+    #[arg(long, env = "RELAY_KEY_COLUMN", default_value = "user_id")]
+    pub key_column: String,
+
+    /// Record value encoding.
+    #[arg(long, env = "RELAY_VALUE_FORMAT", value_enum, default_value_t = ValueFormat::Json)]
+    pub value_format: ValueFormat,
+
+    /// Partitions for topics the relay creates.
+    #[arg(long, env = "RELAY_PARTITIONS", default_value_t = 3)]
+    pub partitions: i32,
+
+    /// Replication factor for topics the relay creates.
+    #[arg(long, env = "RELAY_REPLICATION_FACTOR", default_value_t = 1)]
+    pub replication_factor: i32,
+
+    /// Bound on record bytes handed to Kafka and not yet acknowledged.
+    #[arg(long, env = "RELAY_MAX_IN_FLIGHT_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_in_flight_bytes: usize,
+
+    /// HTTP listen address for /metrics, /healthz and /status.
+    #[arg(long, env = "RELAY_LISTEN", default_value = "0.0.0.0:9101")]
+    pub listen: SocketAddr,
+
+    /// Interval of standby status updates to Postgres when nothing changes.
+    #[arg(long, env = "RELAY_STATUS_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub status_interval: Duration,
+
+    /// Interval of lag sampling on an ordinary SQL connection.
+    #[arg(long, env = "RELAY_LAG_SAMPLE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub lag_sample_interval: Duration,
+
+    /// Longest wait between reconnection attempts (exponential backoff with jitter).
+    #[arg(long, env = "RELAY_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+
+    /// On shutdown, how long to wait for Kafka to acknowledge what is in flight.
+    #[arg(long, env = "RELAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The database URL and Kafka properties may hold credentials.
+        f.debug_struct("Config")
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("table", &self.table)
+            .field("kafka_bootstrap_servers", &self.kafka_bootstrap_servers)
+            .field("topic", &self.topic)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// `(schema, table)` of the outbox table.
+    pub fn table_parts(&self) -> (String, String) {
+        match self.table.split_once('.') {
+            Some((s, t)) => (s.to_owned(), t.to_owned()),
+            None => ("public".to_owned(), self.table.clone()),
+        }
+    }
+
+    pub fn event_config(&self) -> EventConfig {
+        let (schema, table) = self.table_parts();
+        let default_topic = self
+            .topic
+            .clone()
+            .unwrap_or_else(|| format!("{}{}", self.topic_prefix, table));
+        let routing = match &self.route_by_column {
+            Some(column) => TopicRouting::ByColumn {
+                column: column.clone(),
+                prefix: self.topic_prefix.clone(),
+                fallback: default_topic,
+            },
+            None => TopicRouting::Fixed(default_topic),
+        };
+        EventConfig {
+            schema,
+            table,
+            key_column: self.key_column.clone(),
+            routing,
+            value_format: self.value_format,
+        }
+    }
+
+    pub fn kafka_config(&self) -> KafkaConfig {
+        KafkaConfig {
+            bootstrap_servers: self.kafka_bootstrap_servers.clone(),
+            properties: self.kafka_properties.clone(),
+            partitions: self.partitions,
+            replication: self.replication_factor,
+            max_in_flight_bytes: self.max_in_flight_bytes,
+        }
+    }
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m` (a bare number means seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 5s, 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration {s:?}: unit must be ms, s or m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_spec() {
+        let cfg = Config::try_parse_from(["relay", "--database-url", "postgres://x@h/db"]).unwrap();
+        assert_eq!(cfg.slot, "outbox_relay");
+        assert_eq!(cfg.publication, "outbox_pub");
+        assert_eq!(cfg.listen.port(), 9101);
+        assert_eq!(
+            cfg.event_config().routing,
+            TopicRouting::Fixed("microshop.order-outbox".into())
+        );
+        assert_eq!(cfg.event_config().key_column, "user_id");
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        let err = Config::try_parse_from([
+            "relay",
+            "--database-url",
+            "x",
+            "--kafka-property",
+            "novalue",
+        ])
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("KEY=VALUE"), "{err}");
+        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    }
+
+    #[test]
+    fn debug_hides_credentials() {
+        let cfg = Config::try_parse_from([
+            "relay",
+            "--database-url",
+            "postgres://u:secretpw@h/db",
+            "--kafka-property",
+            "sasl.password=hunter2",
+        ])
+        .unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("secretpw") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
+}

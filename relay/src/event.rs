@@ -1,0 +1,440 @@
+//! Event: one outbox row, decoded from an Insert, becomes one Kafka record.
+//!
+//! ```text
+//!  Begin{final_lsn, xid, commit_ts} ─┐
+//!  Relation (columns, types) ────────┼─▶ OutboxRecord { topic, key, value, headers }
+//!  Insert (tuple)  #seq in the txn ──┘
+//! ```
+//!
+//! The record is what SPEC.md promises: topic `microshop.order-outbox` (or
+//! prefix + the value of a routing column), key = the key column as text,
+//! value = the row as a JSON object in column order (`jsonb` embedded), and
+//! headers `event_id`, `event_type`, `lsn` (commit LSN), `xid`, `commit_ts`
+//! (RFC 3339, µs) and `seq` (index of the row in its transaction).
+//!
+//! With `--value-format connect-json` the value is the
+//! `{"schema":…,"payload":…}` envelope Kafka Connect's JsonConverter wrote
+//! for the JDBC source connector this relay replaces.
+
+use serde_json::{json, Value};
+
+use crate::lsn::Lsn;
+use crate::pgoutput::{row_to_json, type_oid, JsonRow, PgTimestamp, Relation, RowError, TupleData};
+
+/// How the record value is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ValueFormat {
+    /// The row as a plain JSON object.
+    Json,
+    /// Kafka Connect JsonConverter envelope with `schema` and `payload`.
+    ConnectJson,
+}
+
+/// Which topic a record goes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TopicRouting {
+    /// Every record to one topic.
+    Fixed(String),
+    /// `prefix` + the value of `column`; rows where it is NULL or empty go
+    /// to `fallback`.
+    ByColumn {
+        column: String,
+        prefix: String,
+        fallback: String,
+    },
+}
+
+/// What the relay produces from which table.
+#[derive(Clone, Debug)]
+pub struct EventConfig {
+    /// Schema of the outbox table.
+    pub schema: String,
+    /// Name of the outbox table.
+    pub table: String,
+    pub key_column: String,
+    pub routing: TopicRouting,
+    pub value_format: ValueFormat,
+}
+
+impl EventConfig {
+    /// True when `rel` is the configured outbox table.
+    pub fn is_outbox(&self, rel: &Relation) -> bool {
+        let namespace = if rel.namespace.is_empty() {
+            "pg_catalog"
+        } else {
+            rel.namespace.as_str()
+        };
+        namespace == self.schema && rel.name == self.table
+    }
+
+    /// Every topic this configuration can name up front (for creation).
+    pub fn static_topics(&self) -> Vec<String> {
+        match &self.routing {
+            TopicRouting::Fixed(t) => vec![t.clone()],
+            TopicRouting::ByColumn { fallback, .. } => vec![fallback.clone()],
+        }
+    }
+}
+
+/// The transaction a row belongs to (from its Begin message).
+#[derive(Clone, Copy, Debug)]
+pub struct TxnInfo {
+    pub commit_lsn: Lsn,
+    pub xid: u32,
+    pub commit_ts: PgTimestamp,
+}
+
+/// One Kafka record, ready to produce.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxRecord {
+    pub topic: String,
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl OutboxRecord {
+    /// Approximate bytes this record holds in the producer queue.
+    pub fn size(&self) -> usize {
+        self.topic.len()
+            + self.key.as_ref().map_or(0, String::len)
+            + self.value.len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
+/// Why an outbox row could not become a record.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("outbox row could not be decoded")]
+    Row(#[from] RowError),
+    #[error("outbox table {table} has no column {column:?} (configured as the {role})")]
+    MissingColumn {
+        table: String,
+        column: String,
+        role: &'static str,
+    },
+}
+
+/// Checks that the relation has the columns the configuration names.
+pub fn check_relation(cfg: &EventConfig, rel: &Relation) -> Result<(), EventError> {
+    let mut required = vec![(cfg.key_column.as_str(), "record key")];
+    if let TopicRouting::ByColumn { column, .. } = &cfg.routing {
+        required.push((column.as_str(), "routing column"));
+    }
+    for (column, role) in required {
+        if !rel.columns.iter().any(|c| c.name == column) {
+            return Err(EventError::MissingColumn {
+                table: rel.qualified_name(),
+                column: column.to_owned(),
+                role,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Builds the record for row `seq` (0-based) of transaction `txn`.
+pub fn build_record(
+    cfg: &EventConfig,
+    rel: &Relation,
+    tuple: &TupleData,
+    txn: &TxnInfo,
+    seq: u64,
+) -> Result<OutboxRecord, EventError> {
+    let row = row_to_json(rel, tuple)?;
+    let text = |v: Option<&Value>| match v {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => Some(other.to_string()),
+    };
+    let topic = match &cfg.routing {
+        TopicRouting::Fixed(t) => t.clone(),
+        TopicRouting::ByColumn {
+            column,
+            prefix,
+            fallback,
+        } => match text(row.get(column)) {
+            Some(v) if !v.is_empty() => format!("{prefix}{v}"),
+            _ => fallback.clone(),
+        },
+    };
+    let key = text(row.get(&cfg.key_column));
+    let mut headers = Vec::with_capacity(6);
+    if let Some(id) = text(row.get("id")) {
+        headers.push(("event_id", id));
+    }
+    if let Some(t) = text(row.get("event_type")) {
+        headers.push(("event_type", t));
+    }
+    headers.push(("lsn", txn.commit_lsn.to_string()));
+    headers.push(("xid", txn.xid.to_string()));
+    headers.push(("commit_ts", txn.commit_ts.to_rfc3339_micros()));
+    headers.push(("seq", seq.to_string()));
+    let value = match cfg.value_format {
+        ValueFormat::Json => row.to_json_string().into_bytes(),
+        ValueFormat::ConnectJson => connect_json(rel, &row).to_string().into_bytes(),
+    };
+    Ok(OutboxRecord {
+        topic,
+        key,
+        value,
+        headers,
+    })
+}
+
+/// The JsonConverter envelope (`schemas.enable=true`) as the JDBC source
+/// connector produced it: integers as int16/32/64, booleans, floats,
+/// timestamps as Connect `Timestamp` (epoch milliseconds), dates as Connect
+/// `Date` (epoch days), everything else — `numeric`, `json`/`jsonb`, text —
+/// as strings. pgoutput does not carry nullability, so every column except
+/// the replica-identity key is marked optional.
+fn connect_json(rel: &Relation, row: &JsonRow) -> Value {
+    let mut fields = Vec::with_capacity(rel.columns.len());
+    let mut payload = serde_json::Map::new();
+    for (col, (name, value)) in rel.columns.iter().zip(row.iter()) {
+        let (schema_type, logical) = match col.type_oid {
+            type_oid::INT2 => ("int16", None),
+            type_oid::INT4 => ("int32", None),
+            type_oid::INT8 | type_oid::OID => ("int64", None),
+            type_oid::BOOL => ("boolean", None),
+            type_oid::FLOAT4 => ("float", None),
+            type_oid::FLOAT8 => ("double", None),
+            type_oid::TIMESTAMPTZ | type_oid::TIMESTAMP => {
+                ("int64", Some("org.apache.kafka.connect.data.Timestamp"))
+            }
+            type_oid::DATE => ("int32", Some("org.apache.kafka.connect.data.Date")),
+            _ => ("string", None),
+        };
+        let mut field = json!({
+            "type": schema_type,
+            "optional": !col.is_key(),
+            "field": name,
+        });
+        if let Some(logical) = logical {
+            field["name"] = json!(logical);
+            field["version"] = json!(1);
+        }
+        fields.push(field);
+        let converted = match (value, logical) {
+            (Value::Null, _) => Value::Null,
+            (Value::String(s), Some("org.apache.kafka.connect.data.Timestamp")) => {
+                timestamp_millis(s).map_or_else(|| Value::String(s.clone()), Value::from)
+            }
+            (Value::String(s), Some(_)) => {
+                date_days(s).map_or_else(|| Value::String(s.clone()), Value::from)
+            }
+            (v, _) if schema_type == "string" && !v.is_string() => Value::String(v.to_string()),
+            (v, _) => v.clone(),
+        };
+        payload.insert(name.to_owned(), converted);
+    }
+    // Key order inside `payload` follows serde_json's map (sorted); the
+    // schema's `fields` array carries the column order.
+    json!({
+        "schema": {
+            "type": "struct",
+            "fields": fields,
+            "optional": false,
+            "name": rel.name,
+        },
+        "payload": payload,
+    })
+}
+
+fn timestamp_millis(s: &str) -> Option<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp_millis());
+    }
+    chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+        .ok()
+        .map(|t| t.and_utc().timestamp_millis())
+}
+
+fn date_days(s: &str) -> Option<i64> {
+    let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+    Some((d - epoch).num_days())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::{RelationColumn, TupleValue};
+
+    fn outbox_relation() -> Relation {
+        let col = |name: &str, type_oid: u32, flags: u8| RelationColumn {
+            flags,
+            name: name.to_owned(),
+            type_oid,
+            type_modifier: -1,
+        };
+        Relation {
+            oid: 16400,
+            namespace: "public".into(),
+            name: "outbox".into(),
+            replica_identity: b'd',
+            columns: vec![
+                col("id", type_oid::INT8, 1),
+                col("aggregate_type", type_oid::TEXT, 0),
+                col("aggregate_id", type_oid::TEXT, 0),
+                col("user_id", type_oid::INT8, 0),
+                col("event_type", type_oid::TEXT, 0),
+                col("payload", type_oid::JSONB, 0),
+                col("created_at", type_oid::TIMESTAMPTZ, 0),
+            ],
+        }
+    }
+
+    fn tuple(vals: &[Option<&str>]) -> TupleData {
+        TupleData(
+            vals.iter()
+                .map(|v| v.map_or(TupleValue::Null, |s| TupleValue::Text(s.to_owned())))
+                .collect(),
+        )
+    }
+
+    fn cfg(routing: TopicRouting, value_format: ValueFormat) -> EventConfig {
+        EventConfig {
+            schema: "public".into(),
+            table: "outbox".into(),
+            key_column: "user_id".into(),
+            routing,
+            value_format,
+        }
+    }
+
+    fn txn() -> TxnInfo {
+        TxnInfo {
+            commit_lsn: Lsn(0x1_0000_00A0),
+            xid: 777,
+            // 2000-01-01 + 1 s + 5 µs
+            commit_ts: PgTimestamp(1_000_005),
+        }
+    }
+
+    fn row() -> TupleData {
+        tuple(&[
+            Some("17"),
+            Some("order"),
+            Some("5"),
+            Some("42"),
+            Some("OrderCreated"),
+            Some(r#"{"order_id": 5, "items": [1, 2]}"#),
+            Some("2026-11-21 10:00:00.5+01"),
+        ])
+    }
+
+    #[test]
+    fn builds_spec_record() {
+        let rec = build_record(
+            &cfg(
+                TopicRouting::Fixed("microshop.order-outbox".into()),
+                ValueFormat::Json,
+            ),
+            &outbox_relation(),
+            &row(),
+            &txn(),
+            3,
+        )
+        .unwrap();
+        assert_eq!(rec.topic, "microshop.order-outbox");
+        assert_eq!(rec.key.as_deref(), Some("42"));
+        let value = String::from_utf8(rec.value).unwrap();
+        assert!(
+            value.starts_with(r#"{"id":17,"aggregate_type":"order""#),
+            "{value}"
+        );
+        let v: Value = serde_json::from_str(&value).unwrap();
+        assert_eq!(
+            v["payload"]["items"],
+            json!([1, 2]),
+            "jsonb embedded, not a string"
+        );
+        assert_eq!(v["created_at"], json!("2026-11-21T09:00:00.500000Z"));
+        let h = |k: &str| {
+            rec.headers
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(h("event_id"), Some("17"));
+        assert_eq!(h("event_type"), Some("OrderCreated"));
+        assert_eq!(h("lsn"), Some("1/A0"));
+        assert_eq!(h("xid"), Some("777"));
+        assert_eq!(h("commit_ts"), Some("2000-01-01T00:00:01.000005Z"));
+        assert_eq!(h("seq"), Some("3"));
+    }
+
+    #[test]
+    fn routes_by_column_with_fallback() {
+        let routing = TopicRouting::ByColumn {
+            column: "aggregate_type".into(),
+            prefix: "microshop.".into(),
+            fallback: "microshop.order-outbox".into(),
+        };
+        let c = cfg(routing, ValueFormat::Json);
+        let rec = build_record(&c, &outbox_relation(), &row(), &txn(), 0).unwrap();
+        assert_eq!(rec.topic, "microshop.order");
+        let mut t = row();
+        t.0[1] = TupleValue::Null;
+        let rec = build_record(&c, &outbox_relation(), &t, &txn(), 0).unwrap();
+        assert_eq!(rec.topic, "microshop.order-outbox");
+    }
+
+    #[test]
+    fn null_key_gives_no_key() {
+        let mut t = row();
+        t.0[3] = TupleValue::Null;
+        let rec = build_record(
+            &cfg(TopicRouting::Fixed("t".into()), ValueFormat::Json),
+            &outbox_relation(),
+            &t,
+            &txn(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(rec.key, None);
+    }
+
+    #[test]
+    fn connect_json_envelope() {
+        let rec = build_record(
+            &cfg(TopicRouting::Fixed("t".into()), ValueFormat::ConnectJson),
+            &outbox_relation(),
+            &row(),
+            &txn(),
+            0,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&rec.value).unwrap();
+        assert_eq!(v["schema"]["type"], "struct");
+        assert_eq!(v["schema"]["name"], "outbox");
+        let fields = v["schema"]["fields"].as_array().unwrap();
+        assert_eq!(
+            fields[0],
+            json!({"type": "int64", "optional": false, "field": "id"})
+        );
+        assert_eq!(fields[5]["type"], "string");
+        assert_eq!(fields[6]["name"], "org.apache.kafka.connect.data.Timestamp");
+        assert_eq!(v["payload"]["id"], 17);
+        assert_eq!(
+            v["payload"]["payload"],
+            json!(r#"{"items":[1,2],"order_id":5}"#)
+        );
+        assert_eq!(v["payload"]["created_at"], json!(1_795_251_600_500_i64));
+    }
+
+    #[test]
+    fn relation_check_names_missing_column() {
+        let mut c = cfg(TopicRouting::Fixed("t".into()), ValueFormat::Json);
+        c.key_column = "tenant".into();
+        let err = check_relation(&c, &outbox_relation()).unwrap_err();
+        assert!(err.to_string().contains("tenant"), "{err}");
+        assert!(c.is_outbox(&outbox_relation()));
+    }
+}

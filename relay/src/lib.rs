@@ -1,0 +1,24 @@
+//! The outbox relay: streams outbox inserts from a Postgres logical
+//! replication slot (`pgoutput`) to Kafka, in commit order, losing nothing.
+//!
+//! The pipeline reads as a chain of modules:
+//!
+//! ```text
+//!  replication ──▶ pgoutput ──▶ event ──▶ sink ──▶ checkpoint
+//!  (CopyBoth on a     (decode     (outbox    (rdkafka    (confirm LSN only after
+//!   replication conn)  messages)   row → rec) producer)   Kafka acked all ≤ it)
+//! ```
+
+pub mod lsn;
+pub mod pgoutput;
+pub mod replication;
+
+pub mod checkpoint;
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod shutdown;
+pub mod sink;
+pub mod sql;

@@ -1,0 +1,110 @@
+//! The relay's Prometheus metrics. The names are a contract (SPEC.md):
+//! dashboards and alerts use them.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+// prometheus-client appends `_total` to counters when it encodes them.
+pub const EVENTS: &str = "relay_events";
+pub const TRANSACTIONS: &str = "relay_transactions";
+pub const PRODUCE_ERRORS: &str = "relay_produce_errors";
+pub const LAG_BYTES: &str = "relay_lag_bytes";
+pub const LAG_SECONDS: &str = "relay_lag_seconds";
+pub const CONNECTED: &str = "relay_connected";
+pub const SLOT_RETAINED_WAL_BYTES: &str = "relay_slot_retained_wal_bytes";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabel {
+    pub topic: String,
+}
+
+/// Every metric the relay exports.
+pub struct Metrics {
+    pub registry: Registry,
+    /// Records acknowledged by Kafka, by topic.
+    pub events: Family<TopicLabel, Counter>,
+    /// Postgres transactions fully acknowledged (confirmable).
+    pub transactions: Counter,
+    /// Records Kafka failed to take, and fatal producer errors.
+    pub produce_errors: Counter,
+    pub lag_bytes: Gauge,
+    pub lag_seconds: Gauge<f64, AtomicU64>,
+    pub connected: Gauge,
+    pub slot_retained_wal_bytes: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let events = Family::<TopicLabel, Counter>::default();
+        registry.register(
+            EVENTS,
+            "Outbox records acknowledged by Kafka",
+            events.clone(),
+        );
+        let transactions = Counter::default();
+        registry.register(
+            TRANSACTIONS,
+            "Postgres transactions whose records Kafka acknowledged",
+            transactions.clone(),
+        );
+        let produce_errors = Counter::default();
+        registry.register(
+            PRODUCE_ERRORS,
+            "Records Kafka did not take, and fatal producer errors",
+            produce_errors.clone(),
+        );
+        let lag_bytes = Gauge::default();
+        registry.register(
+            LAG_BYTES,
+            "Server WAL position minus the confirmed position, in bytes",
+            lag_bytes.clone(),
+        );
+        let lag_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            LAG_SECONDS,
+            "Age of the commit of the oldest record not yet acknowledged by Kafka (0 when caught up)",
+            lag_seconds.clone(),
+        );
+        let connected = Gauge::default();
+        registry.register(
+            CONNECTED,
+            "1 while the replication stream is connected",
+            connected.clone(),
+        );
+        let slot_retained_wal_bytes = Gauge::default();
+        registry.register(
+            SLOT_RETAINED_WAL_BYTES,
+            "WAL the slot keeps Postgres from recycling (current WAL position minus restart_lsn)",
+            slot_retained_wal_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            events,
+            transactions,
+            produce_errors,
+            lag_bytes,
+            lag_seconds,
+            connected,
+            slot_retained_wal_bytes,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

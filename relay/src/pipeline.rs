@@ -1,0 +1,612 @@
+//! Pipeline: the relay's event loop, from the replication stream to Kafka
+//! and back to the slot's confirmed position.
+//!
+//! ```text
+//!            ┌──────────────── supervisor: reconnect with backoff + jitter ───────────────┐
+//!            │                                                                             │
+//!  Postgres ─┴▶ ReplicationStream ─▶ pgoutput::decode ─▶ event::build_record ─▶ KafkaSink ─┐
+//!       ▲                                   │ Begin/Commit                                 │ acks
+//!       │                                   ▼                                              ▼
+//!       └──────────── send_status(confirmed) ◀──────────── Checkpoint ◀────────────────────┘
+//! ```
+//!
+//! One session is one replication connection. Its loop is a
+//! `tokio::select!` with this priority (`biased`):
+//! 1. shutdown — stop reading, wait (bounded) for Kafka's acks, confirm, exit;
+//! 2. delivery reports — they move the confirmable position, which is sent to
+//!    Postgres at once (standby status update) when it moves;
+//! 3. the status timer — a standby status update every `--status-interval`,
+//!    so the server never times the relay out, even when idle;
+//! 4. new WAL — read only while the sink accepts records (backpressure: a
+//!    record refused with `Full` is held and retried after the next ack).
+//!
+//! Records are produced as their Insert messages arrive (their headers come
+//! from the Begin message), so memory stays flat whatever a transaction's
+//! size. Session errors are transient (reconnect, replay from the confirmed
+//! position: duplicates possible, loss impossible) or definite (stop with a
+//! message and a non-zero exit).
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::{Checkpoint, TxnId};
+use crate::config::Config;
+use crate::event::{self, EventConfig, OutboxRecord, TopicRouting, TxnInfo};
+use crate::http::{RelayState, Shared};
+use crate::lsn::Lsn;
+use crate::metrics::TopicLabel;
+use crate::pgoutput::{self, LogicalMessage, RelationCache};
+use crate::replication::{
+    self, ConnectParams, ReplicationConnection, ReplicationMessage, ReplicationStream,
+};
+use crate::sink::{self, DeliveryReport, KafkaConfig, KafkaSink, SendError, Sink};
+use crate::sql;
+
+/// Why the relay stopped or a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("replication")]
+    Replication(#[from] replication::ReplicationError),
+    #[error("could not decode a pgoutput message")]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error("could not turn an outbox row into a record")]
+    Event(#[from] event::EventError),
+    #[error("kafka")]
+    Sink(#[from] sink::SinkError),
+    #[error("kafka refused a record permanently ({0}); fix the cause (e.g. message.max.bytes) and restart")]
+    DeliveryPermanent(#[source] KafkaError),
+    #[error("kafka did not deliver a record ({0}); replaying from the confirmed position")]
+    Delivery(#[source] KafkaError),
+    #[error("kafka producer failed fatally: {0}; recreating it and replaying from the confirmed position")]
+    ProducerFatal(String),
+    #[error("unexpected replication stream: {0}")]
+    Protocol(String),
+    #[error("sql connection")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error("cannot listen for HTTP on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RelayError {
+    /// Transient errors end a session and are retried with backoff; the
+    /// others stop the relay.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RelayError::Replication(e) => e.is_transient(),
+            RelayError::Sink(e) => e.is_transient(),
+            RelayError::Delivery(_) | RelayError::ProducerFatal(_) | RelayError::Sql(_) => true,
+            RelayError::Decode(_)
+            | RelayError::Event(_)
+            | RelayError::DeliveryPermanent(_)
+            | RelayError::Protocol(_)
+            | RelayError::Listen { .. } => false,
+        }
+    }
+}
+
+/// The error and its whole cause chain on one line, for logs and `/status`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Runs the relay until `shutdown` is cancelled (Ok) or a definite error.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), RelayError> {
+    let shared = Shared::new(&cfg.slot, &cfg.publication);
+    run_with(cfg, shutdown, shared).await
+}
+
+/// [`run`] with caller-provided shared state (tests read `/status` from it).
+pub async fn run_with(
+    cfg: Config,
+    shutdown: CancellationToken,
+    shared: Arc<Shared>,
+) -> Result<(), RelayError> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| RelayError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    shared.set_http_addr(listener.local_addr().ok());
+    let http_stop = shutdown.child_token();
+    let http = tokio::spawn({
+        let app = crate::http::router(shared.clone());
+        let stop = http_stop.clone();
+        async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "http server failed");
+            }
+        }
+    });
+    let sampler = tokio::spawn(sample_lag(
+        cfg.clone(),
+        shared.clone(),
+        shutdown.child_token(),
+    ));
+
+    let result = supervise(&cfg, &shared, &shutdown).await;
+    if let Err(e) = &result {
+        shared.update(|s| {
+            s.state = RelayState::Failed;
+            s.last_error = Some(error_chain(e));
+        });
+    }
+    http_stop.cancel();
+    sampler.abort();
+    let _ = http.await;
+    result
+}
+
+/// Reconnects after transient errors with bounded exponential backoff and
+/// jitter; returns on shutdown or a definite error.
+async fn supervise(
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+) -> Result<(), RelayError> {
+    let params = ConnectParams::from_url(&cfg.database_url)?;
+    let event_cfg = cfg.event_config();
+    let kafka_cfg = cfg.kafka_config();
+    let mut sink: Option<KafkaSink> = None;
+    let mut next_txn: TxnId = 0;
+    let mut attempt: u32 = 0;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        shared.update(|s| s.state = RelayState::Connecting);
+        let started = Instant::now();
+        let mut session = Session {
+            cfg,
+            event_cfg: &event_cfg,
+            kafka_cfg: &kafka_cfg,
+            shared,
+            shutdown,
+            next_txn: &mut next_txn,
+        };
+        let result = session.run(&params, &mut sink).await;
+        shared.metrics.connected.set(0);
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                if matches!(e, RelayError::ProducerFatal(_)) {
+                    sink = None;
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    attempt = 0;
+                }
+                let delay = backoff(attempt, cfg.max_backoff);
+                attempt = attempt.saturating_add(1);
+                let chain = error_chain(&e);
+                tracing::warn!(error = %chain, retry_in_ms = delay.as_millis() as u64, "replication session ended; reconnecting");
+                shared.update(|s| {
+                    s.state = RelayState::Reconnecting;
+                    s.last_error = Some(chain);
+                });
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "relay stopped");
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// 250 ms · 2^attempt, capped at `max`, with ±25 % jitter.
+fn backoff(attempt: u32, max: Duration) -> Duration {
+    let base = Duration::from_millis(250).saturating_mul(2u32.saturating_pow(attempt.min(16)));
+    let capped = base.min(max);
+    let jitter = rand::rng().random_range(0.75..1.25);
+    capped.mul_f64(jitter)
+}
+
+/// The transaction being received (between Begin and Commit).
+struct OpenTxn {
+    id: TxnId,
+    info: TxnInfo,
+    next_seq: u64,
+}
+
+struct Session<'a> {
+    cfg: &'a Config,
+    event_cfg: &'a EventConfig,
+    kafka_cfg: &'a KafkaConfig,
+    shared: &'a Arc<Shared>,
+    shutdown: &'a CancellationToken,
+    next_txn: &'a mut TxnId,
+}
+
+impl Session<'_> {
+    async fn run(
+        &mut self,
+        params: &ConnectParams,
+        sink_slot: &mut Option<KafkaSink>,
+    ) -> Result<(), RelayError> {
+        let cfg = self.cfg;
+        // Setup on an ordinary SQL connection: publication and slot state.
+        let client = sql::connect(params).await?;
+        let (schema, table) = cfg.table_parts();
+        replication::ensure_publication(&client, &cfg.publication, &format!("{schema}.{table}"))
+            .await?;
+        let mut conn = ReplicationConnection::connect(params).await?;
+        let system = conn.identify_system().await?;
+        let slot_confirmed = match replication::prepare_slot(&client, &mut conn, &cfg.slot).await? {
+            replication::PreparedSlot::Existing(info) => {
+                info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO)
+            }
+            replication::PreparedSlot::Created { consistent_point } => {
+                tracing::info!(slot = %cfg.slot, at = %consistent_point, "created replication slot");
+                consistent_point
+            }
+        };
+        drop(client);
+        tracing::info!(slot = %cfg.slot, system_id = %system.system_id, server_lsn = %system.xlogpos,
+            confirmed = %slot_confirmed, "starting replication");
+
+        // Topics exist before the first record is produced.
+        sink::ensure_topics(self.kafka_cfg, &self.event_cfg.static_topics()).await?;
+        if sink_slot.is_none() {
+            *sink_slot = Some(KafkaSink::new(self.kafka_cfg)?);
+        }
+        let sink = sink_slot.as_mut().expect("set just above");
+
+        let mut stream = conn
+            .start_replication(&cfg.slot, Lsn::ZERO, &cfg.publication)
+            .await?;
+        self.shared.metrics.connected.set(1);
+        self.shared.update(|s| {
+            s.state = RelayState::Streaming;
+            s.confirmed_lsn = slot_confirmed;
+            s.last_error = None;
+        });
+        let mut state = StreamState {
+            cp: Checkpoint::starting_at(slot_confirmed, *self.next_txn),
+            relations: RelationCache::new(),
+            open: None,
+            held: VecDeque::new(),
+            known_topics: self.event_cfg.static_topics().into_iter().collect(),
+            last_sent: slot_confirmed,
+            received: slot_confirmed,
+        };
+        let result = self.stream_loop(&mut stream, sink, &mut state).await;
+        *self.next_txn = state.cp.next_id();
+        match result {
+            Ok(()) => {
+                // Graceful stop: wait (bounded) for acks, confirm them, close.
+                self.shared.update(|s| s.state = RelayState::Stopping);
+                let shared = self.shared.clone();
+                let cp = &mut state.cp;
+                let drained = sink
+                    .drain(cfg.shutdown_timeout, |r| {
+                        let _ = apply_report(&shared, cp, r);
+                    })
+                    .await;
+                if !drained {
+                    tracing::warn!(
+                        in_flight = sink.in_flight(),
+                        "shutdown timeout: unacknowledged records will be replayed on restart"
+                    );
+                }
+                let confirmed = state.cp.confirmed();
+                let _ = stream
+                    .send_status(confirmed, confirmed, confirmed, false)
+                    .await;
+                let _ = stream.finish().await;
+                tracing::info!(confirmed = %confirmed, "relay stopped cleanly");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn stream_loop(
+        &mut self,
+        stream: &mut ReplicationStream,
+        sink: &mut KafkaSink,
+        st: &mut StreamState,
+    ) -> Result<(), RelayError> {
+        let mut ticker = tokio::time::interval(self.cfg.status_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(()),
+                report = sink.next_report() => {
+                    let Some(report) = report else {
+                        return Err(RelayError::ProducerFatal("delivery reports ended".into()));
+                    };
+                    apply_report(self.shared, &mut st.cp, report)?;
+                    self.send_held(sink, st)?;
+                    self.confirm_if_moved(stream, st, false).await?;
+                }
+                _ = ticker.tick() => {
+                    self.confirm_if_moved(stream, st, true).await?;
+                    self.publish_status(sink, st);
+                }
+                msg = stream.recv(), if st.held.is_empty() => {
+                    match msg? {
+                        ReplicationMessage::XLogData { wal_end, data, .. } => {
+                            st.received = st.received.max(wal_end);
+                            self.handle_wal(&data, sink, st).await?;
+                            if st.cp.is_idle() {
+                                st.cp.idle_position(wal_end);
+                            }
+                            self.confirm_if_moved(stream, st, false).await?;
+                        }
+                        ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
+                            st.received = st.received.max(wal_end);
+                            st.cp.idle_position(wal_end);
+                            self.confirm_if_moved(stream, st, reply_requested).await?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle_wal(
+        &mut self,
+        data: &[u8],
+        sink: &mut KafkaSink,
+        st: &mut StreamState,
+    ) -> Result<(), RelayError> {
+        match pgoutput::decode(data)? {
+            LogicalMessage::Begin(b) => {
+                if st.open.is_some() {
+                    return Err(RelayError::Protocol(
+                        "Begin inside an open transaction".into(),
+                    ));
+                }
+                let id = st.cp.begin(b.commit_ts.unix_micros());
+                st.open = Some(OpenTxn {
+                    id,
+                    info: TxnInfo {
+                        commit_lsn: b.final_lsn,
+                        xid: b.xid,
+                        commit_ts: b.commit_ts,
+                    },
+                    next_seq: 0,
+                });
+            }
+            LogicalMessage::Commit(c) => {
+                let txn = st
+                    .open
+                    .take()
+                    .ok_or_else(|| RelayError::Protocol("Commit without Begin".into()))?;
+                if txn.next_seq > 0 {
+                    self.shared.metrics.transactions.inc();
+                }
+                st.cp.commit(txn.id, c.end_lsn);
+            }
+            LogicalMessage::Relation(rel) => {
+                if self.event_cfg.is_outbox(&rel) {
+                    event::check_relation(self.event_cfg, &rel)?;
+                }
+                st.relations.apply(rel);
+            }
+            LogicalMessage::Insert(ins) => {
+                let rel = st.relations.get(ins.relation_oid).ok_or_else(|| {
+                    RelayError::Protocol(format!(
+                        "Insert for relation {} before its Relation message",
+                        ins.relation_oid
+                    ))
+                })?;
+                if !self.event_cfg.is_outbox(rel) {
+                    return Ok(());
+                }
+                let txn = st
+                    .open
+                    .as_mut()
+                    .ok_or_else(|| RelayError::Protocol("Insert outside a transaction".into()))?;
+                let record =
+                    event::build_record(self.event_cfg, rel, &ins.new, &txn.info, txn.next_seq)?;
+                txn.next_seq += 1;
+                let id = txn.id;
+                if let TopicRouting::ByColumn { .. } = self.event_cfg.routing {
+                    if !st.known_topics.contains(&record.topic) {
+                        sink::ensure_topics(self.kafka_cfg, std::slice::from_ref(&record.topic))
+                            .await?;
+                        st.known_topics.insert(record.topic.clone());
+                    }
+                }
+                st.cp.record_sent(id);
+                st.held.push_back((record, id));
+                self.send_held(sink, st)?;
+            }
+            // Not produced: other changes, origins, types, and logical
+            // messages (heartbeats are handled by the observability work).
+            LogicalMessage::Update(_)
+            | LogicalMessage::Delete(_)
+            | LogicalMessage::Truncate(_)
+            | LogicalMessage::Origin(_)
+            | LogicalMessage::Type(_)
+            | LogicalMessage::Message(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Hands held records to the sink in order until it pushes back.
+    fn send_held(&self, sink: &mut KafkaSink, st: &mut StreamState) -> Result<(), RelayError> {
+        while let Some((record, txn)) = st.held.pop_front() {
+            match sink.try_send(record, txn) {
+                Ok(()) => {}
+                Err(SendError::Full(record)) => {
+                    st.held.push_front((record, txn));
+                    break;
+                }
+                Err(SendError::Refused(e)) => return Err(classify_delivery(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn confirm_if_moved(
+        &self,
+        stream: &mut ReplicationStream,
+        st: &mut StreamState,
+        force: bool,
+    ) -> Result<(), RelayError> {
+        let confirmed = st.cp.confirmed();
+        if force || confirmed > st.last_sent {
+            stream
+                .send_status(confirmed, confirmed, confirmed, false)
+                .await?;
+            st.last_sent = confirmed;
+            self.shared.update(|s| s.confirmed_lsn = confirmed);
+        }
+        Ok(())
+    }
+
+    fn publish_status(&self, sink: &KafkaSink, st: &StreamState) {
+        let lag_seconds = st
+            .cp
+            .oldest_pending_commit_micros()
+            .map(|t| (chrono::Utc::now().timestamp_micros() - t).max(0) as f64 / 1e6)
+            .unwrap_or(0.0);
+        self.shared.metrics.lag_seconds.set(lag_seconds);
+        self.shared.update(|s| {
+            s.received_lsn = st.received;
+            s.confirmed_lsn = st.cp.confirmed();
+            s.lag_seconds = lag_seconds;
+            s.pending_transactions = st.cp.pending_transactions();
+            s.in_flight_records = sink.in_flight();
+        });
+    }
+}
+
+struct StreamState {
+    cp: Checkpoint,
+    relations: RelationCache,
+    open: Option<OpenTxn>,
+    /// Records not yet accepted by the sink, in stream order.
+    held: VecDeque<(OutboxRecord, TxnId)>,
+    known_topics: HashSet<String>,
+    last_sent: Lsn,
+    received: Lsn,
+}
+
+fn apply_report(
+    shared: &Shared,
+    cp: &mut Checkpoint,
+    report: DeliveryReport,
+) -> Result<(), RelayError> {
+    match report {
+        DeliveryReport::Delivered { txn, topic, .. } => {
+            shared
+                .metrics
+                .events
+                .get_or_create(&TopicLabel {
+                    topic: topic.to_string(),
+                })
+                .inc();
+            cp.acked(txn);
+            Ok(())
+        }
+        DeliveryReport::Failed { error, .. } => {
+            shared.metrics.produce_errors.inc();
+            Err(classify_delivery(error))
+        }
+        DeliveryReport::Fatal { reason } => {
+            shared.metrics.produce_errors.inc();
+            Err(RelayError::ProducerFatal(reason))
+        }
+    }
+}
+
+/// Errors a replay cannot fix stop the relay; the rest are retried.
+fn classify_delivery(error: KafkaError) -> RelayError {
+    let permanent = matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+        )
+    );
+    if permanent {
+        RelayError::DeliveryPermanent(error)
+    } else {
+        RelayError::Delivery(error)
+    }
+}
+
+/// Samples lag and retained WAL on an ordinary SQL connection.
+async fn sample_lag(cfg: Config, shared: Arc<Shared>, stop: CancellationToken) {
+    let Ok(params) = ConnectParams::from_url(&cfg.database_url) else {
+        return;
+    };
+    let mut client = None;
+    let mut ticker = tokio::time::interval(cfg.lag_sample_interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if client.is_none() {
+            match sql::connect(&params).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "lag sampler cannot connect");
+                    continue;
+                }
+            }
+        }
+        let Some(c) = &client else { continue };
+        let row = c
+            .query_opt(
+                "SELECT pg_current_wal_lsn()::text, restart_lsn::text \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&cfg.slot],
+            )
+            .await;
+        match row {
+            Ok(Some(row)) => {
+                let current: Option<Lsn> =
+                    row.get::<_, Option<String>>(0).and_then(|s| s.parse().ok());
+                let restart: Option<Lsn> =
+                    row.get::<_, Option<String>>(1).and_then(|s| s.parse().ok());
+                let confirmed = shared.snapshot().confirmed_lsn;
+                if let Some(current) = current {
+                    let lag = current.bytes_since(confirmed);
+                    let retained = restart.map_or(0, |r| current.bytes_since(r));
+                    shared.metrics.lag_bytes.set(lag as i64);
+                    shared.metrics.slot_retained_wal_bytes.set(retained as i64);
+                    shared.update(|s| {
+                        s.lag_bytes = lag;
+                        s.retained_wal_bytes = retained;
+                    });
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "lag sample failed; reconnecting");
+                client = None;
+            }
+        }
+    }
+}

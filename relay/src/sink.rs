@@ -1,0 +1,328 @@
+//! Sink: hands records to Kafka and reports, per record, when Kafka has
+//! acknowledged it.
+//!
+//! ```text
+//!  pipeline ──try_send(record, txn)──▶ librdkafka queue ──▶ broker
+//!      ▲                                                     │ ack (acks=all)
+//!      └────────── next_report(): Delivered{txn} / Failed ◀──┘
+//! ```
+//!
+//! The Kafka producer is idempotent (`enable.idempotence=true`, `acks=all`)
+//! with `enable.gapless.guarantee=true` and no message timeout: a record is
+//! retried until the broker takes it, and anything that could leave a gap in
+//! a partition's sequence is a fatal error instead. So each partition holds,
+//! in order, a prefix of what the relay sent to it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, Message};
+use tokio::sync::mpsc;
+
+use crate::checkpoint::TxnId;
+use crate::event::OutboxRecord;
+
+/// What became of one record (or of the producer).
+#[derive(Debug)]
+pub enum DeliveryReport {
+    /// Kafka acknowledged the record of transaction `txn`.
+    Delivered {
+        txn: TxnId,
+        bytes: usize,
+        topic: Arc<str>,
+    },
+    /// The record was not delivered; the pipeline must not confirm past it.
+    Failed {
+        txn: TxnId,
+        bytes: usize,
+        error: KafkaError,
+    },
+    /// The producer can no longer deliver anything (fatal librdkafka error);
+    /// it has to be recreated and the stream replayed from the confirmed LSN.
+    Fatal { reason: String },
+}
+
+/// Why a record was not accepted.
+#[derive(Debug)]
+pub enum SendError {
+    /// Backpressure: the queue is full; retry after the next report.
+    Full(OutboxRecord),
+    /// The producer refused the record for another reason.
+    Refused(KafkaError),
+}
+
+/// A destination for outbox records.
+///
+/// Delivery contract:
+/// - records accepted by `try_send` are written in acceptance order within
+///   each partition, and each is reported exactly once by `next_report`;
+/// - a `Delivered` report means the broker durably acknowledged the record;
+/// - after a `Failed` or `Fatal` report later records may or may not be
+///   delivered: the caller must confirm nothing past the failed record and
+///   replay from its last confirmed position, which can duplicate but never
+///   lose or reorder a partition's prefix;
+/// - `SendError::Full` is backpressure, not an error: keep the record and
+///   retry once a report has freed room.
+pub trait Sink {
+    /// Enqueues `record` for transaction `txn` without waiting.
+    fn try_send(&mut self, record: OutboxRecord, txn: TxnId) -> Result<(), SendError>;
+    /// The next report; cancel-safe.
+    fn next_report(&mut self) -> impl std::future::Future<Output = Option<DeliveryReport>> + Send;
+    /// Records accepted and not yet reported.
+    fn in_flight(&self) -> usize;
+}
+
+/// Kafka connection settings for the sink.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    /// Extra librdkafka properties (`--kafka-property k=v`), applied last.
+    pub properties: Vec<(String, String)>,
+    /// Partitions for topics the relay creates.
+    pub partitions: i32,
+    /// Replication factor for topics the relay creates.
+    pub replication: i32,
+    /// Upper bound on bytes accepted and not yet acknowledged.
+    pub max_in_flight_bytes: usize,
+}
+
+impl KafkaConfig {
+    fn client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.bootstrap_servers);
+        for (k, v) in &self.properties {
+            cfg.set(k, v);
+        }
+        cfg
+    }
+
+    fn producer_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("enable.gapless.guarantee", "true")
+            // Never give up on a record: with idempotence, librdkafka keeps
+            // retrying in order until the broker takes it.
+            .set("message.timeout.ms", "0")
+            .set("linger.ms", "2")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "1048576");
+        for (k, v) in &self.properties {
+            cfg.set(k, v);
+        }
+        cfg
+    }
+}
+
+/// Per-record delivery tag carried through librdkafka as the opaque.
+struct Tag {
+    txn: TxnId,
+    bytes: usize,
+    topic: Arc<str>,
+}
+
+struct ReportingContext {
+    reports: mpsc::UnboundedSender<DeliveryReport>,
+}
+
+impl ClientContext for ReportingContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let fatal = matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
+        if fatal {
+            tracing::error!(error = %error, reason, "kafka producer fatal error");
+            let _ = self.reports.send(DeliveryReport::Fatal {
+                reason: format!("{error}: {reason}"),
+            });
+        } else {
+            tracing::warn!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ProducerContext for ReportingContext {
+    type DeliveryOpaque = Box<Tag>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: Self::DeliveryOpaque) {
+        let report = match result {
+            Ok(_) => DeliveryReport::Delivered {
+                txn: tag.txn,
+                bytes: tag.bytes,
+                topic: tag.topic,
+            },
+            Err((error, msg)) => {
+                tracing::warn!(error = %error, topic = msg.topic(), partition = msg.partition(), "kafka delivery failed");
+                DeliveryReport::Failed {
+                    txn: tag.txn,
+                    bytes: tag.bytes,
+                    error: error.clone(),
+                }
+            }
+        };
+        // The receiver lives as long as the sink; a send error means the
+        // sink is being dropped and nobody waits for reports any more.
+        let _ = self.reports.send(report);
+    }
+}
+
+/// Errors setting up Kafka.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("invalid Kafka configuration: {0}")]
+    Config(#[source] KafkaError),
+    #[error("creating topic {topic}: {code}")]
+    CreateTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+    #[error("talking to Kafka")]
+    Kafka(#[source] KafkaError),
+}
+
+impl SinkError {
+    /// Configuration errors are definite; the rest is worth retrying.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, SinkError::Config(_))
+    }
+}
+
+/// The rdkafka-backed sink.
+pub struct KafkaSink {
+    producer: ThreadedProducer<ReportingContext>,
+    reports: mpsc::UnboundedReceiver<DeliveryReport>,
+    in_flight: usize,
+    in_flight_bytes: usize,
+    max_in_flight_bytes: usize,
+    /// Interned topic names, so a delivery tag shares rather than copies.
+    topics: HashSet<Arc<str>>,
+}
+
+impl KafkaSink {
+    pub fn new(cfg: &KafkaConfig) -> Result<KafkaSink, SinkError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let producer = cfg
+            .producer_config()
+            .create_with_context(ReportingContext { reports: tx })
+            .map_err(SinkError::Config)?;
+        Ok(KafkaSink {
+            producer,
+            reports: rx,
+            in_flight: 0,
+            in_flight_bytes: 0,
+            max_in_flight_bytes: cfg.max_in_flight_bytes.max(1),
+            topics: HashSet::new(),
+        })
+    }
+
+    /// Waits up to `timeout` for everything in flight to be reported,
+    /// handing each report to `on_report`. Returns true when nothing is left.
+    pub async fn drain(
+        &mut self,
+        timeout: Duration,
+        mut on_report: impl FnMut(DeliveryReport),
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.in_flight > 0 {
+            match tokio::time::timeout_at(deadline, self.next_report()).await {
+                Ok(Some(report)) => on_report(report),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.in_flight == 0
+    }
+
+    /// Drops every queued record that was not sent yet (used when this
+    /// relay must stop writing).
+    pub fn purge(&self) {
+        use rdkafka::producer::PurgeConfig;
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
+    }
+}
+
+impl Sink for KafkaSink {
+    fn try_send(&mut self, record: OutboxRecord, txn: TxnId) -> Result<(), SendError> {
+        let bytes = record.size();
+        if self.in_flight > 0 && self.in_flight_bytes + bytes > self.max_in_flight_bytes {
+            return Err(SendError::Full(record));
+        }
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (k, v) in &record.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let topic = match self.topics.get(record.topic.as_str()) {
+            Some(t) => t.clone(),
+            None => {
+                let t: Arc<str> = Arc::from(record.topic.as_str());
+                self.topics.insert(t.clone());
+                t
+            }
+        };
+        let mut base =
+            BaseRecord::with_opaque_to(&record.topic, Box::new(Tag { txn, bytes, topic }))
+                .payload(&record.value)
+                .headers(headers);
+        if let Some(key) = &record.key {
+            base = base.key(key.as_bytes());
+        }
+        match self.producer.send(base) {
+            Ok(()) => {
+                self.in_flight += 1;
+                self.in_flight_bytes += bytes;
+                Ok(())
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(SendError::Full(record))
+            }
+            Err((e, _)) => Err(SendError::Refused(e)),
+        }
+    }
+
+    async fn next_report(&mut self) -> Option<DeliveryReport> {
+        let report = self.reports.recv().await?;
+        if let DeliveryReport::Delivered { bytes, .. } | DeliveryReport::Failed { bytes, .. } =
+            &report
+        {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            self.in_flight_bytes = self.in_flight_bytes.saturating_sub(*bytes);
+        }
+        Some(report)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+/// Creates each topic in `topics` that does not exist yet, through the
+/// Admin API.
+pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), SinkError> {
+    let admin: AdminClient<DefaultClientContext> =
+        cfg.client_config().create().map_err(SinkError::Config)?;
+    let unique: HashSet<&String> = topics.iter().collect();
+    let new: Vec<NewTopic<'_>> = unique
+        .iter()
+        .map(|t| NewTopic::new(t, cfg.partitions, TopicReplication::Fixed(cfg.replication)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(new.iter(), &opts)
+        .await
+        .map_err(SinkError::Kafka)?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(SinkError::CreateTopic { topic, code }),
+        }
+    }
+    Ok(())
+}
