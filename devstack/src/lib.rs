@@ -6,11 +6,14 @@
 //! - [`kafka`]: topic creation through the Admin API (Tansu does not
 //!   auto-create topics) and reading a topic to its real end;
 //! - [`testing`]: per-test isolation — a fresh database cloned from a
-//!   migrated template, a unique slot name and a unique topic.
+//!   migrated template, a unique slot name and a unique topic;
+//! - [`cluster`]: a private Postgres cluster for tests that crash or restart
+//!   the server.
 //!
 //! This is a development and test-support crate, not part of the product's
 //! runtime; its errors are `anyhow` for that reason.
 
+pub mod cluster;
 pub mod kafka;
 pub mod migrations;
 pub mod testing;

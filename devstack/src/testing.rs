@@ -95,7 +95,8 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// Creates the database from the migrated template.
+    /// Creates the database from the migrated template and applies any
+    /// migration newer than the template.
     pub async fn create() -> anyhow::Result<TestDb> {
         let admin = connect(&admin_url()).await?;
         let name = unique_name("t");
@@ -118,10 +119,13 @@ impl TestDb {
                 Err(e) => return Err(e).context("creating test database"),
             }
         }
-        Ok(TestDb {
-            url: url_for_database(&admin_url(), &name),
-            name,
-        })
+        let url = url_for_database(&admin_url(), &name);
+        // The template was migrated when the test stack started; migrations
+        // added since (this binary embeds them) are applied on the clone.
+        crate::migrations::apply(&url)
+            .await
+            .context("migrating test database")?;
+        Ok(TestDb { url, name })
     }
 
     /// A slot name private to this database.

@@ -19,7 +19,9 @@
 use serde_json::{json, Value};
 
 use crate::lsn::Lsn;
-use crate::pgoutput::{row_to_json, type_oid, JsonRow, PgTimestamp, Relation, RowError, TupleData};
+use crate::pgoutput::{
+    row_to_json, type_oid, Cell, JsonRow, PgTimestamp, Relation, RowError, TupleData,
+};
 
 /// How the record value is encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -147,11 +149,7 @@ pub fn build_record(
     seq: u64,
 ) -> Result<OutboxRecord, EventError> {
     let row = row_to_json(rel, tuple)?;
-    let text = |v: Option<&Value>| match v {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(other) => Some(other.to_string()),
-    };
+    let text = |v: Option<&Cell>| v.and_then(Cell::as_text);
     let topic = match &cfg.routing {
         TopicRouting::Fixed(t) => t.clone(),
         TopicRouting::ByColumn {
@@ -220,7 +218,12 @@ fn connect_json(rel: &Relation, row: &JsonRow) -> Value {
             field["version"] = json!(1);
         }
         fields.push(field);
-        let converted = match (value, logical) {
+        let value = match value {
+            Cell::Value(v) => v.clone(),
+            // json/jsonb: a string, as the JDBC connector gave them.
+            Cell::Document(raw) => Value::String(raw.get().to_owned()),
+        };
+        let converted = match (&value, logical) {
             (Value::Null, _) => Value::Null,
             (Value::String(s), Some("org.apache.kafka.connect.data.Timestamp")) => {
                 timestamp_millis(s).map_or_else(|| Value::String(s.clone()), Value::from)
@@ -229,7 +232,7 @@ fn connect_json(rel: &Relation, row: &JsonRow) -> Value {
                 date_days(s).map_or_else(|| Value::String(s.clone()), Value::from)
             }
             (v, _) if schema_type == "string" && !v.is_string() => Value::String(v.to_string()),
-            (v, _) => v.clone(),
+            (_, _) => value,
         };
         payload.insert(name.to_owned(), converted);
     }
@@ -424,7 +427,7 @@ mod tests {
         assert_eq!(v["payload"]["id"], 17);
         assert_eq!(
             v["payload"]["payload"],
-            json!(r#"{"items":[1,2],"order_id":5}"#)
+            json!(r#"{"order_id":5,"items":[1,2]}"#)
         );
         assert_eq!(v["payload"]["created_at"], json!(1_795_251_600_500_i64));
     }

@@ -26,10 +26,17 @@ fn main() -> std::process::ExitCode {
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(relay::shutdown::on_signal(shutdown.clone()));
-        match relay::pipeline::run(cfg, shutdown).await {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
+        // On a worker thread, not block_on's: there the pipeline polls the
+        // sockets it waits on itself instead of being woken across threads
+        // for every message.
+        match tokio::spawn(relay::pipeline::run(cfg, shutdown)).await {
+            Ok(Ok(())) => std::process::ExitCode::SUCCESS,
+            Ok(Err(e)) => {
                 eprintln!("relay: {}", relay::pipeline::error_chain(&e));
+                std::process::ExitCode::FAILURE
+            }
+            Err(panic) => {
+                eprintln!("relay: the pipeline task panicked: {panic}");
                 std::process::ExitCode::FAILURE
             }
         }

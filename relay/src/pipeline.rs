@@ -13,11 +13,13 @@
 //! One session is one replication connection. Its loop is a
 //! `tokio::select!` with this priority (`biased`):
 //! 1. shutdown — stop reading, wait (bounded) for Kafka's acks, confirm, exit;
-//! 2. delivery reports — they move the confirmable position, which is sent to
-//!    Postgres at once (standby status update) when it moves;
-//! 3. the status timer — a standby status update every `--status-interval`,
+//! 2. delivery reports — they move the confirmable position;
+//! 3. the confirmation timer — once the confirmable position moved, a standby
+//!    status update goes out within [`CONFIRM_DELAY`] (coalescing the acks
+//!    of a burst into one update instead of one per transaction);
+//! 4. the status timer — a standby status update every `--status-interval`,
 //!    so the server never times the relay out, even when idle;
-//! 4. new WAL — read only while the sink accepts records (backpressure: a
+//! 5. new WAL — read only while the sink accepts records (backpressure: a
 //!    record refused with `Full` is held and retried after the next ack).
 //!
 //! Records are produced as their Insert messages arrive (their headers come
@@ -46,6 +48,11 @@ use crate::replication::{
 };
 use crate::sink::{self, DeliveryReport, KafkaConfig, KafkaSink, SendError, Sink};
 use crate::sql;
+
+/// How long a moved confirmable position may wait before it is sent to
+/// Postgres: short enough that the slot follows Kafka's acks closely, long
+/// enough that a burst of acks costs one status update, not thousands.
+pub const CONFIRM_DELAY: Duration = Duration::from_millis(10);
 
 /// Why the relay stopped or a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +296,7 @@ impl Session<'_> {
             held: VecDeque::new(),
             known_topics: self.event_cfg.static_topics().into_iter().collect(),
             last_sent: slot_confirmed,
+            confirm_armed: false,
             received: slot_confirmed,
         };
         let result = self.stream_loop(&mut stream, sink, &mut state).await;
@@ -330,7 +338,16 @@ impl Session<'_> {
     ) -> Result<(), RelayError> {
         let mut ticker = tokio::time::interval(self.cfg.status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Armed (st.confirm_armed) when the confirmable position moved.
+        let confirm_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(confirm_timer);
         loop {
+            if !st.confirm_armed && st.cp.confirmed() > st.last_sent {
+                st.confirm_armed = true;
+                confirm_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + CONFIRM_DELAY);
+            }
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(()),
@@ -340,6 +357,8 @@ impl Session<'_> {
                     };
                     apply_report(self.shared, &mut st.cp, report)?;
                     self.send_held(sink, st)?;
+                }
+                _ = &mut confirm_timer, if st.confirm_armed => {
                     self.confirm_if_moved(stream, st, false).await?;
                 }
                 _ = ticker.tick() => {
@@ -354,12 +373,13 @@ impl Session<'_> {
                             if st.cp.is_idle() {
                                 st.cp.idle_position(wal_end);
                             }
-                            self.confirm_if_moved(stream, st, false).await?;
                         }
                         ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
                             st.received = st.received.max(wal_end);
                             st.cp.idle_position(wal_end);
-                            self.confirm_if_moved(stream, st, reply_requested).await?;
+                            if reply_requested {
+                                self.confirm_if_moved(stream, st, true).await?;
+                            }
                         }
                     }
                 }
@@ -469,6 +489,7 @@ impl Session<'_> {
         st: &mut StreamState,
         force: bool,
     ) -> Result<(), RelayError> {
+        st.confirm_armed = false;
         let confirmed = st.cp.confirmed();
         if force || confirmed > st.last_sent {
             stream
@@ -504,7 +525,10 @@ struct StreamState {
     /// Records not yet accepted by the sink, in stream order.
     held: VecDeque<(OutboxRecord, TxnId)>,
     known_topics: HashSet<String>,
+    /// Newest position sent to Postgres in a standby status update.
     last_sent: Lsn,
+    /// A status update is due within CONFIRM_DELAY.
+    confirm_armed: bool,
     received: Lsn,
 }
 

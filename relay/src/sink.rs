@@ -304,23 +304,54 @@ impl Sink for KafkaSink {
 }
 
 /// Creates each topic in `topics` that does not exist yet, through the
-/// Admin API.
+/// Admin API. Topics are looked up in the cluster's metadata first, so a
+/// relay whose Kafka user may write but not create topics works when they
+/// already exist.
 pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), SinkError> {
     let admin: AdminClient<DefaultClientContext> =
         cfg.client_config().create().map_err(SinkError::Config)?;
-    let unique: HashSet<&String> = topics.iter().collect();
-    let new: Vec<NewTopic<'_>> = unique
+    let admin = Arc::new(admin);
+    let mut missing = Vec::new();
+    for topic in topics.iter().collect::<HashSet<_>>() {
+        let lookup = admin.clone();
+        let name = topic.clone();
+        // fetch_metadata blocks the calling thread.
+        let exists = tokio::task::spawn_blocking(move || {
+            let md = lookup
+                .inner()
+                .fetch_metadata(Some(&name), Duration::from_secs(10))?;
+            Ok::<_, KafkaError>(
+                md.topics()
+                    .iter()
+                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty()),
+            )
+        })
+        .await
+        .map_err(|_| SinkError::Kafka(KafkaError::Canceled))?
+        .map_err(SinkError::Kafka)?;
+        if !exists {
+            missing.push(topic.as_str());
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let new: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|t| NewTopic::new(t, cfg.partitions, TopicReplication::Fixed(cfg.replication)))
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin
-        .create_topics(new.iter(), &opts)
-        .await
-        .map_err(SinkError::Kafka)?;
+    let results = tokio::time::timeout(
+        Duration::from_secs(30),
+        admin.create_topics(new.iter(), &opts),
+    )
+    .await
+    .map_err(|_| SinkError::Kafka(KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut)))?
+    .map_err(SinkError::Kafka)?;
     for result in results {
         match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(topic) => tracing::info!(%topic, partitions = cfg.partitions, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => return Err(SinkError::CreateTopic { topic, code }),
         }
     }

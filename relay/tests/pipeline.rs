@@ -1,128 +1,19 @@
 //! The relay end to end on the real test stack: Postgres (logical
 //! replication) → relay → Tansu, read back from the topic.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use clap::Parser;
-use devstack::kafka::{Record, TopicReader};
+use common::{
+    current_wal_lsn, event_id, http_get, insert_event, lsn_seq, relay_config, slot_confirmed, start,
+};
+use devstack::kafka::TopicReader;
 use devstack::testing::{create_topic, kafka_bootstrap, wait_for, TestDb};
-use relay::config::Config;
-use relay::http::Shared;
 use relay::lsn::Lsn;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-struct Running {
-    stop: CancellationToken,
-    task: JoinHandle<Result<(), relay::pipeline::RelayError>>,
-    shared: Arc<Shared>,
-}
-
-impl Running {
-    async fn stop(self) -> anyhow::Result<()> {
-        self.stop.cancel();
-        self.task.await??;
-        Ok(())
-    }
-}
-
-fn relay_config(db: &TestDb, topic: &str, bootstrap: &str, extra: &[&str]) -> Config {
-    let slot = db.slot_name();
-    let mut args = vec![
-        "relay",
-        "--database-url",
-        &db.url,
-        "--slot",
-        &slot,
-        "--topic",
-        topic,
-        "--kafka-bootstrap-servers",
-        bootstrap,
-        "--listen",
-        "127.0.0.1:0",
-        "--status-interval",
-        "200ms",
-        "--lag-sample-interval",
-        "200ms",
-        "--max-backoff",
-        "1s",
-    ];
-    args.extend_from_slice(extra);
-    Config::try_parse_from(args).expect("valid test config")
-}
-
-/// Starts the relay in-process and waits until it streams (its slot exists,
-/// so every later commit will reach it).
-async fn start(cfg: Config) -> Running {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("relay=debug")
-        .try_init();
-    let stop = CancellationToken::new();
-    let shared = Shared::new(&cfg.slot, &cfg.publication);
-    let task = tokio::spawn(relay::pipeline::run_with(cfg, stop.clone(), shared.clone()));
-    wait_for("the relay to stream", Duration::from_secs(30), || async {
-        let s = shared.snapshot();
-        assert!(
-            s.state != relay::http::RelayState::Failed,
-            "relay failed: {:?}",
-            s.last_error
-        );
-        Ok((s.state == relay::http::RelayState::Streaming).then_some(()))
-    })
-    .await
-    .expect("relay streams");
-    Running { stop, task, shared }
-}
-
-async fn insert_event(
-    client: &tokio_postgres::Client,
-    user_id: i64,
-    event_type: &str,
-) -> anyhow::Result<i64> {
-    let row = client
-        .query_one(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload) \
-             VALUES ('order', $1::bigint::text, $1, $2, jsonb_build_object('user', $1)) RETURNING id",
-            &[&user_id, &event_type],
-        )
-        .await?;
-    Ok(row.get(0))
-}
-
-fn lsn_seq(r: &Record) -> (Lsn, u64) {
-    let lsn = r
-        .header("lsn")
-        .expect("lsn header")
-        .parse()
-        .expect("lsn parses");
-    let seq = r
-        .header("seq")
-        .expect("seq header")
-        .parse()
-        .expect("seq parses");
-    (lsn, seq)
-}
-
-fn event_id(r: &Record) -> i64 {
-    r.header("event_id")
-        .expect("event_id header")
-        .parse()
-        .expect("numeric id")
-}
-
-async fn slot_confirmed(db: &TestDb) -> anyhow::Result<Option<Lsn>> {
-    let c = db.connect().await?;
-    let row = c
-        .query_opt(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&db.slot_name()],
-        )
-        .await?;
-    Ok(row
-        .and_then(|r| r.get::<_, Option<String>>(0))
-        .and_then(|s| s.parse().ok()))
+fn config(db: &TestDb, topic: &str) -> relay::config::Config {
+    relay_config(&db.url, &db.slot_name(), topic, &kafka_bootstrap(), &[])
 }
 
 #[tokio::test]
@@ -132,7 +23,7 @@ async fn later_id_committed_first_is_produced_first() -> anyhow::Result<()> {
     // B before A, in commit order.
     let db = TestDb::create().await?;
     let topic = create_topic(1).await?;
-    let relay = start(relay_config(&db, &topic, &kafka_bootstrap(), &[])).await;
+    let relay = start(config(&db, &topic)).await;
     let a = db.connect().await?;
     let b = db.connect().await?;
     a.batch_execute("BEGIN").await?;
@@ -166,7 +57,7 @@ async fn later_id_committed_first_is_produced_first() -> anyhow::Result<()> {
 async fn multi_row_transaction_keeps_statement_order() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let topic = create_topic(1).await?;
-    let relay = start(relay_config(&db, &topic, &kafka_bootstrap(), &[])).await;
+    let relay = start(config(&db, &topic)).await;
     let c = db.connect().await?;
     c.batch_execute("BEGIN").await?;
     let mut ids = Vec::new();
@@ -206,7 +97,7 @@ async fn multi_row_transaction_keeps_statement_order() -> anyhow::Result<()> {
 async fn only_committed_outbox_inserts_are_produced() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let topic = create_topic(1).await?;
-    let relay = start(relay_config(&db, &topic, &kafka_bootstrap(), &[])).await;
+    let relay = start(config(&db, &topic)).await;
     let c = db.connect().await?;
     // Rolled back: never produced.
     c.batch_execute("BEGIN").await?;
@@ -246,22 +137,22 @@ async fn only_committed_outbox_inserts_are_produced() -> anyhow::Result<()> {
 async fn confirms_after_ack_and_resumes_after_restart() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let topic = create_topic(2).await?;
-    let cfg = relay_config(&db, &topic, &kafka_bootstrap(), &[]);
+    let cfg = config(&db, &topic);
     let relay = start(cfg.clone()).await;
     let c = db.connect().await?;
     for u in 0..10 {
         insert_event(&c, u, "First").await?;
     }
-    let end: String = c
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get(0);
-    let end: Lsn = end.parse()?;
+    let end = current_wal_lsn(&c).await?;
     // The slot's confirmed position reaches the inserts' commits.
     wait_for(
         "confirmed_flush_lsn to pass the inserts",
         Duration::from_secs(30),
-        || async { Ok(slot_confirmed(&db).await?.filter(|l| *l >= end)) },
+        || async {
+            Ok(slot_confirmed(&c, &db.slot_name())
+                .await?
+                .filter(|l| *l >= end))
+        },
     )
     .await?;
     let status = relay.shared.snapshot();
@@ -295,7 +186,7 @@ async fn concurrent_writers_every_event_in_commit_order_per_key() -> anyhow::Res
     const EVENTS_PER_WRITER: i64 = 2_000;
     let db = TestDb::create().await?;
     let topic = create_topic(3).await?;
-    let relay = start(relay_config(&db, &topic, &kafka_bootstrap(), &[])).await;
+    let relay = start(config(&db, &topic)).await;
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let mut client = db.connect().await?;
@@ -353,7 +244,7 @@ async fn concurrent_writers_every_event_in_commit_order_per_key() -> anyhow::Res
 async fn status_and_metrics_endpoints() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let topic = create_topic(1).await?;
-    let relay = start(relay_config(&db, &topic, &kafka_bootstrap(), &[])).await;
+    let relay = start(config(&db, &topic)).await;
     let c = db.connect().await?;
     insert_event(&c, 5, "E").await?;
     let addr = wait_for("http to listen", Duration::from_secs(10), || async {
@@ -379,17 +270,4 @@ async fn status_and_metrics_endpoints() -> anyhow::Result<()> {
     assert!(status["confirmed_lsn"].as_str().unwrap().contains('/'));
     assert!(http_get(addr, "/healthz").await?.starts_with("ok"));
     relay.stop().await
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await?;
-    Ok(buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default())
 }

@@ -16,8 +16,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use relay::pgoutput::{
-    decode, row_to_json, text_to_json, type_oid, LogicalMessage, Relation, RelationCache,
-    RelationColumn,
+    decode, row_to_json, text_to_cell, text_to_json, type_oid, LogicalMessage, Relation,
+    RelationCache, RelationColumn,
 };
 
 const MAPPED_TYPES: [u32; 18] = [
@@ -95,6 +95,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         for oid in MAPPED_TYPES {
             let _ = text_to_json(oid, text);
+            let _ = text_to_cell(oid, text).as_text();
         }
     }
 });

@@ -53,7 +53,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use crate::lsn::Lsn;
 
 pub use decode::{decode, DecodeError};
-pub use value::{row_to_json, text_to_json, type_oid, JsonRow, RowError};
+pub use value::{row_to_json, text_to_cell, text_to_json, type_oid, Cell, JsonRow, RowError};
 
 /// One decoded pgoutput (protocol v1) message.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,9 +17,10 @@
 //! | `timestamp` 1114                                | `2026-11-21T10:00:00.123456`       |
 //! | everything else (`text`, `uuid`, `date`, ...)   | string, as Postgres printed it     |
 //!
-//! Embedded JSON goes through [`serde_json::Value`], so object keys come
-//! out sorted and numbers beyond `i64`/`u64`/`f64` precision are rounded
-//! (a document whose numbers overflow `f64` stays a string). Timestamps are
+//! Embedded JSON is validated and copied, not re-parsed into a tree
+//! ([`Cell::Document`]): keys keep Postgres' order (for `jsonb`: by length,
+//! then bytes), numbers keep every digit, and only insignificant whitespace
+//! is dropped. Text that is not valid JSON stays a string. Timestamps are
 //! expected in the `ISO` DateStyle, Postgres' default; `infinity` and
 //! anything else unparseable stays a string.
 
@@ -27,6 +28,7 @@ use std::fmt::Write as _;
 
 use chrono::{NaiveDate, NaiveDateTime, SecondsFormat, TimeDelta};
 use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Number, Value};
 
 use super::{Relation, TupleData, TupleValue};
@@ -77,6 +79,67 @@ pub enum RowError {
     Binary { relation: String, column: String },
 }
 
+/// One column's JSON: a mapped scalar, or a `json`/`jsonb` document kept
+/// exactly as Postgres printed it (minus insignificant whitespace).
+#[derive(Debug, Clone)]
+pub enum Cell {
+    Value(Value),
+    Document(Box<RawValue>),
+}
+
+impl Cell {
+    /// The value as a record key or header would carry it: `None` for
+    /// NULL, a string's content, any other JSON as its text.
+    pub fn as_text(&self) -> Option<String> {
+        match self {
+            Cell::Value(Value::Null) => None,
+            Cell::Value(Value::String(s)) => Some(s.clone()),
+            Cell::Value(other) => Some(other.to_string()),
+            Cell::Document(raw) if raw.get() == "null" => None,
+            Cell::Document(raw) => Some(raw.get().to_owned()),
+        }
+    }
+
+    /// As a `serde_json::Value` (a document is parsed, with serde_json's
+    /// precision; use [`Cell::as_text`] or serialization for exact output).
+    pub fn to_value(&self) -> Value {
+        match self {
+            Cell::Value(v) => v.clone(),
+            Cell::Document(raw) => {
+                serde_json::from_str(raw.get()).unwrap_or_else(|_| Value::String(raw.get().into()))
+            }
+        }
+    }
+}
+
+impl PartialEq for Cell {
+    fn eq(&self, other: &Cell) -> bool {
+        match (self, other) {
+            (Cell::Value(a), Cell::Value(b)) => a == b,
+            (Cell::Document(a), Cell::Document(b)) => a.get() == b.get(),
+            _ => false,
+        }
+    }
+}
+
+impl PartialEq<Value> for Cell {
+    fn eq(&self, other: &Value) -> bool {
+        match self {
+            Cell::Value(v) => v == other,
+            Cell::Document(_) => self.to_value() == *other,
+        }
+    }
+}
+
+impl Serialize for Cell {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Cell::Value(v) => v.serialize(serializer),
+            Cell::Document(raw) => raw.serialize(serializer),
+        }
+    }
+}
+
 /// One row as JSON values, in the relation's column order.
 ///
 /// `serde_json` is built without `preserve_order`, so a
@@ -85,7 +148,7 @@ pub enum RowError {
 /// order; [`JsonRow::to_json_string`] does the same to a `String`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct JsonRow {
-    columns: Vec<(String, Value)>,
+    columns: Vec<(String, Cell)>,
 }
 
 impl JsonRow {
@@ -98,27 +161,28 @@ impl JsonRow {
     }
 
     /// The value of the column called `name`.
-    pub fn get(&self, name: &str) -> Option<&Value> {
+    pub fn get(&self, name: &str) -> Option<&Cell> {
         self.columns
             .iter()
             .find_map(|(column, value)| (column == name).then_some(value))
     }
 
     /// `(column, value)` pairs in column order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Cell)> {
         self.columns
             .iter()
             .map(|(column, value)| (column.as_str(), value))
     }
 
-    pub fn into_columns(self) -> Vec<(String, Value)> {
+    pub fn into_columns(self) -> Vec<(String, Cell)> {
         self.columns
     }
 
     /// The row as a compact JSON object, columns in order.
     pub fn to_json_string(&self) -> String {
-        // Cannot fail: the writer is a Vec, every key is a string and a
-        // serde_json::Value holds only finite numbers.
+        // Cannot fail: the writer is a Vec, every key is a string, a
+        // serde_json::Value holds only finite numbers and a RawValue was
+        // validated when it was made.
         serde_json::to_string(self).expect("a JsonRow always serializes")
     }
 }
@@ -151,8 +215,8 @@ pub fn row_to_json(rel: &Relation, tuple: &TupleData) -> Result<JsonRow, RowErro
     let mut columns = Vec::with_capacity(tuple.len());
     for (column, value) in rel.columns.iter().zip(tuple.iter()) {
         let json = match value {
-            TupleValue::Null => Value::Null,
-            TupleValue::Text(text) => text_to_json(column.type_oid, text),
+            TupleValue::Null => Cell::Value(Value::Null),
+            TupleValue::Text(text) => text_to_cell(column.type_oid, text),
             TupleValue::UnchangedToast => {
                 return Err(RowError::UnchangedToast {
                     relation: rel.qualified_name(),
@@ -171,9 +235,68 @@ pub fn row_to_json(rel: &Relation, tuple: &TupleData) -> Result<JsonRow, RowErro
     Ok(JsonRow { columns })
 }
 
-/// Maps one non-NULL value, in its type's text output format, to JSON (see
-/// the module docs for the table). Never fails: unparseable text is kept as
-/// a string.
+/// Maps one non-NULL value to a [`Cell`]: `json`/`jsonb` documents are
+/// validated and kept verbatim (compacted); everything else goes through
+/// [`text_to_json`]. Never fails.
+pub fn text_to_cell(type_oid: u32, text: &str) -> Cell {
+    if matches!(type_oid, type_oid::JSON | type_oid::JSONB) {
+        return match RawValue::from_string(compact_json(text)) {
+            Ok(raw) => Cell::Document(raw),
+            Err(_) => Cell::Value(Value::String(text.to_owned())),
+        };
+    }
+    Cell::Value(text_to_json(type_oid, text))
+}
+
+/// Drops whitespace outside strings (`{"a": 1}` → `{"a":1}`), except where
+/// dropping it would join two tokens (`1 2`, `true "x"`): so the result is
+/// valid JSON exactly when the input was, with the same meaning.
+fn compact_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut pending_space = false;
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match c {
+            ' ' | '\n' | '\r' | '\t' => pending_space = true,
+            _ => {
+                // Keep one space where dropping it would join two tokens
+                // (`1 2`, `true false`): the result then stays invalid.
+                if pending_space && joins_token(out.chars().last(), c) {
+                    out.push(' ');
+                }
+                pending_space = false;
+                if c == '"' {
+                    in_string = true;
+                }
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+fn joins_token(prev: Option<char>, next: char) -> bool {
+    let word = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+');
+    prev.is_some_and(|p| word(p) && (word(next) || next == '"'))
+        || (prev == Some('"') && next == '"')
+}
+
+/// Maps one non-NULL value, in its type's text output format, to a JSON
+/// value (see the module docs for the table; `json`/`jsonb` are parsed
+/// into a `Value` here — rows use [`text_to_cell`], which keeps them
+/// verbatim). Never fails: unparseable text is kept as a string.
 pub fn text_to_json(type_oid: u32, text: &str) -> Value {
     let mapped = match type_oid {
         type_oid::INT2 | type_oid::INT4 | type_oid::INT8 | type_oid::OID => {
@@ -384,6 +507,73 @@ mod tests {
     }
 
     #[test]
+    fn documents_are_kept_verbatim_but_compact() {
+        let cell =
+            |text: &str| serde_json::to_string(&text_to_cell(type_oid::JSONB, text)).unwrap();
+        // Every digit survives, and keys keep the order Postgres printed.
+        assert_eq!(
+            cell(r#"{"b": 1, "a": 123456789012345678901234567890.123456789}"#),
+            r#"{"b":1,"a":123456789012345678901234567890.123456789}"#
+        );
+        // Whitespace inside strings is content.
+        assert_eq!(
+            cell("{\"note\": \"two  spaces\\\" \\n\", \"x\": [1, 2]}"),
+            r#"{"note":"two  spaces\" \n","x":[1,2]}"#
+        );
+        assert_eq!(cell(" null "), "null");
+        // Dropping the space would make `12` out of invalid `1 2`.
+        assert_eq!(cell("[1 2]"), r#""[1 2]""#);
+        assert_eq!(cell("{broken"), r#""{broken""#);
+        assert_eq!(text_to_cell(type_oid::JSONB, "null").as_text(), None);
+        assert_eq!(
+            text_to_cell(type_oid::INT4, "5"),
+            Cell::Value(json!(5)),
+            "other types map as text_to_json does"
+        );
+    }
+
+    #[test]
+    fn compacting_never_changes_validity_or_meaning() {
+        // Random strings over JSON's token alphabet: whenever the input is
+        // valid JSON the cell is the same document, otherwise the input
+        // stays a string, verbatim.
+        const ALPHABET: &[u8] = b"{}[]\":,.0123456789-+eE tfnrulsa\\\n\t";
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut valid = 0;
+        for _ in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 12) as usize + 1;
+            let text: String = (0..len)
+                .map(|i| ALPHABET[((state >> (i * 5)) as usize + i * 7) % ALPHABET.len()] as char)
+                .collect();
+            // Syntax (RawValue's test) and, where serde_json can represent
+            // the numbers, meaning.
+            let syntax_ok = serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok();
+            match text_to_cell(type_oid::JSON, &text) {
+                Cell::Document(raw) => {
+                    assert!(syntax_ok, "{text:?} became {raw}");
+                    valid += 1;
+                    if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                        let compacted: Value = serde_json::from_str(raw.get()).unwrap();
+                        assert_eq!(compacted, v, "{text:?}");
+                    }
+                }
+                Cell::Value(Value::String(s)) => {
+                    assert!(!syntax_ok, "{text:?} is JSON");
+                    assert_eq!(s, text);
+                }
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
+        assert!(
+            valid > 1000,
+            "the generator makes valid documents too ({valid})"
+        );
+    }
+
+    #[test]
     fn timestamptz_is_normalised_to_utc() {
         let cases = [
             (
@@ -520,14 +710,16 @@ mod tests {
             ]
         );
         assert_eq!(row.len(), 7);
-        assert_eq!(row.get("id"), Some(&json!(7)));
-        assert_eq!(row.get("note"), Some(&Value::Null));
+        assert_eq!(row.get("id").map(Cell::to_value), Some(json!(7)));
+        assert_eq!(row.get("note").map(Cell::to_value), Some(Value::Null));
+        assert_eq!(row.get("note").and_then(Cell::as_text), None);
+        assert_eq!(row.get("id").and_then(Cell::as_text).as_deref(), Some("7"));
         assert_eq!(row.get("missing"), None);
         assert_eq!(
             row.to_json_string(),
             concat!(
                 r#"{"id":7,"aggregate_id":"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11","#,
-                r#""topic":"orders","payload":{"a":[true],"z":1},"#,
+                r#""topic":"orders","payload":{"z":1,"a":[true]},"#,
                 r#""created_at":"2026-11-21T10:00:00.250000Z","#,
                 r#""amount":"12345678901234567890.12345678901234567890","note":null}"#
             )

@@ -1,0 +1,239 @@
+//! What the relay's integration tests share: a relay started in-process on a
+//! test database, outbox inserts, and reading the records' headers back.
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use devstack::kafka::{Record, TopicReader};
+use devstack::testing::wait_for;
+use relay::config::Config;
+use relay::http::{RelayState, Shared};
+use relay::lsn::Lsn;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A relay running in-process.
+pub struct Running {
+    pub stop: CancellationToken,
+    pub task: JoinHandle<Result<(), relay::pipeline::RelayError>>,
+    pub shared: Arc<Shared>,
+}
+
+impl Running {
+    /// Graceful stop (flush, confirm); fails if the relay failed.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// Test settings: short status and backoff intervals, HTTP on a free port.
+pub fn relay_config(
+    database_url: &str,
+    slot: &str,
+    topic: &str,
+    bootstrap: &str,
+    extra: &[&str],
+) -> Config {
+    Config::try_parse_from(relay_args(database_url, slot, topic, bootstrap, extra))
+        .expect("valid test config")
+}
+
+/// The command line of [`relay_config`], for running the binary.
+pub fn relay_args(
+    database_url: &str,
+    slot: &str,
+    topic: &str,
+    bootstrap: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "relay",
+        "--database-url",
+        database_url,
+        "--slot",
+        slot,
+        "--topic",
+        topic,
+        "--kafka-bootstrap-servers",
+        bootstrap,
+        "--listen",
+        "127.0.0.1:0",
+        "--status-interval",
+        "200ms",
+        "--lag-sample-interval",
+        "200ms",
+        "--max-backoff",
+        "1s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Starts the relay in-process and waits until it streams (its slot exists,
+/// so every later commit will reach it).
+pub async fn start(cfg: Config) -> Running {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("relay=debug")
+        .try_init();
+    let stop = CancellationToken::new();
+    let shared = Shared::new(&cfg.slot, &cfg.publication);
+    let task = tokio::spawn(relay::pipeline::run_with(cfg, stop.clone(), shared.clone()));
+    wait_for("the relay to stream", Duration::from_secs(30), || async {
+        let s = shared.snapshot();
+        assert!(
+            s.state != RelayState::Failed,
+            "relay failed: {:?}",
+            s.last_error
+        );
+        Ok((s.state == RelayState::Streaming).then_some(()))
+    })
+    .await
+    .expect("relay streams");
+    Running { stop, task, shared }
+}
+
+/// Inserts one outbox row in its own transaction; returns its id.
+pub async fn insert_event(
+    client: &tokio_postgres::Client,
+    user_id: i64,
+    event_type: &str,
+) -> anyhow::Result<i64> {
+    let row = client
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload) \
+             VALUES ('order', $1::bigint::text, $1, $2, jsonb_build_object('user', $1)) RETURNING id",
+            &[&user_id, &event_type],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Inserts `n` outbox rows in one transaction (user ids spread over `users`
+/// keys starting at `first_user`).
+pub async fn insert_batch(
+    client: &tokio_postgres::Client,
+    first_user: i64,
+    n: i32,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload) \
+             SELECT 'order', g::text, ($1::bigint + g % 7), 'E', '{}'::jsonb \
+             FROM generate_series(1, $2::int) g",
+            &[&first_user, &n],
+        )
+        .await
+}
+
+/// The `lsn` and `seq` headers: a record's position in commit order.
+pub fn lsn_seq(r: &Record) -> (Lsn, u64) {
+    let lsn = r
+        .header("lsn")
+        .expect("lsn header")
+        .parse()
+        .expect("lsn parses");
+    let seq = r
+        .header("seq")
+        .expect("seq header")
+        .parse()
+        .expect("seq parses");
+    (lsn, seq)
+}
+
+pub fn event_id(r: &Record) -> i64 {
+    r.header("event_id")
+        .expect("event_id header")
+        .parse()
+        .expect("numeric id")
+}
+
+/// The slot's `confirmed_flush_lsn`, if the slot exists.
+pub async fn slot_confirmed(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> anyhow::Result<Option<Lsn>> {
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .and_then(|s| s.parse().ok()))
+}
+
+pub async fn current_wal_lsn(client: &tokio_postgres::Client) -> anyhow::Result<Lsn> {
+    let text: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    Ok(text.parse()?)
+}
+
+/// Every id in the outbox table.
+pub async fn outbox_ids(client: &tokio_postgres::Client) -> anyhow::Result<BTreeSet<i64>> {
+    Ok(client
+        .query("SELECT id FROM outbox", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Reads the topic from the beginning until every id in `expected` has
+/// appeared; returns all records read (duplicates included). Fails naming
+/// the missing ids when they do not all arrive within `timeout`.
+pub async fn read_until_all(
+    bootstrap: &str,
+    topic: &str,
+    expected: &BTreeSet<i64>,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Record>> {
+    let reader = TopicReader::new(bootstrap, topic, true)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut records = Vec::new();
+    let mut seen = BTreeSet::new();
+    while !expected.is_subset(&seen) {
+        if tokio::time::Instant::now() >= deadline {
+            let missing: Vec<_> = expected.difference(&seen).take(20).collect();
+            anyhow::bail!(
+                "{} of {} events never reached {topic}, e.g. {missing:?}",
+                expected.difference(&seen).count(),
+                expected.len()
+            );
+        }
+        if let Some(r) = reader.next(Duration::from_millis(500)).await? {
+            seen.insert(event_id(&r));
+            records.push(r);
+        }
+    }
+    // Whatever else is already there (duplicates) within a short quiet time.
+    while let Some(r) = reader.next(Duration::from_secs(1)).await? {
+        records.push(r);
+    }
+    Ok(records)
+}
+
+/// `GET path` on the relay's HTTP server; the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    Ok(buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
+}
