@@ -92,6 +92,14 @@ impl Checkpoint {
         self.txns.front().map(|t| t.commit_unix_micros)
     }
 
+    /// Commit time (Unix µs) of transaction `txn`, while it is pending.
+    pub fn commit_micros(&self, txn: TxnId) -> Option<i64> {
+        let idx = txn.checked_sub(self.front_id)?;
+        self.txns
+            .get(usize::try_from(idx).ok()?)
+            .map(|t| t.commit_unix_micros)
+    }
+
     /// A new transaction begins (Begin message).
     pub fn begin(&mut self, commit_unix_micros: i64) -> TxnId {
         self.txns.push_back(Txn {

@@ -19,7 +19,12 @@ pub struct Config {
     pub database_url: String,
 
     /// Logical replication slot to stream (created with pgoutput if missing).
-    #[arg(long, env = "RELAY_SLOT", default_value = "outbox_relay")]
+    #[arg(
+        long,
+        env = "RELAY_SLOT",
+        default_value = "outbox_relay",
+        global = true
+    )]
     pub slot: String,
 
     /// Publication to stream (created for the outbox table, inserts only, if missing).
@@ -94,9 +99,51 @@ pub struct Config {
     #[arg(long, env = "RELAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// How often to write a heartbeat (a logical decoding message) so the
+    /// slot advances while the outbox is idle; 0 disables.
+    #[arg(long, env = "RELAY_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// WAL the slot may retain before the relay logs at ERROR and reports
+    /// unhealthy on /healthz (bytes, or with a KiB/MiB/GiB suffix; 0
+    /// disables). The relay never drops its slot by itself.
+    #[arg(long, env = "RELAY_MAX_RETAINED_WAL", default_value = "10GiB", value_parser = parse_bytes)]
+    pub max_retained_wal: u64,
+
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Operator commands; without one, the relay runs.
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum Command {
+    /// Inspect or drop the replication slot (`--slot`, on `--database-url`).
+    Slot {
+        #[command(subcommand)]
+        action: SlotAction,
+    },
+}
+
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum SlotAction {
+    /// Show the slot: plugin, activity, confirmed and restart LSN, retained WAL.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop the slot. Every change it has not confirmed is lost to the relay
+    /// (a new slot starts at the current WAL position). Refused while a relay
+    /// streams it.
+    Drop {
+        /// Really drop it.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 impl std::fmt::Debug for Config {
@@ -167,6 +214,30 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
         _ => Err(format!("expected KEY=VALUE, got {s:?}")),
     }
+}
+
+/// Parses `1048576`, `512KiB`, `64MiB`, `10GiB` (also KB/MB/GB as powers
+/// of 1024, as Postgres' own settings read them).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 1048576, 64MiB, 10GiB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "KB" | "kB" => 1 << 10,
+        "MiB" | "MB" => 1 << 20,
+        "GiB" | "GB" => 1 << 30,
+        "TiB" | "TB" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: unit must be KiB, MiB, GiB or TiB"
+            ))
+        }
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
 /// Parses `250ms`, `5s`, `2m` (a bare number means seconds).

@@ -1,5 +1,6 @@
 //! The relay's HTTP endpoints on port 9101: `/metrics` (Prometheus text),
-//! `/healthz` (200 while the relay is running and not failed) and `/status`
+//! `/healthz` (200 while the relay is running, not failed and its slot
+//! retains less WAL than `--max-retained-wal`; else 503 and why) and `/status`
 //! (JSON: slot, state, received/confirmed LSN, lag in bytes and seconds).
 
 use std::net::SocketAddr;
@@ -50,6 +51,9 @@ pub struct Status {
     /// Records handed to Kafka and not yet acknowledged.
     pub in_flight_records: usize,
     pub last_error: Option<String>,
+    /// Why `/healthz` reports unhealthy while running (retained WAL above
+    /// `--max-retained-wal`), if it does.
+    pub health_problem: Option<String>,
 }
 
 fn as_text<S: serde::Serializer>(lsn: &Lsn, s: S) -> Result<S::Ok, S::Error> {
@@ -79,6 +83,7 @@ impl Shared {
                 pending_transactions: 0,
                 in_flight_records: 0,
                 last_error: None,
+                health_problem: None,
             }),
             http_addr: Mutex::new(None),
         })
@@ -129,9 +134,14 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let status = shared.snapshot();
     if status.state == RelayState::Failed {
-        (StatusCode::SERVICE_UNAVAILABLE, "failed\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "failed\n".to_owned())
+    } else if let Some(problem) = status.health_problem {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {problem}\n"),
+        )
     } else {
-        (StatusCode::OK, "ok\n")
+        (StatusCode::OK, "ok\n".to_owned())
     }
 }
 

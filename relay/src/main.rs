@@ -1,10 +1,13 @@
-//! `relay` binary: parse config, init tracing, run until Ctrl-C or SIGTERM.
+//! `relay` binary: parse config, init tracing, run until Ctrl-C or SIGTERM;
+//! or, with `relay slot status|drop`, an operator command.
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use relay::config::{Config, LogFormat};
+use relay::config::{Command, Config, LogFormat, SlotAction};
+use relay::replication::ConnectParams;
+use relay::slot_admin;
 
 fn main() -> std::process::ExitCode {
     let cfg = Config::parse();
@@ -23,6 +26,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Slot { action }) = cfg.command.clone() {
+        return runtime.block_on(slot_command(&cfg, action));
+    }
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(relay::shutdown::on_signal(shutdown.clone()));
@@ -41,4 +47,44 @@ fn main() -> std::process::ExitCode {
             }
         }
     })
+}
+
+async fn slot_command(cfg: &Config, action: SlotAction) -> std::process::ExitCode {
+    let params = match ConnectParams::from_url(&cfg.database_url) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("relay: {}", relay::pipeline::error_chain(&e));
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = match action {
+        SlotAction::Status { json } => slot_admin::status(&params, &cfg.slot).await.map(|info| {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&info).unwrap_or_default()
+                );
+            } else {
+                println!("{info}");
+            }
+        }),
+        SlotAction::Drop { yes } => {
+            slot_admin::drop_slot(&params, &cfg.slot, yes)
+                .await
+                .map(|info| {
+                    println!(
+                    "dropped slot {} (it had confirmed {}; changes after that will not be relayed)",
+                    info.slot,
+                    info.confirmed_flush_lsn.as_deref().unwrap_or("nothing")
+                );
+                })
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay: {}", relay::pipeline::error_chain(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -5,6 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
@@ -16,6 +17,14 @@ pub const LAG_BYTES: &str = "relay_lag_bytes";
 pub const LAG_SECONDS: &str = "relay_lag_seconds";
 pub const CONNECTED: &str = "relay_connected";
 pub const SLOT_RETAINED_WAL_BYTES: &str = "relay_slot_retained_wal_bytes";
+pub const COMMIT_TO_ACK_SECONDS: &str = "relay_commit_to_ack_seconds";
+pub const HEARTBEATS: &str = "relay_heartbeats";
+
+/// 0.5 ms, 1 ms, 2 ms, … 32.8 s: resolves milliseconds and still sees a
+/// backlog measured in tens of seconds.
+pub fn commit_to_ack_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 17)
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicLabel {
@@ -35,6 +44,8 @@ pub struct Metrics {
     pub lag_seconds: Gauge<f64, AtomicU64>,
     pub connected: Gauge,
     pub slot_retained_wal_bytes: Gauge,
+    pub commit_to_ack_seconds: Histogram,
+    pub heartbeats: Counter,
 }
 
 impl Metrics {
@@ -82,8 +93,22 @@ impl Metrics {
             "WAL the slot keeps Postgres from recycling (current WAL position minus restart_lsn)",
             slot_retained_wal_bytes.clone(),
         );
+        let commit_to_ack_seconds = Histogram::new(commit_to_ack_buckets());
+        registry.register(
+            COMMIT_TO_ACK_SECONDS,
+            "From a record's Postgres commit to Kafka's acknowledgement of it",
+            commit_to_ack_seconds.clone(),
+        );
+        let heartbeats = Counter::default();
+        registry.register(
+            HEARTBEATS,
+            "This relay's heartbeat messages received back through the slot",
+            heartbeats.clone(),
+        );
         Metrics {
             registry,
+            commit_to_ack_seconds,
+            heartbeats,
             events,
             transactions,
             produce_errors,

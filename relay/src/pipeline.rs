@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::{Checkpoint, TxnId};
 use crate::config::Config;
 use crate::event::{self, EventConfig, OutboxRecord, TopicRouting, TxnInfo};
+use crate::heartbeat;
 use crate::http::{RelayState, Shared};
 use crate::lsn::Lsn;
 use crate::metrics::TopicLabel;
@@ -149,6 +150,16 @@ pub async fn run_with(
         shared.clone(),
         shutdown.child_token(),
     ));
+    let heartbeat = match ConnectParams::from_url(&cfg.database_url) {
+        Ok(params) if !cfg.heartbeat_interval.is_zero() => Some(tokio::spawn(heartbeat::run(
+            params,
+            cfg.slot.clone(),
+            cfg.heartbeat_interval,
+            shutdown.child_token(),
+        ))),
+        // A bad URL is reported by the session below.
+        _ => None,
+    };
 
     let result = supervise(&cfg, &shared, &shutdown).await;
     if let Err(e) = &result {
@@ -159,6 +170,9 @@ pub async fn run_with(
     }
     http_stop.cancel();
     sampler.abort();
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
     let _ = http.await;
     result
 }
@@ -457,13 +471,17 @@ impl Session<'_> {
                 self.send_held(sink, st)?;
             }
             // Not produced: other changes, origins, types, and logical
-            // messages (heartbeats are handled by the observability work).
+            // messages other than heartbeats (counted; see `heartbeat`).
             LogicalMessage::Update(_)
             | LogicalMessage::Delete(_)
             | LogicalMessage::Truncate(_)
             | LogicalMessage::Origin(_)
-            | LogicalMessage::Type(_)
-            | LogicalMessage::Message(_) => {}
+            | LogicalMessage::Type(_) => {}
+            LogicalMessage::Message(m) => {
+                if heartbeat::is_own(&m, &self.cfg.slot) {
+                    self.shared.metrics.heartbeats.inc();
+                }
+            }
         }
         Ok(())
     }
@@ -546,6 +564,13 @@ fn apply_report(
                     topic: topic.to_string(),
                 })
                 .inc();
+            if let Some(commit) = cp.commit_micros(txn) {
+                let age = chrono::Utc::now().timestamp_micros() - commit;
+                shared
+                    .metrics
+                    .commit_to_ack_seconds
+                    .observe(age.max(0) as f64 / 1e6);
+            }
             cp.acked(txn);
             Ok(())
         }
@@ -586,6 +611,8 @@ async fn sample_lag(cfg: Config, shared: Arc<Shared>, stop: CancellationToken) {
     };
     let mut client = None;
     let mut ticker = tokio::time::interval(cfg.lag_sample_interval);
+    // While the slot retains too much WAL: ERROR at once, then once a minute.
+    let mut last_retained_error: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -620,9 +647,30 @@ async fn sample_lag(cfg: Config, shared: Arc<Shared>, stop: CancellationToken) {
                     let retained = restart.map_or(0, |r| current.bytes_since(r));
                     shared.metrics.lag_bytes.set(lag as i64);
                     shared.metrics.slot_retained_wal_bytes.set(retained as i64);
+                    let too_much = cfg.max_retained_wal > 0 && retained > cfg.max_retained_wal;
+                    let problem = too_much.then(|| {
+                        format!(
+                            "slot {} retains {retained} bytes of WAL, above --max-retained-wal {}",
+                            cfg.slot, cfg.max_retained_wal
+                        )
+                    });
+                    if too_much {
+                        if last_retained_error
+                            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                        {
+                            tracing::error!(slot = %cfg.slot, retained_bytes = retained,
+                                max_retained_wal = cfg.max_retained_wal,
+                                "slot retains too much WAL: Postgres cannot recycle it; is Kafka or the relay stuck? \
+                                 (the relay never drops its slot; see `relay slot status`)");
+                            last_retained_error = Some(Instant::now());
+                        }
+                    } else if last_retained_error.take().is_some() {
+                        tracing::info!(slot = %cfg.slot, retained_bytes = retained, "retained WAL back below --max-retained-wal");
+                    }
                     shared.update(|s| {
                         s.lag_bytes = lag;
                         s.retained_wal_bytes = retained;
+                        s.health_problem = problem;
                     });
                 }
             }

@@ -31,7 +31,8 @@ impl Running {
     }
 }
 
-/// Test settings: short status and backoff intervals, HTTP on a free port.
+/// Test settings: short status and backoff intervals, HTTP on a free port;
+/// options in `extra` are added or replace these.
 pub fn relay_config(
     database_url: &str,
     slot: &str,
@@ -51,28 +52,23 @@ pub fn relay_args(
     bootstrap: &str,
     extra: &[&str],
 ) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "relay",
-        "--database-url",
-        database_url,
-        "--slot",
-        slot,
-        "--topic",
-        topic,
-        "--kafka-bootstrap-servers",
-        bootstrap,
-        "--listen",
-        "127.0.0.1:0",
-        "--status-interval",
-        "200ms",
-        "--lag-sample-interval",
-        "200ms",
-        "--max-backoff",
-        "1s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let base = [
+        ("--database-url", database_url),
+        ("--slot", slot),
+        ("--topic", topic),
+        ("--kafka-bootstrap-servers", bootstrap),
+        ("--listen", "127.0.0.1:0"),
+        ("--status-interval", "200ms"),
+        ("--lag-sample-interval", "200ms"),
+        ("--max-backoff", "1s"),
+    ];
+    let mut args = vec!["relay".to_owned()];
+    // An option in `extra` replaces the default here.
+    for (flag, value) in base {
+        if !extra.contains(&flag) {
+            args.extend([flag.to_owned(), value.to_owned()]);
+        }
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }
