@@ -99,6 +99,11 @@ pub struct Config {
     #[arg(long, env = "RELAY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// exactly-once: on every (re)start, skip what each partition already
+    /// holds (see `dedupe`); at-least-once: replay without checking.
+    #[arg(long, env = "RELAY_DELIVERY", value_enum, default_value_t = Delivery::ExactlyOnce)]
+    pub delivery: Delivery,
+
     /// How often to write a heartbeat (a logical decoding message) so the
     /// slot advances while the outbox is idle; 0 disables.
     #[arg(long, env = "RELAY_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
@@ -158,6 +163,12 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .finish_non_exhaustive()
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Delivery {
+    ExactlyOnce,
+    AtLeastOnce,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]

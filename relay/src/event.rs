@@ -90,6 +90,9 @@ pub struct TxnInfo {
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutboxRecord {
     pub topic: String,
+    /// Set by the pipeline (see `dedupe::partition_for`); `None` leaves the
+    /// choice to the producer's partitioner.
+    pub partition: Option<i32>,
     pub key: Option<String>,
     pub value: Vec<u8>,
     pub headers: Vec<(&'static str, String)>,
@@ -179,6 +182,7 @@ pub fn build_record(
     };
     Ok(OutboxRecord {
         topic,
+        partition: None,
         key,
         value,
         headers,

@@ -15,6 +15,7 @@ pub mod replication;
 
 pub mod checkpoint;
 pub mod config;
+pub mod dedupe;
 pub mod event;
 pub mod heartbeat;
 pub mod http;

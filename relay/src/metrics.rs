@@ -19,6 +19,7 @@ pub const CONNECTED: &str = "relay_connected";
 pub const SLOT_RETAINED_WAL_BYTES: &str = "relay_slot_retained_wal_bytes";
 pub const COMMIT_TO_ACK_SECONDS: &str = "relay_commit_to_ack_seconds";
 pub const HEARTBEATS: &str = "relay_heartbeats";
+pub const DUPLICATES_SKIPPED: &str = "relay_duplicates_skipped";
 
 /// 0.5 ms, 1 ms, 2 ms, … 32.8 s: resolves milliseconds and still sees a
 /// backlog measured in tens of seconds.
@@ -46,6 +47,7 @@ pub struct Metrics {
     pub slot_retained_wal_bytes: Gauge,
     pub commit_to_ack_seconds: Histogram,
     pub heartbeats: Counter,
+    pub duplicates_skipped: Counter,
 }
 
 impl Metrics {
@@ -105,8 +107,15 @@ impl Metrics {
             "This relay's heartbeat messages received back through the slot",
             heartbeats.clone(),
         );
+        let duplicates_skipped = Counter::default();
+        registry.register(
+            DUPLICATES_SKIPPED,
+            "Replayed records skipped because their partition already held them (exactly-once)",
+            duplicates_skipped.clone(),
+        );
         Metrics {
             registry,
+            duplicates_skipped,
             commit_to_ack_seconds,
             heartbeats,
             events,

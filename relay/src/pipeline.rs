@@ -28,7 +28,7 @@
 //! position: duplicates possible, loss impossible) or definite (stop with a
 //! message and a non-zero exit).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,8 +37,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, TxnId};
-use crate::config::Config;
-use crate::event::{self, EventConfig, OutboxRecord, TopicRouting, TxnInfo};
+use crate::config::{Config, Delivery};
+use crate::dedupe;
+use crate::event::{self, EventConfig, OutboxRecord, TxnInfo};
 use crate::heartbeat;
 use crate::http::{RelayState, Shared};
 use crate::lsn::Lsn;
@@ -66,6 +67,8 @@ pub enum RelayError {
     Event(#[from] event::EventError),
     #[error("kafka")]
     Sink(#[from] sink::SinkError),
+    #[error("exactly-once")]
+    Dedupe(#[from] dedupe::DedupeError),
     #[error("kafka refused a record permanently ({0}); fix the cause (e.g. message.max.bytes) and restart")]
     DeliveryPermanent(#[source] KafkaError),
     #[error("kafka did not deliver a record ({0}); replaying from the confirmed position")]
@@ -91,6 +94,7 @@ impl RelayError {
         match self {
             RelayError::Replication(e) => e.is_transient(),
             RelayError::Sink(e) => e.is_transient(),
+            RelayError::Dedupe(e) => e.is_transient(),
             RelayError::Delivery(_) | RelayError::ProducerFatal(_) | RelayError::Sql(_) => true,
             RelayError::Decode(_)
             | RelayError::Event(_)
@@ -261,6 +265,10 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
+    fn exactly_once(&self) -> bool {
+        self.cfg.delivery == Delivery::ExactlyOnce
+    }
+
     async fn run(
         &mut self,
         params: &ConnectParams,
@@ -293,6 +301,26 @@ impl Session<'_> {
             *sink_slot = Some(KafkaSink::new(self.kafka_cfg)?);
         }
         let sink = sink_slot.as_mut().expect("set just above");
+        // What a previous session left in flight lands (or fails) before
+        // the partitions' ends are read, or it could be written twice.
+        while sink.in_flight() > 0 {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                report = sink.next_report() => match report {
+                    Some(DeliveryReport::Fatal { reason }) => return Err(RelayError::ProducerFatal(reason)),
+                    None => return Err(RelayError::ProducerFatal("delivery reports ended".into())),
+                    Some(_) => {}
+                },
+            }
+        }
+        let mut topics = HashMap::new();
+        for topic in self.event_cfg.static_topics() {
+            let state = dedupe::load(self.kafka_cfg, &topic, self.exactly_once()).await?;
+            if self.exactly_once() {
+                tracing::info!(%topic, partitions = state.partitions, last = ?state.last, "read each partition's last position");
+            }
+            topics.insert(topic, state);
+        }
 
         let mut stream = conn
             .start_replication(&cfg.slot, Lsn::ZERO, &cfg.publication)
@@ -308,7 +336,7 @@ impl Session<'_> {
             relations: RelationCache::new(),
             open: None,
             held: VecDeque::new(),
-            known_topics: self.event_cfg.static_topics().into_iter().collect(),
+            topics,
             last_sent: slot_confirmed,
             confirm_armed: false,
             received: slot_confirmed,
@@ -455,16 +483,39 @@ impl Session<'_> {
                     .open
                     .as_mut()
                     .ok_or_else(|| RelayError::Protocol("Insert outside a transaction".into()))?;
-                let record =
-                    event::build_record(self.event_cfg, rel, &ins.new, &txn.info, txn.next_seq)?;
+                let seq = txn.next_seq;
+                let mut record =
+                    event::build_record(self.event_cfg, rel, &ins.new, &txn.info, seq)?;
                 txn.next_seq += 1;
                 let id = txn.id;
-                if let TopicRouting::ByColumn { .. } = self.event_cfg.routing {
-                    if !st.known_topics.contains(&record.topic) {
-                        sink::ensure_topics(self.kafka_cfg, std::slice::from_ref(&record.topic))
-                            .await?;
-                        st.known_topics.insert(record.topic.clone());
-                    }
+                let position = (txn.info.commit_lsn, seq);
+                if !st.topics.contains_key(&record.topic) {
+                    // A topic routed by column, seen for the first time.
+                    sink::ensure_topics(self.kafka_cfg, std::slice::from_ref(&record.topic))
+                        .await?;
+                    let state =
+                        dedupe::load(self.kafka_cfg, &record.topic, self.exactly_once()).await?;
+                    st.topics.insert(record.topic.clone(), state);
+                }
+                let topic = &st.topics[&record.topic];
+                // The relay picks the partition (murmur2 of the key, as Kafka's
+                // Java clients do), so a replayed record lands where it did before.
+                let key = record
+                    .key
+                    .as_deref()
+                    .or_else(|| {
+                        record
+                            .headers
+                            .iter()
+                            .find(|(k, _)| *k == "event_id")
+                            .map(|(_, v)| v.as_str())
+                    })
+                    .unwrap_or("");
+                let partition = dedupe::partition_for(key.as_bytes(), topic.partitions);
+                record.partition = Some(partition);
+                if self.exactly_once() && topic.holds(partition, position) {
+                    self.shared.metrics.duplicates_skipped.inc();
+                    return Ok(());
                 }
                 st.cp.record_sent(id);
                 st.held.push_back((record, id));
@@ -542,7 +593,9 @@ struct StreamState {
     open: Option<OpenTxn>,
     /// Records not yet accepted by the sink, in stream order.
     held: VecDeque<(OutboxRecord, TxnId)>,
-    known_topics: HashSet<String>,
+    /// Partition count and (exactly-once) last position per partition, of
+    /// every topic this session produces to.
+    topics: HashMap<String, dedupe::TopicState>,
     /// Newest position sent to Postgres in a standby status update.
     last_sent: Lsn,
     /// A status update is due within CONFIRM_DELAY.

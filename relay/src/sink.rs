@@ -93,7 +93,7 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
-    fn client_config(&self) -> ClientConfig {
+    pub(crate) fn client_config(&self) -> ClientConfig {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.bootstrap_servers);
         for (k, v) in &self.properties {
@@ -273,6 +273,9 @@ impl Sink for KafkaSink {
                 .headers(headers);
         if let Some(key) = &record.key {
             base = base.key(key.as_bytes());
+        }
+        if let Some(partition) = record.partition {
+            base = base.partition(partition);
         }
         match self.producer.send(base) {
             Ok(()) => {
