@@ -251,7 +251,9 @@ kafka_start() {
 smtp_ready() { "$SYS_PYTHON" -c "import smtplib; smtplib.SMTP('127.0.0.1', $SMTP_PORT, timeout=2).quit()"; }
 
 smtp_start() {
-    mkdir -p "$RUN_DIR/smtp-maildir"
+    # Python's Maildir creates tmp/new/cur only when the directory itself is
+    # missing; without them every delivery fails (500), so make all of them.
+    mkdir -p "$RUN_DIR/smtp-maildir/tmp" "$RUN_DIR/smtp-maildir/new" "$RUN_DIR/smtp-maildir/cur"
     start smtp "$SYS_PYTHON" -m aiosmtpd -n -l "127.0.0.1:$SMTP_PORT" \
         -c aiosmtpd.handlers.Mailbox "$RUN_DIR/smtp-maildir"
     wait_healthy smtp 20 smtp_ready

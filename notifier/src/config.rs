@@ -1,0 +1,182 @@
+//! Command-line and environment configuration (`notifier --help`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Consumes order events from the outbox topic (consumer group `notifier`)
+/// and sends one email per event, by SMTP or as `.eml` files.
+#[derive(Parser, Clone)]
+#[command(name = "notifier", version, about, long_about = None)]
+pub struct Config {
+    /// Postgres URL of the database holding the `notifier_inbox` table
+    /// (handled event ids).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub kafka_bootstrap_servers: String,
+
+    /// Extra librdkafka property for the consumer and the DLQ producer,
+    /// repeatable (e.g. security.protocol=SASL_SSL).
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
+
+    /// The outbox topic to consume.
+    #[arg(long, env = "OUTBOX_TOPIC", default_value = "microshop.order-outbox")]
+    pub topic: String,
+
+    /// Consumer group; instances in the same group share the partitions.
+    #[arg(long, env = "NOTIFIER_GROUP", default_value = "notifier")]
+    pub group: String,
+
+    /// Dead-letter topic for records that can never be handled; default:
+    /// the outbox topic + `.dlq`.
+    #[arg(long, env = "NOTIFIER_DLQ_TOPIC")]
+    pub dlq_topic: Option<String>,
+
+    /// SMTP server: smtp://host:port (plain), smtp://host:port?tls=required
+    /// (STARTTLS), smtp://host?tls=opportunistic, smtps://host:port (TLS);
+    /// credentials as smtp://user:password@host. Without it, emails are
+    /// written as .eml files into --mail-dir.
+    #[arg(long, env = "SMTP_URL", hide_env_values = true)]
+    pub smtp_url: Option<String>,
+
+    /// Directory for .eml files, used when no --smtp-url is given.
+    #[arg(long, env = "MAIL_DIR")]
+    pub mail_dir: Option<PathBuf>,
+
+    /// Sender address of the emails.
+    #[arg(
+        long,
+        env = "NOTIFIER_MAIL_FROM",
+        default_value = "Microshop <orders@microshop.example>"
+    )]
+    pub mail_from: String,
+
+    /// Timeout of one SMTP conversation (connect, send, quit).
+    #[arg(long, env = "NOTIFIER_SMTP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub smtp_timeout: Duration,
+
+    /// HTTP listen address for /metrics and /healthz.
+    #[arg(long, env = "NOTIFIER_LISTEN", default_value = "127.0.0.1:9102")]
+    pub listen: SocketAddr,
+
+    /// First wait before retrying a transient failure (doubles per attempt).
+    #[arg(long, env = "NOTIFIER_INITIAL_BACKOFF", default_value = "200ms", value_parser = parse_duration)]
+    pub initial_backoff: Duration,
+
+    /// Longest wait between retries of a transient failure.
+    #[arg(long, env = "NOTIFIER_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+
+    /// How often stored offsets (of handled events) are committed to Kafka;
+    /// they are also committed on partition revocation and on shutdown.
+    #[arg(long, env = "NOTIFIER_COMMIT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub commit_interval: Duration,
+
+    /// Log format.
+    #[arg(long, env = "NOTIFIER_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The database URL, the SMTP URL and Kafka properties may hold
+        // credentials.
+        f.debug_struct("Config")
+            .field("kafka_bootstrap_servers", &self.kafka_bootstrap_servers)
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .field("dlq_topic", &self.dlq_topic())
+            .field("smtp", &self.smtp_url.is_some())
+            .field("mail_dir", &self.mail_dir)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// The dead-letter topic: `--dlq-topic`, or `<topic>.dlq`.
+    pub fn dlq_topic(&self) -> String {
+        self.dlq_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.topic))
+    }
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m` (a bare number means seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 5s, 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration {s:?}: unit must be ms, s or m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_spec() {
+        let cfg =
+            Config::try_parse_from(["notifier", "--database-url", "postgres://x@h/db"]).unwrap();
+        assert_eq!(cfg.topic, "microshop.order-outbox");
+        assert_eq!(cfg.group, "notifier");
+        assert_eq!(cfg.dlq_topic(), "microshop.order-outbox.dlq");
+        assert_eq!(cfg.listen.port(), 9102);
+        assert!(cfg.smtp_url.is_none());
+    }
+
+    #[test]
+    fn debug_hides_credentials() {
+        let cfg = Config::try_parse_from([
+            "notifier",
+            "--database-url",
+            "postgres://u:secretpw@h/db",
+            "--smtp-url",
+            "smtps://mailer:hunter2@smtp.example:465",
+            "--kafka-property",
+            "sasl.password=swordfish",
+        ])
+        .unwrap();
+        let shown = format!("{cfg:?}");
+        for secret in ["secretpw", "hunter2", "swordfish"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+    }
+
+    #[test]
+    fn bad_durations_are_refused() {
+        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_property("novalue").is_err());
+    }
+}

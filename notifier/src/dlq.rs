@@ -1,0 +1,180 @@
+//! Dead letters: records that can never be handled go, unchanged, to
+//! `<topic>.dlq`, with why and where from in headers, and consumption goes on.
+//!
+//! ```text
+//!  record (key, value, headers) ──▶ <topic>.dlq: same key, same value,
+//!                                    original headers + dlq_reason, dlq_error_class,
+//!                                    dlq_original_topic, dlq_original_partition,
+//!                                    dlq_original_offset, dlq_failed_at
+//! ```
+//!
+//! A dead letter counts as handled only once Kafka acknowledged it
+//! (`acks=all`, idempotent producer); a failed produce is transient and the
+//! caller retries while holding the partition's position. Dead letters are
+//! at least once: a crash after the acknowledgement and before the offset
+//! commit produces the same dead letter again (same original
+//! topic/partition/offset headers, by which readers of the DLQ can dedupe).
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Message};
+
+pub const REASON: &str = "dlq_reason";
+pub const ERROR_CLASS: &str = "dlq_error_class";
+pub const ORIGINAL_TOPIC: &str = "dlq_original_topic";
+pub const ORIGINAL_PARTITION: &str = "dlq_original_partition";
+pub const ORIGINAL_OFFSET: &str = "dlq_original_offset";
+pub const FAILED_AT: &str = "dlq_failed_at";
+
+/// Errors producing a dead letter (transient: retried).
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    #[error("creating the dead-letter producer")]
+    Create(#[source] KafkaError),
+    #[error("producing to dead-letter topic {topic}")]
+    Produce {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+}
+
+/// The dead-letter topic and its producer (clones share the producer).
+#[derive(Clone)]
+pub struct DeadLetterQueue {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl DeadLetterQueue {
+    /// `base` carries the bootstrap servers and extra client properties.
+    pub fn new(base: &ClientConfig, topic: &str) -> Result<DeadLetterQueue, DlqError> {
+        let mut cfg = base.clone();
+        cfg.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "30000");
+        let producer = cfg.create().map_err(DlqError::Create)?;
+        Ok(DeadLetterQueue {
+            producer,
+            topic: topic.to_owned(),
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Whether the broker knows the topic (with at least one partition).
+    async fn exists(&self) -> bool {
+        let (producer, topic) = (self.producer.clone(), self.topic.clone());
+        // A blocking metadata request: not on a runtime thread.
+        let found = tokio::task::spawn_blocking(move || {
+            let metadata = producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(5));
+            matches!(metadata, Ok(m) if m.topics().iter().any(|t| t.name() == topic
+                && t.error().is_none()
+                && !t.partitions().is_empty()))
+        })
+        .await;
+        found.unwrap_or(false)
+    }
+
+    /// Creates the topic (one partition) unless it exists. Best effort: on a
+    /// cluster where the notifier may not create topics, an operator creates
+    /// it, and producing reports what is wrong.
+    pub async fn ensure_topic(&self, base: &ClientConfig) {
+        if self.exists().await {
+            return;
+        }
+        let admin: AdminClient<DefaultClientContext> = match base.create() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create Kafka admin client");
+                return;
+            }
+        };
+        let new = NewTopic::new(&self.topic, 1, TopicReplication::Fixed(1));
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(10)));
+        let created =
+            tokio::time::timeout(Duration::from_secs(15), admin.create_topics([&new], &opts)).await;
+        let Ok(created) = created else {
+            tracing::warn!(topic = %self.topic, "creating the dead-letter topic timed out");
+            return;
+        };
+        match created {
+            Ok(results) => {
+                for result in results {
+                    match result {
+                        Ok(_) => tracing::info!(topic = %self.topic, "created dead-letter topic"),
+                        Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                        Err((topic, code)) => {
+                            tracing::warn!(%topic, error = %code, "cannot create dead-letter topic")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(topic = %self.topic, error = %e, "cannot create dead-letter topic")
+            }
+        }
+    }
+
+    /// Produces `original` to the dead-letter topic and waits for the
+    /// acknowledgement. `reason` is the full error text.
+    pub async fn send(
+        &self,
+        original: &OwnedMessage,
+        class: &str,
+        reason: &str,
+    ) -> Result<(), DlqError> {
+        let partition = original.partition().to_string();
+        let offset = original.offset().to_string();
+        let failed_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let mut headers = OwnedHeaders::new();
+        if let Some(hs) = original.headers() {
+            for h in hs.iter() {
+                headers = headers.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
+            }
+        }
+        for (key, value) in [
+            (REASON, reason),
+            (ERROR_CLASS, class),
+            (ORIGINAL_TOPIC, original.topic()),
+            (ORIGINAL_PARTITION, partition.as_str()),
+            (ORIGINAL_OFFSET, offset.as_str()),
+            (FAILED_AT, failed_at.as_str()),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
+        if let Some(key) = original.key() {
+            record = record.key(key);
+        }
+        if let Some(value) = original.payload() {
+            record = record.payload(value);
+        }
+        self.producer
+            .send(record, Timeout::After(Duration::from_secs(30)))
+            .await
+            .map(|_| ())
+            .map_err(|(source, _)| DlqError::Produce {
+                topic: self.topic.clone(),
+                source,
+            })
+    }
+}

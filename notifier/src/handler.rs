@@ -1,0 +1,306 @@
+//! Handler: turns one record into its effect — one email, a skip, or a dead
+//! letter — and retries transient failures until it succeeds or shutdown.
+//!
+//! ```text
+//!  record ──decode──▶ Notify ──compose──▶ inbox claim ──dup──▶ (nothing)            ─┐
+//!     │                  │                    └─claimed─▶ send ──ok──▶ inbox commit  ├─▶ handled:
+//!     │                  │                                   ├─5xx──▶ dead letter    │   the caller
+//!     │                  └─ bad address ──▶ dead letter      └─4xx/conn─▶ retry      │   stores the
+//!     ├──▶ Skip (unknown event type, status without email) ──────────────────────────┤   offset
+//!     └──▶ Malformed (JSON, missing fields) ──▶ dead letter ─────────────────────────┘
+//! ```
+//!
+//! # Ordering
+//!
+//! [`Handler::handle`] returns only when the record is handled (or on
+//! shutdown). A transient failure — SMTP 4xx, connection refused or lost,
+//! timeout, inbox database or DLQ producer unavailable — is retried with
+//! bounded exponential backoff (with jitter) on the *same* record. Each
+//! partition has one handler working through its records in order (see
+//! `pipeline`), so no later event of that partition overtakes the one being
+//! retried, and no offset at or past it is stored.
+//!
+//! # Crash windows
+//!
+//! The inbox row is inserted in the same transaction that decides whether to
+//! send, and committed after the mail server took the email (see `inbox`).
+//! The offset is stored after that commit and committed to Kafka later.
+//!
+//! 1. Crash after the email was sent, before the inbox commit: the row is
+//!    rolled back, the offset was not stored, the record is redelivered and
+//!    the email is sent **again**. This is the one window that duplicates;
+//!    no ordering of "send" and "record" closes it without risking a lost
+//!    email instead. The resend carries the same `Message-ID`
+//!    (`<order-event-{event_id}@notifier.outbox-relay>`), so the receiving
+//!    side can drop it as a duplicate. (A commit that reached Postgres but
+//!    whose reply was lost is retried too, and then finds the row: no resend.)
+//! 2. Crash after the inbox commit, before the offset is committed to Kafka:
+//!    the record is redelivered, the inbox claim finds the row and nothing is
+//!    sent (counted as a duplicate).
+//! 3. A rebalance (or a crash) while a send is in progress: the partition's
+//!    next owner gets the record again, but the open claim locks the event
+//!    id, so it waits for the outcome and either skips (committed) or sends
+//!    (rolled back — the first instance crashed or failed).
+//!
+//! Dead letters are not recorded in the inbox: a crash after the dead letter
+//! was acknowledged and before the offset commit produces it a second time
+//! (same `dlq_original_*` headers), so dead letters are at least once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::dlq::{DeadLetterQueue, DlqError};
+use crate::email::{message_id, Composer};
+use crate::event::{self, Decoded, MalformedEvent};
+use crate::http::Shared;
+use crate::inbox::{Claim, Inbox, InboxEntry, InboxError};
+use crate::mailer::{MailError, MailSink, Mailer};
+use crate::metrics::Outcome;
+
+/// Bounded exponential backoff.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The wait before retry number `attempt` (1-based), without jitter.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// [`Backoff::delay`] scaled by a random factor in [0.5, 1.0), so
+    /// instances that failed together do not retry in lockstep.
+    pub fn jittered(&self, attempt: u32) -> Duration {
+        self.delay(attempt)
+            .mul_f64(rand::random_range(0.5..1.0))
+            .max(Duration::from_millis(1))
+    }
+}
+
+/// A failure worth retrying on the same record.
+#[derive(Debug, thiserror::Error)]
+pub enum TransientError {
+    #[error("inbox")]
+    Inbox(#[from] InboxError),
+    #[error("mail")]
+    Mail(#[from] MailError),
+    #[error("dead-letter queue")]
+    Dlq(#[from] DlqError),
+}
+
+/// Shutdown was requested before the record was handled; its offset must
+/// not be stored.
+#[derive(Debug)]
+pub struct Interrupted;
+
+/// Everything needed to handle records (one per partition worker: each
+/// has its own inbox connection, since a claim holds a transaction open).
+pub struct Handler {
+    pub composer: Composer,
+    pub mailer: Mailer,
+    pub inbox: Inbox,
+    pub dlq: DeadLetterQueue,
+    pub shared: Arc<Shared>,
+    pub backoff: Backoff,
+}
+
+/// The error and its whole cause chain on one line, for logs and headers.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn first_header<'m>(msg: &'m OwnedMessage, name: &str) -> Option<&'m [u8]> {
+    let headers = msg.headers()?;
+    headers.iter().find(|h| h.key == name).and_then(|h| h.value)
+}
+
+impl Handler {
+    /// Handles `msg`, retrying transient failures until it is handled or
+    /// `shutdown` is cancelled.
+    pub async fn handle(
+        &mut self,
+        msg: &OwnedMessage,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, Interrupted> {
+        let decoded = event::decode(msg.payload(), |name| first_header(msg, name));
+        let event_type = match &decoded {
+            Ok(Decoded::Notify(ev)) => Some(ev.event_type.clone()),
+            Ok(Decoded::Skip { event_type, .. }) => Some(event_type.clone()),
+            Err(_) => first_header(msg, "event_type")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .map(str::to_owned),
+        };
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.attempt(msg, &decoded).await {
+                Ok(outcome) => {
+                    self.shared.metrics.record(event_type.as_deref(), outcome);
+                    if outcome != Outcome::duplicate {
+                        if let Some(ts) = event::commit_ts(first_header(msg, "commit_ts")) {
+                            let age = chrono::Utc::now() - ts;
+                            self.shared
+                                .metrics
+                                .end_to_end_seconds
+                                .observe(age.to_std().map_or(0.0, |d| d.as_secs_f64()));
+                        }
+                    }
+                    return Ok(outcome);
+                }
+                Err(e) => {
+                    let wait = self.backoff.jittered(attempt);
+                    tracing::warn!(
+                        topic = msg.topic(),
+                        partition = msg.partition(),
+                        offset = msg.offset(),
+                        attempt,
+                        retry_in_ms = wait.as_millis() as u64,
+                        error = %error_chain(&e),
+                        "transient failure; holding the partition's position and retrying"
+                    );
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Err(Interrupted),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One attempt at handling `msg`.
+    async fn attempt(
+        &mut self,
+        msg: &OwnedMessage,
+        decoded: &Result<Decoded, MalformedEvent>,
+    ) -> Result<Outcome, TransientError> {
+        let event = match decoded {
+            Err(malformed) => {
+                dead_letter(&self.dlq, msg, malformed.class(), &error_chain(malformed)).await?;
+                return Ok(Outcome::dlq);
+            }
+            Ok(Decoded::Skip { event_type, reason }) => {
+                tracing::debug!(
+                    topic = msg.topic(),
+                    partition = msg.partition(),
+                    offset = msg.offset(),
+                    event_type = %event_type,
+                    reason = %reason,
+                    "skipping record"
+                );
+                return Ok(Outcome::skipped);
+            }
+            Ok(Decoded::Notify(event)) => event,
+        };
+        let message = match self.composer.compose(event) {
+            Ok(m) => m,
+            Err(e) => {
+                dead_letter(&self.dlq, msg, "invalid_payload", &error_chain(&e)).await?;
+                return Ok(Outcome::dlq);
+            }
+        };
+        let message_id = message_id(event.event_id);
+        let entry = InboxEntry {
+            event_id: event.event_id,
+            event_type: &event.event_type,
+            message_id: &message_id,
+            topic: msg.topic(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+        };
+        let key = format!("order-event-{}", event.event_id);
+        let claim = match self.inbox.claim(&entry).await? {
+            Claim::Duplicate => {
+                tracing::debug!(event_id = event.event_id, "already sent; skipping");
+                return Ok(Outcome::duplicate);
+            }
+            Claim::Claimed(claim) => claim,
+        };
+        let started = std::time::Instant::now();
+        match self.mailer.send(&key, &message).await {
+            Ok(()) => {
+                let send_ms = started.elapsed().as_secs_f64() * 1e3;
+                claim.commit().await?;
+                tracing::debug!(
+                    event_id = event.event_id,
+                    order_id = event.order.order_id,
+                    send_ms,
+                    "email sent"
+                );
+                Ok(Outcome::sent)
+            }
+            Err(e) if e.is_permanent() => {
+                // Not recorded as sent: release the claim, so a fixed record
+                // replayed from the DLQ is sent.
+                let reason = error_chain(&e);
+                if let Err(e) = claim.release().await {
+                    tracing::debug!(error = %error_chain(&e), "releasing inbox claim");
+                }
+                tracing::warn!(event_id = event.event_id, error = %reason, "email rejected permanently");
+                dead_letter(&self.dlq, msg, "smtp_rejected", &reason).await?;
+                Ok(Outcome::dlq)
+            }
+            Err(e) => {
+                if let Err(e) = claim.release().await {
+                    tracing::debug!(error = %error_chain(&e), "releasing inbox claim");
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// Produces `msg` to the dead-letter topic and logs it.
+async fn dead_letter(
+    dlq: &DeadLetterQueue,
+    msg: &OwnedMessage,
+    class: &str,
+    reason: &str,
+) -> Result<(), DlqError> {
+    dlq.send(msg, class, reason).await?;
+    tracing::warn!(
+        topic = msg.topic(),
+        partition = msg.partition(),
+        offset = msg.offset(),
+        dlq_topic = dlq.topic(),
+        class,
+        reason,
+        "record sent to the dead-letter topic"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        };
+        assert_eq!(b.delay(1), Duration::from_millis(100));
+        assert_eq!(b.delay(3), Duration::from_millis(400));
+        assert_eq!(b.delay(10), Duration::from_secs(5));
+        assert_eq!(b.delay(u32::MAX), Duration::from_secs(5));
+        for attempt in 1..40 {
+            let j = b.jittered(attempt);
+            assert!(j <= b.max && j >= Duration::from_millis(1));
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! The notifier against the test stack: real broker (Tansu), real Postgres
+//! (a fresh migrated database per test), real SMTP server (aiosmtpd writing
+//! a Maildir). Each test has its own topic, group and recipient domain.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use devstack::kafka::TopicReader;
+use devstack::testing::{create_topic, kafka_bootstrap, unique_name, wait_for, TestDb};
+use serde_json::json;
+
+const EMAIL_WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn every_order_event_becomes_its_email() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let domain = unique_domain();
+    let email = format!("buyer@{domain}");
+    let n = Running::start(config(
+        &db.url,
+        &topic,
+        &unique_name("g"),
+        &Dest::Smtp(sink_smtp_url()),
+    ));
+    let relay = Relay::new(&topic)?;
+    relay
+        .send_event(1, 42, "OrderCreated", &order_payload(7, &email, "CREATED"))
+        .await?;
+    // Forward compatible: an unknown type is counted and skipped.
+    relay
+        .send_event(2, 42, "OrderArchived", &json!({"order_id": 7}))
+        .await?;
+    let mut id = 2;
+    for (from, to) in [
+        ("CREATED", "PAID"),
+        ("PAID", "SHIPPED"),
+        ("SHIPPED", "DELIVERED"),
+    ] {
+        id += 1;
+        relay
+            .send_event(
+                id,
+                42,
+                "OrderStatusChanged",
+                &status_payload(7, &email, from, to),
+            )
+            .await?;
+    }
+    let cancelled = format!("other@{domain}");
+    relay
+        .send_event(
+            6,
+            43,
+            "OrderStatusChanged",
+            &status_payload(8, &cancelled, "CREATED", "CANCELLED"),
+        )
+        .await?;
+
+    let mut reader = MailReader::maildir(&sink_maildir());
+    let mails = wait_mails(&mut reader, &domain, 5, EMAIL_WAIT).await?;
+    let by_event: HashMap<i64, &Mail> = mails
+        .iter()
+        .filter_map(|m| Some((m.event_id?, m)))
+        .collect();
+    let expect = [
+        (1, "Order #7 received", email.as_str()),
+        (3, "Order #7: payment received", email.as_str()),
+        (4, "Order #7 has shipped", email.as_str()),
+        (5, "Order #7 has been delivered", email.as_str()),
+        (6, "Order #8 has been cancelled", cancelled.as_str()),
+    ];
+    for (event_id, subject, to) in expect {
+        let m = by_event
+            .get(&event_id)
+            .unwrap_or_else(|| panic!("no email for event {event_id}: {mails:#?}"));
+        assert_eq!(m.subject, subject);
+        assert_eq!(m.to, to);
+        assert_eq!(
+            m.message_id,
+            format!("<order-event-{event_id}@notifier.outbox-relay>")
+        );
+    }
+    let received = by_event[&1].raw.as_str();
+    assert!(
+        received.contains("A-1") && received.contains("44.98 EUR"),
+        "{received}"
+    );
+    assert!(received.contains("text/html"), "has an HTML alternative");
+
+    // Every handled event is in the inbox; the skipped one is not.
+    let client = db.connect().await?;
+    let rows = client
+        .query("SELECT event_id FROM notifier_inbox ORDER BY event_id", &[])
+        .await?;
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, vec![1, 3, 4, 5, 6]);
+
+    wait_for("metrics", Duration::from_secs(10), || async {
+        let m = n.metrics().await?;
+        Ok((m.contains("notifier_emails_sent_total 5")
+            && m.contains(r#"notifier_events_total{event_type="other",outcome="skipped"} 1"#)
+            && m.contains(
+                r#"notifier_events_total{event_type="OrderStatusChanged",outcome="sent"} 4"#,
+            )
+            && m.contains("notifier_end_to_end_seconds_count 6"))
+        .then_some(()))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    n.stop().await
+}
+
+#[tokio::test]
+async fn the_same_record_twice_sends_one_email() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let domain = unique_domain();
+    let email = format!("twice@{domain}");
+    let n = Running::start(config(
+        &db.url,
+        &topic,
+        &unique_name("g"),
+        &Dest::Smtp(sink_smtp_url()),
+    ));
+    let relay = Relay::new(&topic)?;
+    let payload = order_payload(11, &email, "CREATED");
+    relay.send_event(1, 42, "OrderCreated", &payload).await?;
+    relay.send_event(1, 42, "OrderCreated", &payload).await?;
+    // A later event, so "the duplicate was handled" is observable.
+    relay
+        .send_event(
+            2,
+            42,
+            "OrderStatusChanged",
+            &status_payload(11, &email, "CREATED", "PAID"),
+        )
+        .await?;
+
+    let mut reader = MailReader::maildir(&sink_maildir());
+    wait_mails(&mut reader, &domain, 2, EMAIL_WAIT).await?;
+    wait_for(
+        "the duplicate to be counted",
+        Duration::from_secs(10),
+        || async { Ok((n.metric("notifier_duplicates_total").await? >= 1.0).then_some(())) },
+    )
+    .await?;
+    // Give a stray second email time to arrive before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mails = reader.to(&domain)?;
+    let created: Vec<_> = mails.iter().filter(|m| m.event_id == Some(1)).collect();
+    assert_eq!(created.len(), 1, "{mails:#?}");
+    assert_eq!(mails.len(), 2, "{mails:#?}");
+    assert_eq!(n.metric("notifier_emails_sent_total").await?, 2.0);
+    n.stop().await
+}
+
+#[tokio::test]
+async fn a_malformed_record_goes_to_the_dlq_and_the_next_is_emailed() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let domain = unique_domain();
+    let email = format!("after@{domain}");
+    let n = Running::start(config(
+        &db.url,
+        &topic,
+        &unique_name("g"),
+        &Dest::Smtp(sink_smtp_url()),
+    ));
+    let relay = Relay::new(&topic)?;
+    let (p1, o1) = relay
+        .send_raw(
+            "42",
+            b"{this is not json",
+            &[("event_id", "1"), ("event_type", "OrderCreated")],
+        )
+        .await?;
+    let mut no_email = order_payload(12, "x@y.test", "CREATED");
+    no_email.as_object_mut().unwrap().remove("email");
+    let (_, o2) = relay.send_event(2, 42, "OrderCreated", &no_email).await?;
+    relay
+        .send_event(3, 42, "OrderCreated", &order_payload(13, &email, "CREATED"))
+        .await?;
+
+    let mut reader = MailReader::maildir(&sink_maildir());
+    let mails = wait_mails(&mut reader, &domain, 1, EMAIL_WAIT).await?;
+    assert_eq!(mails[0].event_id, Some(3));
+    assert_eq!(mails[0].subject, "Order #13 received");
+
+    let dlq = TopicReader::new(&kafka_bootstrap(), &format!("{topic}.dlq"), true)?;
+    let dead = dlq
+        .read_at_least(2, Duration::from_secs(20), Duration::from_millis(500))
+        .await?;
+    assert_eq!(dead.len(), 2, "{dead:#?}");
+    let first = &dead[0];
+    assert_eq!(first.value.as_deref(), Some("{this is not json"));
+    assert_eq!(first.key.as_deref(), Some("42"));
+    assert!(
+        first
+            .header("dlq_reason")
+            .unwrap_or("")
+            .contains("not JSON"),
+        "{first:?}"
+    );
+    assert_eq!(first.header("dlq_error_class"), Some("malformed_record"));
+    assert_eq!(first.header("dlq_original_topic"), Some(topic.as_str()));
+    assert_eq!(
+        first.header("dlq_original_partition"),
+        Some(p1.to_string().as_str())
+    );
+    assert_eq!(
+        first.header("dlq_original_offset"),
+        Some(o1.to_string().as_str())
+    );
+    assert_eq!(first.header("event_id"), Some("1"), "original headers kept");
+    let second = &dead[1];
+    assert!(
+        second.header("dlq_reason").unwrap_or("").contains("email"),
+        "{second:?}"
+    );
+    assert_eq!(
+        second.header("dlq_original_offset"),
+        Some(o2.to_string().as_str())
+    );
+
+    wait_for("dlq metric", Duration::from_secs(10), || async {
+        Ok((n.metric("notifier_dlq_total").await? == 2.0).then_some(()))
+    })
+    .await?;
+    n.stop().await
+}
+
+#[tokio::test]
+async fn without_smtp_emails_are_written_to_the_mail_dir() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let dir = std::env::temp_dir().join(unique_name("notifier_spool"));
+    let n = Running::start(config(
+        &db.url,
+        &topic,
+        &unique_name("g"),
+        &Dest::Dir(dir.clone()),
+    ));
+    let relay = Relay::new(&topic)?;
+    relay
+        .send_event(
+            5,
+            42,
+            "OrderCreated",
+            &order_payload(21, "spool@example.test", "CREATED"),
+        )
+        .await?;
+    let mut reader = MailReader::spool(&dir);
+    let mails = wait_mails(&mut reader, "spool@example.test", 1, EMAIL_WAIT).await?;
+    assert_eq!(mails[0].file, dir.join("order-event-5.eml"));
+    assert_eq!(mails[0].subject, "Order #21 received");
+    n.stop().await?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn serial_smtp_down_holds_the_position_until_it_returns() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let group = unique_name("g");
+    let mut smtp = OwnSmtp::start().await?;
+    let n = Running::start(config(&db.url, &topic, &group, &Dest::Smtp(smtp.url())));
+    let relay = Relay::new(&topic)?;
+    let mut reader = MailReader::maildir(&smtp.maildir);
+
+    let (p, o1) = relay
+        .send_event(
+            1,
+            42,
+            "OrderCreated",
+            &order_payload(31, "down@example.test", "CREATED"),
+        )
+        .await?;
+    wait_mails(&mut reader, "down@example.test", 1, EMAIL_WAIT).await?;
+    wait_for(
+        "offset of the first event committed",
+        Duration::from_secs(15),
+        || {
+            let (group, topic) = (group.clone(), topic.clone());
+            async move { Ok((committed_offset(&group, &topic, p)? == Some(o1 + 1)).then_some(())) }
+        },
+    )
+    .await?;
+
+    smtp.kill()?;
+    let (_, o2) = relay
+        .send_event(
+            2,
+            42,
+            "OrderStatusChanged",
+            &status_payload(31, "down@example.test", "CREATED", "PAID"),
+        )
+        .await?;
+    // While the server is down the notifier retries and commits nothing past
+    // the first event.
+    let down_until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < down_until {
+        assert_eq!(committed_offset(&group, &topic, p)?, Some(o1 + 1));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(n.metric("notifier_emails_sent_total").await?, 1.0);
+
+    smtp.restart().await?;
+    let mails = wait_mails(&mut reader, "down@example.test", 2, EMAIL_WAIT).await?;
+    assert_eq!(mails[1].subject, "Order #31: payment received");
+    wait_for(
+        "offset of the second event committed",
+        Duration::from_secs(15),
+        || {
+            let (group, topic) = (group.clone(), topic.clone());
+            async move { Ok((committed_offset(&group, &topic, p)? == Some(o2 + 1)).then_some(())) }
+        },
+    )
+    .await?;
+    n.stop().await
+}
+
+/// Two instances and two rebalances (one joins mid-stream, then the
+/// first leaves) over `events` records already in the topic: every event
+/// must be emailed exactly once.
+async fn rebalance_scenario(bootstrap: &str, relay: &Relay, events: i64) -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let group = unique_name("g");
+    let domain = unique_domain();
+    let sends = (1..=events).map(|i| {
+        let email = format!("c{i}@{domain}");
+        async move {
+            relay
+                .send_event(
+                    i,
+                    i % 37 + 1,
+                    "OrderCreated",
+                    &order_payload(i, &email, "CREATED"),
+                )
+                .await
+        }
+    });
+    futures_util::future::try_join_all(sends).await?;
+
+    let cfg = || {
+        config_on(
+            bootstrap,
+            &db.url,
+            &relay.topic,
+            &group,
+            &Dest::Smtp(sink_smtp_url()),
+        )
+    };
+    let mut reader = MailReader::maildir(&sink_maildir());
+    let a = Running::start(cfg());
+    wait_mails(
+        &mut reader,
+        &domain,
+        (events / 4) as usize,
+        Duration::from_secs(60),
+    )
+    .await?;
+    // A second instance joins: the group rebalances while A is mid-stream.
+    let b = Running::start(cfg());
+    wait_for(
+        "both instances to handle events",
+        Duration::from_secs(60),
+        || async { Ok((b.metric("notifier_emails_sent_total").await? > 0.0).then_some(())) },
+    )
+    .await?;
+    wait_mails(
+        &mut reader,
+        &domain,
+        (events * 3 / 5) as usize,
+        Duration::from_secs(60),
+    )
+    .await?;
+    // The first leaves: B takes over its partitions from A's committed offsets.
+    let sent_by_a = a.metric("notifier_emails_sent_total").await?;
+    a.stop().await?;
+    wait_mails(
+        &mut reader,
+        &domain,
+        events as usize,
+        Duration::from_secs(90),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let mails = reader.to(&domain)?;
+    let mut per_event: HashMap<i64, usize> = HashMap::new();
+    for m in &mails {
+        *per_event.entry(m.event_id.unwrap_or(-1)).or_default() += 1;
+    }
+    let not_once: Vec<_> = per_event.iter().filter(|(_, &n)| n != 1).collect();
+    assert!(
+        not_once.is_empty(),
+        "events not emailed exactly once: {not_once:?}"
+    );
+    assert_eq!(per_event.len(), events as usize);
+    assert!((1..=events).all(|i| per_event.contains_key(&i)));
+    let sent_by_b = b.metric("notifier_emails_sent_total").await?;
+    assert!(
+        sent_by_a > 0.0 && sent_by_b > 0.0,
+        "a {sent_by_a}, b {sent_by_b}"
+    );
+    let client = db.connect().await?;
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM notifier_inbox", &[])
+        .await?
+        .get(0);
+    assert_eq!(rows, events);
+    b.stop().await
+}
+
+#[tokio::test]
+async fn two_instances_and_rebalances_email_each_of_1000_events_once() -> anyhow::Result<()> {
+    let topic = create_topic(4).await?;
+    rebalance_scenario(&kafka_bootstrap(), &Relay::new(&topic)?, 1000).await
+}
+
+/// The same on librdkafka's mock cluster with multi-record batches, which
+/// Tansu 0.6.0 cannot resume from mid-batch (see `Relay::new`).
+#[tokio::test]
+async fn rebalances_over_batched_records_on_the_mock_cluster() -> anyhow::Result<()> {
+    let cluster = rdkafka::mocking::MockCluster::new(1)?;
+    let bootstrap = cluster.bootstrap_servers();
+    let topic = unique_name("mock");
+    cluster.create_topic(&topic, 4, 1)?;
+    cluster.create_topic(&format!("{topic}.dlq"), 1, 1)?;
+    rebalance_scenario(&bootstrap, &Relay::on(&bootstrap, &topic, 100)?, 400).await
+}
+
+#[tokio::test]
+async fn a_permanent_smtp_rejection_goes_to_the_dlq() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let smtp = FakeSmtp::start("550 5.1.1 no such mailbox", usize::MAX).await?;
+    let n = Running::start(config(
+        &db.url,
+        &topic,
+        &unique_name("g"),
+        &Dest::Smtp(smtp.url.clone()),
+    ));
+    let relay = Relay::new(&topic)?;
+    let (_, o1) = relay
+        .send_event(
+            1,
+            42,
+            "OrderCreated",
+            &order_payload(41, "gone@example.test", "CREATED"),
+        )
+        .await?;
+    let (_, o2) = relay
+        .send_event(
+            2,
+            42,
+            "OrderStatusChanged",
+            &status_payload(41, "gone@example.test", "CREATED", "PAID"),
+        )
+        .await?;
+    let dlq = TopicReader::new(&kafka_bootstrap(), &format!("{topic}.dlq"), true)?;
+    let dead = dlq
+        .read_at_least(2, Duration::from_secs(20), Duration::from_millis(500))
+        .await?;
+    assert_eq!(dead.len(), 2, "{dead:#?}");
+    for (record, offset) in dead.iter().zip([o1, o2]) {
+        assert_eq!(record.header("dlq_error_class"), Some("smtp_rejected"));
+        assert!(
+            record.header("dlq_reason").unwrap_or("").contains("550"),
+            "{record:?}"
+        );
+        assert_eq!(
+            record.header("dlq_original_offset"),
+            Some(offset.to_string().as_str())
+        );
+    }
+    // Not recorded as sent: a fixed record replayed later is emailed.
+    let client = db.connect().await?;
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM notifier_inbox", &[])
+        .await?
+        .get(0);
+    assert_eq!(rows, 0);
+    assert_eq!(n.metric("notifier_emails_sent_total").await?, 0.0);
+    assert_eq!(smtp.accepted(), 0);
+    n.stop().await
+}
+
+#[tokio::test]
+async fn a_transient_smtp_reply_is_retried_until_accepted() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let smtp = FakeSmtp::start("451 4.3.0 try again later", 3).await?;
+    let n = Running::start(config(
+        &db.url,
+        &topic,
+        &unique_name("g"),
+        &Dest::Smtp(smtp.url.clone()),
+    ));
+    let relay = Relay::new(&topic)?;
+    relay
+        .send_event(
+            1,
+            42,
+            "OrderCreated",
+            &order_payload(61, "later@example.test", "CREATED"),
+        )
+        .await?;
+    relay
+        .send_event(
+            2,
+            42,
+            "OrderStatusChanged",
+            &status_payload(61, "later@example.test", "CREATED", "PAID"),
+        )
+        .await?;
+    wait_for("both emails accepted", Duration::from_secs(20), || async {
+        Ok((smtp.accepted() == 2).then_some(()))
+    })
+    .await?;
+    wait_for("metrics", Duration::from_secs(5), || async {
+        Ok((n.metric("notifier_emails_sent_total").await? == 2.0).then_some(()))
+    })
+    .await?;
+    assert_eq!(n.metric("notifier_dlq_total").await?, 0.0);
+    let client = db.connect().await?;
+    let ids: Vec<i64> = client
+        .query(
+            "SELECT event_id FROM notifier_inbox ORDER BY handled_at",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec![1, 2], "in order, the first held until accepted");
+    n.stop().await
+}
+
+#[tokio::test]
+async fn graceful_shutdown_commits_the_handled_offsets() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let group = unique_name("g");
+    let dir = std::env::temp_dir().join(unique_name("notifier_spool"));
+    let mut cfg = config(&db.url, &topic, &group, &Dest::Dir(dir.clone()));
+    // No periodic commit during the test: only shutdown can commit.
+    cfg.commit_interval = Duration::from_secs(600);
+    let n = Running::start(cfg);
+    let relay = Relay::new(&topic)?;
+    let mut last = (0, 0);
+    for i in 1..=3 {
+        last = relay
+            .send_event(
+                i,
+                42,
+                "OrderCreated",
+                &order_payload(50 + i, "bye@example.test", "CREATED"),
+            )
+            .await?;
+    }
+    let mut reader = MailReader::spool(&dir);
+    wait_mails(&mut reader, "bye@example.test", 3, EMAIL_WAIT).await?;
+    wait_for("offsets stored", Duration::from_secs(5), || async {
+        Ok((n.metric("notifier_emails_sent_total").await? == 3.0).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        committed_offset(&group, &topic, last.0)?,
+        None,
+        "nothing committed yet"
+    );
+    n.stop().await?;
+    assert_eq!(committed_offset(&group, &topic, last.0)?, Some(last.1 + 1));
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! Command-line and environment configuration (`order-api --help`).
+//!
+//! Every option is a flag with an environment variable and a default. The
+//! database URL may hold a password: it is hidden from `--help` and `Debug`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The order service: creates orders and changes their status, writing each
+/// change and its outbox event in one Postgres transaction.
+#[derive(Parser, Clone)]
+#[command(name = "order-api", version, about, long_about = None)]
+pub struct Config {
+    /// HTTP listen address.
+    #[arg(long, env = "ORDER_API_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Postgres URL (postgres://user:pass@host:port/db).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Most connections the pool opens to Postgres.
+    #[arg(long, env = "ORDER_API_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: usize,
+
+    /// Longest wait for a free pooled connection, and for a new one to be
+    /// opened; past it the request is answered 503 with Retry-After.
+    #[arg(long, env = "ORDER_API_POOL_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub pool_timeout: Duration,
+
+    /// Longest time a request may take; past it the answer is 503 and the
+    /// transaction is rolled back.
+    #[arg(long, env = "ORDER_API_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Largest request body accepted, in bytes; larger bodies are answered 413.
+    #[arg(long, env = "ORDER_API_BODY_LIMIT", default_value_t = 64 * 1024)]
+    pub body_limit: usize,
+
+    /// How long an Idempotency-Key is remembered (e.g. 24h, 90m, 30s).
+    #[arg(long, env = "ORDER_API_IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_ttl: Duration,
+
+    /// On shutdown, how long in-flight requests may take to finish.
+    #[arg(long, env = "ORDER_API_SHUTDOWN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "ORDER_API_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The database URL may hold a password.
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("pool_size", &self.pool_size)
+            .field("pool_timeout", &self.pool_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("body_limit", &self.body_limit)
+            .field("idempotency_ttl", &self.idempotency_ttl)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// The defaults, for `database_url` (what tests and benchmarks start from).
+    pub fn for_database(database_url: &str) -> Config {
+        let mut cfg = Config::parse_from(["order-api", "--database-url", database_url]);
+        // Whatever the environment says, the URL given here wins.
+        cfg.database_url = database_url.to_owned();
+        cfg
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m`, `24h` (a bare number means seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 5s, 2m, 24h"))?;
+    let secs = |mult: u64| {
+        n.checked_mul(mult)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("duration {s:?} is too long"))
+    };
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        _ => Err(format!(
+            "invalid duration {s:?}: unit must be ms, s, m or h"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let cfg = Config::try_parse_from(["order-api", "--database-url", "postgres://x@h/db"])
+            .expect("parses");
+        assert_eq!(cfg.listen, "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(cfg.idempotency_ttl, Duration::from_secs(86400));
+        assert_eq!(cfg.body_limit, 65536);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let cfg =
+            Config::try_parse_from(["order-api", "--database-url", "postgres://u:hunter2@h/db"])
+                .expect("parses");
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+}
