@@ -104,6 +104,18 @@ pub struct Config {
     #[arg(long, env = "RELAY_DELIVERY", value_enum, default_value_t = Delivery::ExactlyOnce)]
     pub delivery: Delivery,
 
+    /// While another relay streams the slot, how often this one (a standby)
+    /// tries to take it over.
+    #[arg(long, env = "RELAY_STANDBY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub standby_poll_interval: Duration,
+
+    /// Zombie safety: with no message from Postgres for this long, stop
+    /// producing and drop what is queued, before Postgres (after its
+    /// wal_sender_timeout, 60s by default) lets another relay take the
+    /// slot. Must exceed --heartbeat-interval; 0 disables.
+    #[arg(long, env = "RELAY_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub lease: Duration,
+
     /// How often to write a heartbeat (a logical decoding message) so the
     /// slot advances while the outbox is idle; 0 disables.
     #[arg(long, env = "RELAY_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]

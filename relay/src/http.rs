@@ -24,6 +24,8 @@ pub enum RelayState {
     Connecting,
     Streaming,
     Reconnecting,
+    /// Another relay streams the slot; this one takes over when it is free.
+    Standby,
     Stopping,
     Failed,
 }
@@ -34,6 +36,9 @@ pub struct Status {
     pub slot: String,
     pub publication: String,
     pub state: RelayState,
+    /// `active` while this relay streams the slot, `standby` while another
+    /// one does, `none` otherwise (connecting, reconnecting, stopped).
+    pub role: &'static str,
     /// Newest WAL position received from the server.
     #[serde(serialize_with = "as_text")]
     pub received_lsn: Lsn,
@@ -75,6 +80,7 @@ impl Shared {
                 slot: slot.to_owned(),
                 publication: publication.to_owned(),
                 state: RelayState::Starting,
+                role: "none",
                 received_lsn: Lsn::ZERO,
                 confirmed_lsn: Lsn::ZERO,
                 lag_bytes: 0,
@@ -94,6 +100,11 @@ impl Shared {
     pub fn update(&self, f: impl FnOnce(&mut Status)) {
         let mut guard = self.status.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard);
+        guard.role = match guard.state {
+            RelayState::Streaming => "active",
+            RelayState::Standby => "standby",
+            _ => "none",
+        };
     }
 
     /// The address the HTTP server is bound to, once it is.

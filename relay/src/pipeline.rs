@@ -46,7 +46,8 @@ use crate::lsn::Lsn;
 use crate::metrics::TopicLabel;
 use crate::pgoutput::{self, LogicalMessage, RelationCache};
 use crate::replication::{
-    self, ConnectParams, ReplicationConnection, ReplicationMessage, ReplicationStream,
+    self, ConnectParams, ReplicationConnection, ReplicationError, ReplicationMessage,
+    ReplicationStream,
 };
 use crate::sink::{self, DeliveryReport, KafkaConfig, KafkaSink, SendError, Sink};
 use crate::sql;
@@ -77,6 +78,8 @@ pub enum RelayError {
     ProducerFatal(String),
     #[error("unexpected replication stream: {0}")]
     Protocol(String),
+    #[error("no message from Postgres for {0:?} (--lease): stopped producing and dropped the queue, so that a relay taking over the slot cannot be overtaken by this one")]
+    LeaseExpired(Duration),
     #[error("sql connection")]
     Sql(#[from] tokio_postgres::Error),
     #[error("cannot listen for HTTP on {addr}")]
@@ -95,7 +98,10 @@ impl RelayError {
             RelayError::Replication(e) => e.is_transient(),
             RelayError::Sink(e) => e.is_transient(),
             RelayError::Dedupe(e) => e.is_transient(),
-            RelayError::Delivery(_) | RelayError::ProducerFatal(_) | RelayError::Sql(_) => true,
+            RelayError::Delivery(_)
+            | RelayError::ProducerFatal(_)
+            | RelayError::LeaseExpired(_)
+            | RelayError::Sql(_) => true,
             RelayError::Decode(_)
             | RelayError::Event(_)
             | RelayError::DeliveryPermanent(_)
@@ -154,6 +160,12 @@ pub async fn run_with(
         shared.clone(),
         shutdown.child_token(),
     ));
+    if !cfg.lease.is_zero()
+        && (cfg.heartbeat_interval.is_zero() || cfg.heartbeat_interval >= cfg.lease)
+    {
+        tracing::warn!(lease = ?cfg.lease, heartbeat_interval = ?cfg.heartbeat_interval,
+            "--lease is off: it needs heartbeats more frequent than the lease");
+    }
     let heartbeat = match ConnectParams::from_url(&cfg.database_url) {
         Ok(params) if !cfg.heartbeat_interval.is_zero() => Some(tokio::spawn(heartbeat::run(
             params,
@@ -198,7 +210,11 @@ async fn supervise(
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        shared.update(|s| s.state = RelayState::Connecting);
+        shared.update(|s| {
+            if s.state != RelayState::Standby {
+                s.state = RelayState::Connecting;
+            }
+        });
         let started = Instant::now();
         let mut session = Session {
             cfg,
@@ -212,8 +228,29 @@ async fn supervise(
         shared.metrics.connected.set(0);
         match result {
             Ok(()) => return Ok(()),
+            Err(RelayError::Replication(ReplicationError::SlotBusy { error, .. })) => {
+                // Another relay streams the slot: stand by and poll, so the
+                // slot is taken over moments after it is released.
+                if shared.snapshot().state != RelayState::Standby {
+                    tracing::info!(slot = %cfg.slot, reason = %error, poll_ms = cfg.standby_poll_interval.as_millis() as u64,
+                        "standby: another relay streams the slot");
+                }
+                attempt = 0;
+                shared.update(|s| {
+                    s.state = RelayState::Standby;
+                    s.last_error = None;
+                });
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(cfg.standby_poll_interval) => {}
+                }
+            }
             Err(e) if e.is_transient() => {
-                if matches!(e, RelayError::ProducerFatal(_)) {
+                if matches!(
+                    e,
+                    RelayError::ProducerFatal(_) | RelayError::LeaseExpired(_)
+                ) {
+                    // A new producer: the old one's queue was purged.
                     sink = None;
                 }
                 if started.elapsed() > Duration::from_secs(30) {
@@ -265,6 +302,13 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
+    /// The lease, when it can work: heartbeats guarantee a message from the
+    /// server more often than it expires, even while the outbox is idle.
+    fn lease(&self) -> Option<Duration> {
+        let (lease, heartbeat) = (self.cfg.lease, self.cfg.heartbeat_interval);
+        (!lease.is_zero() && !heartbeat.is_zero() && heartbeat < lease).then_some(lease)
+    }
+
     fn exactly_once(&self) -> bool {
         self.cfg.delivery == Delivery::ExactlyOnce
     }
@@ -301,6 +345,12 @@ impl Session<'_> {
             *sink_slot = Some(KafkaSink::new(self.kafka_cfg)?);
         }
         let sink = sink_slot.as_mut().expect("set just above");
+
+        // Fails with SlotBusy while another relay streams the slot (this one
+        // is then a standby, see `supervise`).
+        let mut stream = conn
+            .start_replication(&cfg.slot, Lsn::ZERO, &cfg.publication)
+            .await?;
         // What a previous session left in flight lands (or fails) before
         // the partitions' ends are read, or it could be written twice.
         while sink.in_flight() > 0 {
@@ -322,9 +372,6 @@ impl Session<'_> {
             topics.insert(topic, state);
         }
 
-        let mut stream = conn
-            .start_replication(&cfg.slot, Lsn::ZERO, &cfg.publication)
-            .await?;
         self.shared.metrics.connected.set(1);
         self.shared.update(|s| {
             s.state = RelayState::Streaming;
@@ -339,6 +386,7 @@ impl Session<'_> {
             topics,
             last_sent: slot_confirmed,
             confirm_armed: false,
+            last_contact: Instant::now(),
             received: slot_confirmed,
         };
         let result = self.stream_loop(&mut stream, sink, &mut state).await;
@@ -404,10 +452,20 @@ impl Session<'_> {
                     self.confirm_if_moved(stream, st, false).await?;
                 }
                 _ = ticker.tick() => {
+                    if let Some(lease) = self.lease() {
+                        if st.last_contact.elapsed() > lease {
+                            // Possibly cut off from Postgres while Kafka still
+                            // listens: stop writing before another relay can
+                            // take the slot (see --lease).
+                            sink.purge();
+                            return Err(RelayError::LeaseExpired(lease));
+                        }
+                    }
                     self.confirm_if_moved(stream, st, true).await?;
                     self.publish_status(sink, st);
                 }
                 msg = stream.recv(), if st.held.is_empty() => {
+                    st.last_contact = Instant::now();
                     match msg? {
                         ReplicationMessage::XLogData { wal_end, data, .. } => {
                             st.received = st.received.max(wal_end);
@@ -600,6 +658,8 @@ struct StreamState {
     last_sent: Lsn,
     /// A status update is due within CONFIRM_DELAY.
     confirm_armed: bool,
+    /// When the server last sent anything (for the lease).
+    last_contact: Instant,
     received: Lsn,
 }
 

@@ -11,113 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    current_wal_lsn, event_id, http_get, insert_batch, insert_event, lsn_seq, outbox_ids,
-    read_until_all, relay_args, relay_config, slot_confirmed, start,
+    assert_commit_order, current_wal_lsn, event_id, insert_batch, insert_event, outbox_ids,
+    read_until_all, relay_args, relay_config, slot_confirmed, spawn_writer, start, RelayProcess,
 };
 use devstack::cluster::PgCluster;
-use devstack::kafka::Record;
 use devstack::testing::{create_topic, kafka_bootstrap, wait_for, TestDb};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use relay::lsn::Lsn;
-use tokio::task::JoinHandle;
-
-/// Writes transactions of 1..=10 rows until `stop` is set, reconnecting when
-/// the server goes away. Returns how many statements committed.
-fn spawn_writer(url: String, stop: Arc<AtomicBool>) -> JoinHandle<anyhow::Result<usize>> {
-    tokio::spawn(async move {
-        let mut committed = 0usize;
-        let mut n = 0i32;
-        'connect: while !stop.load(Ordering::Relaxed) {
-            let Ok(client) = devstack::testing::connect(&url).await else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
-            while !stop.load(Ordering::Relaxed) {
-                n = n % 10 + 1;
-                match insert_batch(&client, i64::from(n) * 10, n).await {
-                    Ok(_) => committed += 1,
-                    // The server went away mid-statement: whether that one
-                    // committed is unknown; the table says, later.
-                    Err(_) => continue 'connect,
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
-        Ok(committed)
-    })
-}
-
-/// Per partition, positions strictly increase: commit order, statement
-/// order, and (exactly-once) no replayed stretch.
-fn assert_commit_order(records: &[Record]) {
-    let mut last: std::collections::HashMap<i32, (Lsn, u64)> = Default::default();
-    for r in records {
-        let pos = lsn_seq(r);
-        if let Some(prev) = last.insert(r.partition, pos) {
-            assert!(
-                prev < pos,
-                "partition {} out of order: {prev:?} then {pos:?}",
-                r.partition
-            );
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// The relay binary as a child process, killable with SIGKILL.
-struct RelayProcess {
-    child: tokio::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-impl RelayProcess {
-    async fn spawn(args: &[String]) -> anyhow::Result<RelayProcess> {
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let mut args = args[1..].to_vec();
-        let listen = args.iter().position(|a| a == "--listen").expect("--listen") + 1;
-        args[listen] = addr.to_string();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-            .args(&args)
-            .env("RUST_LOG", "relay=info")
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut p = RelayProcess { child, addr };
-        p.wait_streaming().await?;
-        Ok(p)
-    }
-
-    async fn wait_streaming(&mut self) -> anyhow::Result<()> {
-        let addr = self.addr;
-        let child = &mut self.child;
-        wait_for(
-            "the relay process to stream",
-            Duration::from_secs(30),
-            || {
-                let exited = child.try_wait().ok().flatten();
-                async move {
-                    anyhow::ensure!(exited.is_none(), "relay exited: {exited:?}");
-                    let body = http_get(addr, "/status").await.unwrap_or_default();
-                    Ok(body.contains("\"state\":\"streaming\"").then_some(()))
-                }
-            },
-        )
-        .await
-    }
-
-    /// SIGKILL: no flush, no final confirmation.
-    async fn kill_9(mut self) -> anyhow::Result<()> {
-        self.child.start_kill()?;
-        self.child.wait().await?;
-        Ok(())
-    }
-}
 
 #[tokio::test]
 async fn kill_9_mid_stream_then_restart_loses_and_duplicates_nothing() -> anyhow::Result<()> {
