@@ -8,7 +8,8 @@
 //! - [`testing`]: per-test isolation — a fresh database cloned from a
 //!   migrated template, a unique slot name and a unique topic;
 //! - [`cluster`]: a private Postgres cluster for tests that crash or restart
-//!   the server.
+//!   the server; [`tansu`]: a private broker to freeze; [`proxy`]: a TCP
+//!   proxy to cut connections.
 //!
 //! This is a development and test-support crate, not part of the product's
 //! runtime; its errors are `anyhow` for that reason.
@@ -16,4 +17,6 @@
 pub mod cluster;
 pub mod kafka;
 pub mod migrations;
+pub mod proxy;
+pub mod tansu;
 pub mod testing;

@@ -463,7 +463,12 @@ async fn a_permanent_smtp_rejection_goes_to_the_dlq() -> anyhow::Result<()> {
             &status_payload(41, "gone@example.test", "CREATED", "PAID"),
         )
         .await?;
-    let dlq = TopicReader::new(&kafka_bootstrap(), &format!("{topic}.dlq"), true)?;
+    // The notifier creates the DLQ topic as it starts, which may still be
+    // under way.
+    let dlq = wait_for("the DLQ topic", Duration::from_secs(30), || async {
+        Ok(TopicReader::new(&kafka_bootstrap(), &format!("{topic}.dlq"), true).ok())
+    })
+    .await?;
     let dead = dlq
         .read_at_least(2, Duration::from_secs(20), Duration::from_millis(500))
         .await?;

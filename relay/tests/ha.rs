@@ -6,17 +6,15 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
     assert_commit_order, event_id, http_get, insert_event, outbox_ids, read_until_all, relay_args,
     relay_config, spawn_writer, start, RelayProcess,
 };
+use devstack::proxy::Proxy;
 use devstack::testing::{create_topic, kafka_bootstrap, url_for_database, wait_for, TestDb};
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 
 #[tokio::test]
 async fn a_standby_takes_over_within_seconds_when_the_active_relay_dies() -> anyhow::Result<()> {
@@ -70,86 +68,6 @@ async fn a_standby_takes_over_within_seconds_when_the_active_relay_dies() -> any
     assert_commit_order(&records);
     println!("takeover after kill -9: {took:?}");
     standby.kill_9().await
-}
-
-/// A TCP proxy the test can freeze (stop forwarding, keep connections open,
-/// as a network partition does) and then cut (close what it holds).
-struct Proxy {
-    addr: std::net::SocketAddr,
-    frozen: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(upstream: std::net::SocketAddr) -> anyhow::Result<Proxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let frozen = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (f, cs) = (frozen.clone(), conns.clone());
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                if f.load(Ordering::Relaxed) {
-                    continue; // dropped: a partition refuses new connections too
-                }
-                let f = f.clone();
-                let task = tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    let (cr, cw) = client.into_split();
-                    let (sr, sw) = server.into_split();
-                    let a = tokio::spawn(pump(cr, sw, f.clone()));
-                    let b = tokio::spawn(pump(sr, cw, f));
-                    let _ = tokio::join!(a, b);
-                });
-                cs.lock().unwrap().push(task);
-            }
-        });
-        Ok(Proxy {
-            addr,
-            frozen,
-            conns,
-        })
-    }
-
-    fn freeze(&self) {
-        self.frozen.store(true, Ordering::Relaxed);
-    }
-
-    /// Ends the partition: closes every connection it held, accepts again.
-    fn heal(&self) {
-        for c in self.conns.lock().unwrap().drain(..) {
-            c.abort();
-        }
-        self.frozen.store(false, Ordering::Relaxed);
-    }
-}
-
-/// Copies until EOF; while frozen, reads nothing (the peer's data waits in
-/// its socket buffers, as on a dead link).
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    frozen: Arc<AtomicBool>,
-) {
-    use tokio::io::AsyncReadExt;
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        while frozen.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        while frozen.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
 }
 
 #[tokio::test]
