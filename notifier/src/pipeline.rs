@@ -455,10 +455,12 @@ async fn consume(
             ));
             Worker { tx, queue, task }
         });
+        // Counted before it is sent: the worker may take it (and count it
+        // out) before send returns.
+        worker.queue.pushed(&consumer);
         if worker.tx.send(Work { msg, generation }).is_err() {
             break Err(NotifierError::Worker { partition });
         }
-        worker.queue.pushed(&consumer);
     };
 
     stop.cancel();
