@@ -174,7 +174,16 @@ async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyh
     // happened often enough.
     let mut counts: BTreeMap<Fault, usize> = BTreeMap::new();
     let started = Instant::now();
+    let mut last_progress = Instant::now();
     loop {
+        if last_progress.elapsed() >= Duration::from_secs(60) {
+            last_progress = Instant::now();
+            println!(
+                "chaos: {:.0} s, {} rows committed, faults {counts:?}",
+                started.elapsed().as_secs_f64(),
+                committed_rows.load(Ordering::Relaxed)
+            );
+        }
         let enough = FAULTS
             .iter()
             .all(|f| counts.get(f).copied().unwrap_or(0) >= per_kind);
