@@ -90,8 +90,27 @@ pub struct TopicReader {
 impl TopicReader {
     /// Assigns all partitions of `topic`, from the beginning or the end.
     pub fn new(bootstrap: &str, topic: &str, from_beginning: bool) -> anyhow::Result<TopicReader> {
+        Self::with_isolation(bootstrap, topic, from_beginning, false)
+    }
+
+    /// Like [`TopicReader::new`]; `read_committed` hides records of open or
+    /// aborted Kafka transactions.
+    pub fn with_isolation(
+        bootstrap: &str,
+        topic: &str,
+        from_beginning: bool,
+        read_committed: bool,
+    ) -> anyhow::Result<TopicReader> {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
+            .set(
+                "isolation.level",
+                if read_committed {
+                    "read_committed"
+                } else {
+                    "read_uncommitted"
+                },
+            )
             .set(
                 "group.id",
                 format!("devstack-reader-{}", std::process::id()),

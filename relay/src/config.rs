@@ -104,6 +104,23 @@ pub struct Config {
     #[arg(long, env = "RELAY_DELIVERY", value_enum, default_value_t = Delivery::ExactlyOnce)]
     pub delivery: Delivery,
 
+    /// Produce whole Postgres transactions inside Kafka transactions
+    /// (real Kafka clusters; not Tansu 0.6.0): read_committed consumers never
+    /// see part of one, and transactional.id `outbox-relay.<slot>` fences an
+    /// older relay on the same slot.
+    #[arg(long, env = "RELAY_KAFKA_TRANSACTIONS")]
+    pub kafka_transactions: bool,
+
+    /// With --kafka-transactions: commit the Kafka transaction once it holds
+    /// this many records (at the next Postgres commit).
+    #[arg(long, env = "RELAY_TRANSACTION_MAX_RECORDS", default_value_t = 10_000)]
+    pub transaction_max_records: usize,
+
+    /// With --kafka-transactions: commit the Kafka transaction at most this
+    /// long after it began (at a Postgres transaction boundary).
+    #[arg(long, env = "RELAY_TRANSACTION_MAX_DURATION", default_value = "100ms", value_parser = parse_duration)]
+    pub transaction_max_duration: Duration,
+
     /// While another relay streams the slot, how often this one (a standby)
     /// tries to take it over.
     #[arg(long, env = "RELAY_STANDBY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
@@ -228,6 +245,9 @@ impl Config {
             partitions: self.partitions,
             replication: self.replication_factor,
             max_in_flight_bytes: self.max_in_flight_bytes,
+            transactional_id: self
+                .kafka_transactions
+                .then(|| format!("outbox-relay.{}", self.slot)),
         }
     }
 }

@@ -17,9 +17,14 @@
 //! 3. the confirmation timer — once the confirmable position moved, a standby
 //!    status update goes out within [`CONFIRM_DELAY`] (coalescing the acks
 //!    of a burst into one update instead of one per transaction);
-//! 4. the status timer — a standby status update every `--status-interval`,
-//!    so the server never times the relay out, even when idle;
-//! 5. new WAL — read only while the sink accepts records (backpressure: a
+//! 4. with `--kafka-transactions`, the batch timer — commit the open Kafka
+//!    transaction once it is `--transaction-max-duration` old and no
+//!    Postgres transaction is half-received (records then count toward
+//!    confirmation only at that commit, not at their acks);
+//! 5. the status timer — a standby status update every `--status-interval`,
+//!    so the server never times the relay out, even when idle (and the
+//!    `--lease` check);
+//! 6. new WAL — read only while the sink accepts records (backpressure: a
 //!    record refused with `Full` is held and retried after the next ack).
 //!
 //! Records are produced as their Insert messages arrive (their headers come
@@ -78,6 +83,8 @@ pub enum RelayError {
     ProducerFatal(String),
     #[error("unexpected replication stream: {0}")]
     Protocol(String),
+    #[error("kafka transaction failed; replaying from the confirmed position")]
+    KafkaTransaction(#[source] KafkaError),
     #[error("no message from Postgres for {0:?} (--lease): stopped producing and dropped the queue, so that a relay taking over the slot cannot be overtaken by this one")]
     LeaseExpired(Duration),
     #[error("sql connection")]
@@ -101,6 +108,7 @@ impl RelayError {
             RelayError::Delivery(_)
             | RelayError::ProducerFatal(_)
             | RelayError::LeaseExpired(_)
+            | RelayError::KafkaTransaction(_)
             | RelayError::Sql(_) => true,
             RelayError::Decode(_)
             | RelayError::Event(_)
@@ -285,6 +293,33 @@ fn backoff(attempt: u32, max: Duration) -> Duration {
     capped.mul_f64(jitter)
 }
 
+/// The open Kafka transaction (--kafka-transactions): when it began, how
+/// many records it holds, and how many of them each Postgres transaction has.
+struct KafkaBatch {
+    started: Instant,
+    records: usize,
+    txns: Vec<(TxnId, u64)>,
+}
+
+impl KafkaBatch {
+    fn add(&mut self, txn: TxnId) {
+        self.records += 1;
+        match self.txns.last_mut() {
+            Some((last, n)) if *last == txn => *n += 1,
+            _ => self.txns.push((txn, 1)),
+        }
+    }
+}
+
+/// A fenced or otherwise fatal producer is replaced; the rest is retried by
+/// replaying from the confirmed position.
+fn txn_error(e: KafkaError) -> RelayError {
+    match &e {
+        KafkaError::Transaction(t) if t.is_fatal() => RelayError::ProducerFatal(e.to_string()),
+        _ => RelayError::KafkaTransaction(e),
+    }
+}
+
 /// The transaction being received (between Begin and Commit).
 struct OpenTxn {
     id: TxnId,
@@ -307,6 +342,53 @@ impl Session<'_> {
     fn lease(&self) -> Option<Duration> {
         let (lease, heartbeat) = (self.cfg.lease, self.cfg.heartbeat_interval);
         (!lease.is_zero() && !heartbeat.is_zero() && heartbeat < lease).then_some(lease)
+    }
+
+    fn transactional(&self) -> bool {
+        self.kafka_cfg.transactional_id.is_some()
+    }
+
+    /// Commits the open Kafka transaction (at a Postgres transaction
+    /// boundary): first hands it every held record, then commits; only then
+    /// do its records count toward confirmation.
+    async fn commit_batch(
+        &mut self,
+        sink: &mut KafkaSink,
+        st: &mut StreamState,
+    ) -> Result<(), RelayError> {
+        while !st.held.is_empty() {
+            let Some(report) = sink.next_report().await else {
+                return Err(RelayError::ProducerFatal("delivery reports ended".into()));
+            };
+            apply_report(self.shared, &mut st.cp, report, false)?;
+            self.send_held(sink, st)?;
+        }
+        let Some(batch) = st.kbatch.take() else {
+            return Ok(());
+        };
+        let mut attempt = 0;
+        loop {
+            match sink.commit_transaction().await {
+                Ok(()) => break,
+                Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < 3 => attempt += 1,
+                Err(e) => {
+                    self.shared.metrics.produce_errors.inc();
+                    let abortable =
+                        matches!(&e, KafkaError::Transaction(t) if t.txn_requires_abort());
+                    if abortable {
+                        tracing::warn!(error = %e, "kafka transaction must be aborted; replaying it");
+                        let _ = sink.abort_transaction().await;
+                    }
+                    return Err(txn_error(e));
+                }
+            }
+        }
+        for (id, n) in batch.txns {
+            for _ in 0..n {
+                st.cp.acked(id);
+            }
+        }
+        Ok(())
     }
 
     fn exactly_once(&self) -> bool {
@@ -351,6 +433,17 @@ impl Session<'_> {
         let mut stream = conn
             .start_replication(&cfg.slot, Lsn::ZERO, &cfg.publication)
             .await?;
+        if self.transactional() {
+            // A transaction a failed session left open is aborted (its
+            // records are replayed); the first session fences older
+            // producers with the same transactional.id.
+            if sink.txn_open {
+                sink.abort_transaction().await.map_err(txn_error)?;
+            }
+            if !sink.txn_ready {
+                sink.init_transactions().await.map_err(txn_error)?;
+            }
+        }
         // What a previous session left in flight lands (or fails) before
         // the partitions' ends are read, or it could be written twice.
         while sink.in_flight() > 0 {
@@ -387,6 +480,7 @@ impl Session<'_> {
             last_sent: slot_confirmed,
             confirm_armed: false,
             last_contact: Instant::now(),
+            kbatch: None,
             received: slot_confirmed,
         };
         let result = self.stream_loop(&mut stream, sink, &mut state).await;
@@ -395,11 +489,22 @@ impl Session<'_> {
             Ok(()) => {
                 // Graceful stop: wait (bounded) for acks, confirm them, close.
                 self.shared.update(|s| s.state = RelayState::Stopping);
+                if state.kbatch.is_some() {
+                    // Whole Postgres transactions only: commit at a boundary,
+                    // else abort (the open one is replayed on restart).
+                    let committed =
+                        state.open.is_none() && self.commit_batch(sink, &mut state).await.is_ok();
+                    if !committed && sink.txn_open {
+                        let _ = sink.abort_transaction().await;
+                    }
+                    state.kbatch = None;
+                }
                 let shared = self.shared.clone();
                 let cp = &mut state.cp;
+                let ack = !self.transactional();
                 let drained = sink
                     .drain(cfg.shutdown_timeout, |r| {
-                        let _ = apply_report(&shared, cp, r);
+                        let _ = apply_report(&shared, cp, r, ack);
                     })
                     .await;
                 if !drained {
@@ -431,7 +536,23 @@ impl Session<'_> {
         // Armed (st.confirm_armed) when the confirmable position moved.
         let confirm_timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(confirm_timer);
+        // With --kafka-transactions: commits a Kafka transaction that reached
+        // its age while no Postgres transaction is half-received.
+        let batch_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(batch_timer);
+        let mut batch_armed = false;
         loop {
+            match &st.kbatch {
+                Some(b) if !batch_armed => {
+                    batch_armed = true;
+                    batch_timer.as_mut().reset(
+                        tokio::time::Instant::from_std(b.started)
+                            + self.cfg.transaction_max_duration,
+                    );
+                }
+                None => batch_armed = false,
+                Some(_) => {}
+            }
             if !st.confirm_armed && st.cp.confirmed() > st.last_sent {
                 st.confirm_armed = true;
                 confirm_timer
@@ -445,11 +566,14 @@ impl Session<'_> {
                     let Some(report) = report else {
                         return Err(RelayError::ProducerFatal("delivery reports ended".into()));
                     };
-                    apply_report(self.shared, &mut st.cp, report)?;
+                    apply_report(self.shared, &mut st.cp, report, !self.transactional())?;
                     self.send_held(sink, st)?;
                 }
                 _ = &mut confirm_timer, if st.confirm_armed => {
                     self.confirm_if_moved(stream, st, false).await?;
+                }
+                _ = &mut batch_timer, if batch_armed && st.open.is_none() => {
+                    self.commit_batch(sink, st).await?;
                 }
                 _ = ticker.tick() => {
                     if let Some(lease) = self.lease() {
@@ -520,6 +644,13 @@ impl Session<'_> {
                     self.shared.metrics.transactions.inc();
                 }
                 st.cp.commit(txn.id, c.end_lsn);
+                if let Some(b) = &st.kbatch {
+                    if b.records >= self.cfg.transaction_max_records
+                        || b.started.elapsed() >= self.cfg.transaction_max_duration
+                    {
+                        self.commit_batch(sink, st).await?;
+                    }
+                }
             }
             LogicalMessage::Relation(rel) => {
                 if self.event_cfg.is_outbox(&rel) {
@@ -574,6 +705,19 @@ impl Session<'_> {
                 if self.exactly_once() && topic.holds(partition, position) {
                     self.shared.metrics.duplicates_skipped.inc();
                     return Ok(());
+                }
+                if self.transactional() {
+                    if st.kbatch.is_none() {
+                        sink.begin_transaction().map_err(txn_error)?;
+                        st.kbatch = Some(KafkaBatch {
+                            started: Instant::now(),
+                            records: 0,
+                            txns: Vec::new(),
+                        });
+                    }
+                    if let Some(b) = st.kbatch.as_mut() {
+                        b.add(id);
+                    }
                 }
                 st.cp.record_sent(id);
                 st.held.push_back((record, id));
@@ -660,13 +804,18 @@ struct StreamState {
     confirm_armed: bool,
     /// When the server last sent anything (for the lease).
     last_contact: Instant,
+    /// With --kafka-transactions: the open Kafka transaction.
+    kbatch: Option<KafkaBatch>,
     received: Lsn,
 }
 
+/// Applies a delivery report. `ack`: a delivered record counts toward
+/// confirmation (false with Kafka transactions, where only the commit does).
 fn apply_report(
     shared: &Shared,
     cp: &mut Checkpoint,
     report: DeliveryReport,
+    ack: bool,
 ) -> Result<(), RelayError> {
     match report {
         DeliveryReport::Delivered { txn, topic, .. } => {
@@ -684,7 +833,9 @@ fn apply_report(
                     .commit_to_ack_seconds
                     .observe(age.max(0) as f64 / 1e6);
             }
-            cp.acked(txn);
+            if ack {
+                cp.acked(txn);
+            }
             Ok(())
         }
         DeliveryReport::Failed { error, .. } => {

@@ -90,6 +90,9 @@ pub struct KafkaConfig {
     pub replication: i32,
     /// Upper bound on bytes accepted and not yet acknowledged.
     pub max_in_flight_bytes: usize,
+    /// `transactional.id` when records go in Kafka transactions
+    /// (`--kafka-transactions`).
+    pub transactional_id: Option<String>,
 }
 
 impl KafkaConfig {
@@ -106,12 +109,23 @@ impl KafkaConfig {
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &self.bootstrap_servers)
             .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("enable.gapless.guarantee", "true")
-            // Never give up on a record: with idempotence, librdkafka keeps
-            // retrying in order until the broker takes it.
-            .set("message.timeout.ms", "0")
-            .set("linger.ms", "2")
+            .set("acks", "all");
+        match &self.transactional_id {
+            None => {
+                cfg.set("enable.gapless.guarantee", "true")
+                    // Never give up on a record: with idempotence, librdkafka
+                    // keeps retrying in order until the broker takes it.
+                    .set("message.timeout.ms", "0");
+            }
+            Some(id) => {
+                // A record not delivered within the transaction's lifetime
+                // makes the transaction abortable; it is then replayed.
+                cfg.set("transactional.id", id)
+                    .set("transaction.timeout.ms", "60000")
+                    .set("message.timeout.ms", "60000");
+            }
+        }
+        cfg.set("linger.ms", "2")
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576");
         for (k, v) in &self.properties {
@@ -120,6 +134,9 @@ impl KafkaConfig {
         cfg
     }
 }
+
+/// Bound on each blocking transactional call.
+const TXN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Per-record delivery tag carried through librdkafka as the opaque.
 struct Tag {
@@ -194,7 +211,10 @@ impl SinkError {
 
 /// The rdkafka-backed sink.
 pub struct KafkaSink {
-    producer: ThreadedProducer<ReportingContext>,
+    producer: Arc<ThreadedProducer<ReportingContext>>,
+    /// Transactional mode: transactions initialised / one is open.
+    pub txn_ready: bool,
+    pub txn_open: bool,
     reports: mpsc::UnboundedReceiver<DeliveryReport>,
     in_flight: usize,
     in_flight_bytes: usize,
@@ -211,7 +231,9 @@ impl KafkaSink {
             .create_with_context(ReportingContext { reports: tx })
             .map_err(SinkError::Config)?;
         Ok(KafkaSink {
-            producer,
+            producer: Arc::new(producer),
+            txn_ready: false,
+            txn_open: false,
             reports: rx,
             in_flight: 0,
             in_flight_bytes: 0,
@@ -235,6 +257,47 @@ impl KafkaSink {
             }
         }
         self.in_flight == 0
+    }
+
+    /// Runs a blocking transactional call on the blocking pool.
+    async fn txn_call(
+        &self,
+        call: impl FnOnce(&ThreadedProducer<ReportingContext>) -> Result<(), KafkaError>
+            + Send
+            + 'static,
+    ) -> Result<(), KafkaError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || call(&producer))
+            .await
+            .unwrap_or(Err(KafkaError::Canceled))
+    }
+
+    /// `init_transactions`: fences any earlier producer with the same
+    /// `transactional.id` (another relay on this slot) and aborts what it
+    /// left open.
+    pub async fn init_transactions(&mut self) -> Result<(), KafkaError> {
+        self.txn_call(|p| p.init_transactions(TXN_TIMEOUT)).await?;
+        self.txn_ready = true;
+        Ok(())
+    }
+
+    pub fn begin_transaction(&mut self) -> Result<(), KafkaError> {
+        self.producer.begin_transaction()?;
+        self.txn_open = true;
+        Ok(())
+    }
+
+    /// Flushes and commits the open transaction.
+    pub async fn commit_transaction(&mut self) -> Result<(), KafkaError> {
+        self.txn_call(|p| p.commit_transaction(TXN_TIMEOUT)).await?;
+        self.txn_open = false;
+        Ok(())
+    }
+
+    pub async fn abort_transaction(&mut self) -> Result<(), KafkaError> {
+        self.txn_call(|p| p.abort_transaction(TXN_TIMEOUT)).await?;
+        self.txn_open = false;
+        Ok(())
     }
 
     /// Drops every queued record that was not sent yet (used when this
