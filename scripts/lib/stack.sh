@@ -116,7 +116,7 @@ wait_healthy() {
     log "$name healthy"
 }
 
-http_ok() { curl -fsS -o /dev/null --max-time 2 "$1"; }
+http_ok() { curl -fs -o /dev/null --max-time 2 "$1"; }
 
 # --- Postgres --------------------------------------------------------------
 
