@@ -25,6 +25,5 @@ pub mod inbox;
 pub mod mailer;
 pub mod metrics;
 pub mod pipeline;
-pub mod shutdown;
 
 pub use pipeline::{run, run_with, NotifierError};

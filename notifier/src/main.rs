@@ -25,7 +25,7 @@ fn main() -> std::process::ExitCode {
     };
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(notifier::shutdown::on_signal(shutdown.clone()));
+        tokio::spawn(lifecycle::on_signal(shutdown.clone()));
         match notifier::run(cfg, shutdown).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

@@ -11,7 +11,7 @@
 //!
 //! Modules: [`order`] (the domain: validation, status machine, event
 //! payloads), [`store`] (SQL), [`http`] (routes and middleware), [`error`]
-//! (problem+json), [`metrics`], [`config`], [`shutdown`].
+//! (problem+json), [`metrics`], [`config`]; the shutdown signal is `lifecycle::on_signal`.
 //!
 //! Tests and benchmarks drive [`bind`] + [`Server::serve`] (or [`run`])
 //! in-process.
@@ -21,7 +21,6 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod order;
-pub mod shutdown;
 pub mod store;
 
 use std::future::IntoFuture;

@@ -21,7 +21,6 @@ pub mod heartbeat;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
-pub mod shutdown;
 pub mod sink;
 pub mod slot_admin;
 pub mod sql;

@@ -31,7 +31,7 @@ fn main() -> std::process::ExitCode {
     }
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(relay::shutdown::on_signal(shutdown.clone()));
+        tokio::spawn(lifecycle::on_signal(shutdown.clone()));
         // On a worker thread, not block_on's: there the pipeline polls the
         // sockets it waits on itself instead of being woken across threads
         // for every message.

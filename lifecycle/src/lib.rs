@@ -1,4 +1,6 @@
-//! Shutdown: Ctrl-C or SIGTERM cancels one token that every task watches.
+//! What every binary of the project (relay, order-api, notifier) shares at
+//! run time: one shutdown signal, Ctrl-C or SIGTERM, fanned out over a
+//! cancellation token that every task owning state watches.
 
 use tokio_util::sync::CancellationToken;
 
