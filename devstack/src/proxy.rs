@@ -41,7 +41,7 @@ impl Proxy {
                     let b = tokio::spawn(pump(sr, cw, f));
                     let _ = tokio::join!(a, b);
                 });
-                cs.lock().unwrap().push(task);
+                cs.lock().unwrap_or_else(|p| p.into_inner()).push(task);
             }
         });
         Ok(Proxy {
@@ -57,7 +57,12 @@ impl Proxy {
 
     /// Ends the partition: closes every connection it held, accepts again.
     pub fn heal(&self) {
-        for c in self.conns.lock().unwrap().drain(..) {
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             c.abort();
         }
         self.frozen.store(false, Ordering::Relaxed);

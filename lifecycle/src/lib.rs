@@ -1,8 +1,45 @@
-//! What every binary of the project (relay, order-api, notifier) shares at
-//! run time: one shutdown signal, Ctrl-C or SIGTERM, fanned out over a
-//! cancellation token that every task owning state watches.
+//! What the project's binaries (relay, order-api, notifier) share at run
+//! time: one shutdown signal, Ctrl-C or SIGTERM, fanned out over a
+//! cancellation token that every task owning state watches; logging set up
+//! the same way (`RUST_LOG`, text or JSON); and durations on the command line.
+
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global tracing subscriber: filter from `RUST_LOG` (default
+/// `info`), human-readable text or one JSON object per line.
+pub fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m` (a bare number means seconds): the form of
+/// the relay's and the notifier's duration options.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 5s, 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => n
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("duration {s:?} is too long")),
+        _ => Err(format!("invalid duration {s:?}: unit must be ms, s or m")),
+    }
+}
 
 /// Waits for Ctrl-C or SIGTERM, then cancels `token`.
 pub async fn on_signal(token: CancellationToken) {

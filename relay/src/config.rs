@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+pub use lifecycle::parse_duration;
 
 use crate::event::{EventConfig, TopicRouting, ValueFormat};
 use crate::sink::KafkaConfig;
@@ -281,21 +282,6 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     };
     n.checked_mul(factor)
         .ok_or_else(|| format!("invalid size {s:?}: too large"))
-}
-
-/// Parses `250ms`, `5s`, `2m` (a bare number means seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 5s, 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("invalid duration {s:?}: unit must be ms, s or m")),
-    }
 }
 
 #[cfg(test)]

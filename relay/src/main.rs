@@ -3,7 +3,6 @@
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 use relay::config::{Command, Config, LogFormat, SlotAction};
 use relay::replication::ConnectParams;
@@ -11,14 +10,7 @@ use relay::slot_admin;
 
 fn main() -> std::process::ExitCode {
     let cfg = Config::parse();
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    match cfg.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-    }
+    lifecycle::init_logging(matches!(cfg.log_format, LogFormat::Json));
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
