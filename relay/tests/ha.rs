@@ -110,8 +110,10 @@ async fn the_lease_stops_a_relay_cut_off_from_postgres() -> anyhow::Result<()> {
     })
     .await?;
     let after = frozen_at.elapsed();
+    // The lease runs from the last message received, which can precede the
+    // freeze by up to one heartbeat interval (300 ms).
     assert!(
-        after >= Duration::from_secs(2),
+        after >= Duration::from_millis(1700),
         "not before the lease ({after:?})"
     );
     assert!(error.contains("stopped producing"), "{error}");
