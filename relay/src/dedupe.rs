@@ -34,7 +34,15 @@
 //! points inside a multi-record batch. Reading starts one record below the
 //! reported high watermark and continues until the partition stays quiet, so
 //! whatever the broker reports, the true last record is read (on a correct
-//! broker this reads exactly one record).
+//! broker this reads exactly one record). With `--kafka-transactions` on
+//! real Kafka the last offsets hold transaction markers, and aborted records
+//! may precede them; the reader is `read_committed`, so none of those is
+//! visible. When the end of a partition comes before any record, reading
+//! restarts further back ([`step_back`]: 64, 4096, … offsets from the end,
+//! down to the low watermark), so the last *committed* record is found; a
+//! partition with none is empty for this purpose. (librdkafka's mock cluster
+//! writes no markers and ignores the isolation level, so only the unit test
+//! of the step schedule runs here.)
 //!
 //! **Where the proof's assumptions break, the relay stops with a clear
 //! error instead of guessing** ([`DedupeError`]):
@@ -210,7 +218,9 @@ fn load_blocking(
         .set("group.id", "outbox-relay-dedupe")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
+        // End-of-partition events tell a tail with nothing visible (see
+        // `step_back`) from one that is slow to answer.
+        .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
         .create()
         .map_err(kafka)?;
@@ -232,37 +242,47 @@ fn load_blocking(
 
     // Start one record below each partition's reported end (see the module
     // docs for why the end itself is not trusted).
+    let mut tails: Vec<Option<Tail>> = vec![None; partitions as usize];
     let mut assignment = TopicPartitionList::new();
-    let mut pending = 0usize;
     for p in 0..partitions {
         let (low, high) = consumer
             .fetch_watermarks(topic, p, METADATA_TIMEOUT)
             .map_err(kafka)?;
         tracing::debug!(%topic, partition = p, low, high, "reported watermarks");
         if high > low {
+            let start = (high - 1).max(low);
             assignment
-                .add_partition_offset(topic, p, Offset::Offset((high - 1).max(low)))
+                .add_partition_offset(topic, p, Offset::Offset(start))
                 .map_err(kafka)?;
-            pending += 1;
+            tails[p as usize] = Some(Tail {
+                low,
+                high,
+                start,
+                newest: None,
+                empty: false,
+            });
         }
     }
-    if pending == 0 {
+    if assignment.count() == 0 {
         return Ok(TopicState { partitions, last });
     }
     consumer.assign(&assignment).map_err(kafka)?;
 
-    let started = std::time::Instant::now();
-    // Per partition: the offset and position (if it has one) of the newest
-    // record read so far.
-    let mut newest: Vec<Option<(i64, Option<Position>)>> = vec![None; partitions as usize];
+    let mut progress_at = std::time::Instant::now();
     let mut last_message_at: Option<std::time::Instant> = None;
     loop {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(msg)) => {
                 last_message_at = Some(std::time::Instant::now());
-                let idx = msg.partition() as usize;
+                progress_at = std::time::Instant::now();
+                let Some(tail) = tails
+                    .get_mut(msg.partition() as usize)
+                    .and_then(Option::as_mut)
+                else {
+                    continue;
+                };
                 let pos = position_of(&msg);
-                let before = newest.get(idx).copied().flatten().and_then(|(_, p)| p);
+                let before = tail.newest.and_then(|(_, p)| p);
                 if let (Some(at), Some(before)) = (pos, before) {
                     if at <= before {
                         return Err(DedupeError::OutOfOrder {
@@ -274,29 +294,51 @@ fn load_blocking(
                         });
                     }
                 }
-                if let Some(slot) = newest.get_mut(idx) {
-                    *slot = Some((msg.offset(), pos));
+                tail.newest = Some((msg.offset(), pos));
+            }
+            // The end came before any record: everything from `start` on is
+            // invisible to a read_committed reader (transaction markers,
+            // aborted records), so look further back.
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                let Some(tail) = tails.get_mut(p as usize).and_then(Option::as_mut) else {
+                    continue;
+                };
+                if tail.newest.is_some() || tail.empty {
+                    continue;
                 }
+                progress_at = std::time::Instant::now();
+                if tail.start <= tail.low {
+                    tail.empty = true;
+                    continue;
+                }
+                tail.start = step_back(tail.low, tail.high, tail.start);
+                tracing::debug!(%topic, partition = p, offset = tail.start, "nothing visible at the end; reading from further back");
+                consumer
+                    .seek(topic, p, Offset::Offset(tail.start), METADATA_TIMEOUT)
+                    .map_err(kafka)?;
             }
             Some(Err(e)) => return Err(kafka(e)),
             None => {}
         }
-        let done_reading = match last_message_at {
-            Some(t) => t.elapsed() >= QUIET,
-            None => started.elapsed() >= FIRST_RECORD_TIMEOUT,
-        };
-        if done_reading {
+        let resolved = tails
+            .iter()
+            .flatten()
+            .all(|t| t.newest.is_some() || t.empty);
+        let quiet = last_message_at.is_none_or(|t| t.elapsed() >= QUIET);
+        if (resolved && quiet) || progress_at.elapsed() >= FIRST_RECORD_TIMEOUT {
             break;
         }
     }
-    for elem in assignment.elements() {
-        let p = elem.partition();
-        match newest[p as usize] {
+    for (p, tail) in tails.iter().enumerate() {
+        let Some(tail) = tail else { continue };
+        let p = p as i32;
+        match tail.newest {
+            None if tail.empty => {}
             None => {
                 return Err(DedupeError::Unreadable {
                     topic: topic.to_owned(),
                     partition: p,
-                    waited: started.elapsed(),
+                    waited: FIRST_RECORD_TIMEOUT,
                 })
             }
             Some((offset, None)) => {
@@ -313,6 +355,27 @@ fn load_blocking(
         }
     }
     Ok(TopicState { partitions, last })
+}
+
+/// Reading state of one non-empty partition.
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    low: i64,
+    high: i64,
+    /// Where reading (re)started.
+    start: i64,
+    /// Offset and position of the newest record read.
+    newest: Option<(i64, Option<Position>)>,
+    /// Read from `low` to the end without a visible record.
+    empty: bool,
+}
+
+/// The next, earlier start when nothing was visible from `start` to the
+/// end: 64 times as far from the end, at most back to `low`
+/// (`high - 1`, `high - 64`, `high - 4096`, …).
+fn step_back(low: i64, high: i64, start: i64) -> i64 {
+    let distance = (high - start).max(1);
+    high.saturating_sub(distance.saturating_mul(64)).max(low)
 }
 
 /// The `(lsn, seq)` headers of a record the relay wrote.
@@ -369,6 +432,20 @@ mod tests {
             }
         }
         assert_eq!(partition_for(b"x", 0), 0, "no partitions is treated as one");
+    }
+
+    #[test]
+    fn step_back_widens_geometrically_down_to_low() {
+        let mut start = 999;
+        let mut starts = Vec::new();
+        while start > 10 {
+            start = step_back(10, 1000, start);
+            starts.push(start);
+        }
+        assert_eq!(starts, vec![936, 10]);
+        assert_eq!(step_back(0, 1_000_000, 999_999), 1_000_000 - 64);
+        assert_eq!(step_back(0, 1_000_000, 1_000_000 - 64), 1_000_000 - 4096);
+        assert_eq!(step_back(5, 6, 5), 5, "never below low");
     }
 
     #[test]
