@@ -83,6 +83,13 @@ pub struct Config {
     #[arg(long, env = "NOTIFIER_COMMIT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub commit_interval: Duration,
 
+    /// Longest time the broker may hold a fetch while no record is there
+    /// (librdkafka's `fetch.wait.max.ms`). Kafka answers as soon as a record
+    /// arrives, so this only bounds idle polling there; a broker that answers
+    /// only when the wait ends adds it to every email's latency.
+    #[arg(long, env = "NOTIFIER_FETCH_MAX_WAIT", default_value = "10ms", value_parser = parse_duration)]
+    pub fetch_max_wait: Duration,
+
     /// Log format.
     #[arg(long, env = "NOTIFIER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

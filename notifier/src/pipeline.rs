@@ -244,7 +244,11 @@ fn consumer_config(cfg: &Config) -> ClientConfig {
         )
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        .set(
+            "fetch.wait.max.ms",
+            cfg.fetch_max_wait.as_millis().clamp(0, 300_000).to_string(),
+        );
     // Extra properties last, so an operator can override the above.
     for (k, v) in &cfg.kafka_properties {
         c.set(k, v);

@@ -38,7 +38,7 @@ apt_install_missing() {
 # sink, Prometheus, and what rdkafka's bundled librdkafka builds against.
 ensure_packages() {
     local pkgs=(python3-aiosmtpd prometheus build-essential pkg-config cmake libssl-dev libsasl2-dev
-                libzstd-dev zlib1g-dev openssl postgresql-client-15)
+                libzstd-dev zlib1g-dev openssl postgresql-client-15 fonts-dejavu-core)
     [ -x "$PG_BIN/postgres" ] || pkgs+=(postgresql-15)
     apt_install_missing "${pkgs[@]}"
     [ -x "$PG_BIN/postgres" ] || die "no PostgreSQL 15 server binaries in $PG_BIN"

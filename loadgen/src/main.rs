@@ -1,0 +1,65 @@
+//! `loadgen` binary: parse config, init logging (stderr; the report goes to
+//! stdout), run until the schedule ends or Ctrl-C/SIGTERM, print the report.
+//! A second Ctrl-C exits at once, without a report.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use loadgen::config::{Config, LogFormat};
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cfg = Config::parse();
+    init_logging(cfg.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadgen: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(lifecycle::on_signal(shutdown.clone()));
+        let first = shutdown.clone();
+        tokio::spawn(async move {
+            first.cancelled().await;
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("loadgen: interrupted again, exiting without a report");
+                std::process::exit(130);
+            }
+        });
+        match loadgen::run(cfg, shutdown).await {
+            Ok(report) => {
+                print!("{report}");
+                for e in &report.output_errors {
+                    eprintln!("loadgen: {e}");
+                }
+                if !report.output_errors.is_empty() {
+                    ExitCode::FAILURE
+                } else if !report.passed() {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            Err(e) => {
+                eprintln!("loadgen: {}", loadgen::error_chain(&e));
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,437 @@
+//! The Kafka side: a consumer on every partition of the outbox topic, and
+//! the matching of each record to the request that caused it.
+//!
+//! ```text
+//!  request ok ──▶ Matcher::expect(key, sent)  ─┐
+//!                                              ├─▶ Matched (sent + arrived) ──▶ stages
+//!  consumer ──▶ decode ──▶ Matcher::arrived(key, arrived)
+//!              (key from event_id header in sql mode,
+//!               (order id, status) from the value in http mode)
+//! ```
+//!
+//! Keys: in sql mode the `event_id` header (the outbox id the INSERT
+//! returned); in http mode the record's value, the outbox row as JSON:
+//! `aggregate_id` is the order id, `event_type` `OrderCreated` means
+//! status `CREATED`, `OrderStatusChanged` means `payload.to` — so the key is
+//! (order id, status), known from the HTTP response.
+//!
+//! A record may arrive before its request is registered (the commit happens
+//! before the response is read), so unknown records are kept for a while
+//! ("early") and matched when the request registers. Records of other runs
+//! or other writers never match and are dropped after [`EARLY_TTL`]. A
+//! second record for an already matched key is a duplicate (counted).
+//!
+//! The consumer has no group: it is assigned every partition *before* the
+//! load starts, one record below each partition's reported end (not at the
+//! end itself: Tansu 0.6.0 reports as the end the last batch's base offset
+//! plus one, and a fetch starting inside a multi-record batch returns
+//! nothing, so starting there would stall the partition). At worst a few
+//! older records are read; they match nothing. `fetch.wait.max.ms` is low so
+//! the arrival time is close to when the broker had the record.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::config::Mode;
+
+/// How long an unmatched record waits for its request to register.
+pub const EARLY_TTL: Duration = Duration::from_secs(120);
+
+/// An order's status, as far as loadgen drives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OrderStatus {
+    Created,
+    Paid,
+    Shipped,
+    Delivered,
+}
+
+impl OrderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Created => "CREATED",
+            OrderStatus::Paid => "PAID",
+            OrderStatus::Shipped => "SHIPPED",
+            OrderStatus::Delivered => "DELIVERED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OrderStatus> {
+        [
+            OrderStatus::Created,
+            OrderStatus::Paid,
+            OrderStatus::Shipped,
+            OrderStatus::Delivered,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+
+    /// The next status on the happy path (none after DELIVERED).
+    pub fn next(self) -> Option<OrderStatus> {
+        match self {
+            OrderStatus::Created => Some(OrderStatus::Paid),
+            OrderStatus::Paid => Some(OrderStatus::Shipped),
+            OrderStatus::Shipped => Some(OrderStatus::Delivered),
+            OrderStatus::Delivered => None,
+        }
+    }
+}
+
+/// What ties a record to a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Key {
+    /// sql mode: the outbox id.
+    Event(i64),
+    /// http mode: the order and the status its event announces.
+    Order(i64, OrderStatus),
+}
+
+/// A successful request, waiting for its record.
+#[derive(Clone, Copy, Debug)]
+pub struct Sent {
+    pub intended: Instant,
+    pub bucket: usize,
+    pub measured: bool,
+}
+
+/// A record as read, with when it arrived.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrived {
+    pub at: Instant,
+    /// Wall clock at arrival, µs since the epoch.
+    pub wall_us: i64,
+    /// The `commit_ts` header, µs since the epoch.
+    pub commit_us: Option<i64>,
+    /// The record's timestamp when it is the broker's (LogAppendTime), ms.
+    pub log_append_ms: Option<i64>,
+    /// The `event_id` header.
+    pub event_id: Option<i64>,
+}
+
+/// A request and its record.
+#[derive(Clone, Copy, Debug)]
+pub struct Matched {
+    pub sent: Sent,
+    pub arrived: Arrived,
+}
+
+/// What became of an arriving record.
+#[derive(Debug)]
+pub enum Arrival {
+    Matched(Matched),
+    /// A second record for a key already matched.
+    Duplicate,
+    /// No request known (yet): kept for [`EARLY_TTL`].
+    Unknown,
+}
+
+/// Requests waiting for records, and records waiting for requests.
+#[derive(Debug, Default)]
+pub struct Matcher {
+    pending: HashMap<Key, Sent>,
+    early: HashMap<Key, Arrived>,
+    done: HashSet<Key>,
+}
+
+impl Matcher {
+    /// A request succeeded and will produce the record `key`; returns the
+    /// match at once when the record came first.
+    pub fn expect(&mut self, key: Key, sent: Sent) -> Option<Matched> {
+        match self.early.remove(&key) {
+            Some(arrived) => {
+                self.done.insert(key);
+                Some(Matched { sent, arrived })
+            }
+            None => {
+                self.pending.insert(key, sent);
+                None
+            }
+        }
+    }
+
+    /// A record arrived.
+    pub fn arrived(&mut self, key: Key, arrived: Arrived) -> Arrival {
+        if let Some(sent) = self.pending.remove(&key) {
+            self.done.insert(key);
+            return Arrival::Matched(Matched { sent, arrived });
+        }
+        if self.done.contains(&key) {
+            return Arrival::Duplicate;
+        }
+        self.early.entry(key).or_insert(arrived);
+        Arrival::Unknown
+    }
+
+    /// Requests whose record has not arrived.
+    pub fn missing(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// A few of the keys still missing (for the log).
+    pub fn missing_sample(&self, n: usize) -> Vec<Key> {
+        self.pending.keys().take(n).copied().collect()
+    }
+
+    /// Drops unmatched records that arrived before `cutoff`.
+    pub fn prune(&mut self, cutoff: Instant) {
+        self.early.retain(|_, a| a.at >= cutoff);
+    }
+}
+
+/// Why a record is not one loadgen can match.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Skip {
+    NoEventId,
+    NotJson,
+    OtherEvent,
+}
+
+/// The key of a record: from the `event_id` header (sql mode) or the value
+/// (http mode).
+pub fn key_of(mode: Mode, event_id: Option<i64>, value: Option<&[u8]>) -> Result<Key, Skip> {
+    match mode {
+        Mode::Sql => event_id.map(Key::Event).ok_or(Skip::NoEventId),
+        Mode::Http => {
+            let row: serde_json::Value = value
+                .and_then(|v| serde_json::from_slice(v).ok())
+                .ok_or(Skip::NotJson)?;
+            let order_id = match &row["aggregate_id"] {
+                serde_json::Value::String(s) => s.parse::<i64>().ok(),
+                serde_json::Value::Number(n) => n.as_i64(),
+                _ => None,
+            }
+            .ok_or(Skip::OtherEvent)?;
+            let status = match row["event_type"].as_str() {
+                Some("OrderCreated") => Some(OrderStatus::Created),
+                Some("OrderStatusChanged") => {
+                    row["payload"]["to"].as_str().and_then(OrderStatus::parse)
+                }
+                _ => None,
+            }
+            .ok_or(Skip::OtherEvent)?;
+            Ok(Key::Order(order_id, status))
+        }
+    }
+}
+
+/// Parses a `commit_ts` header (RFC 3339) to µs since the epoch.
+pub fn parse_commit_ts(s: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.timestamp_micros())
+}
+
+/// The wall clock in µs since the epoch.
+pub fn wall_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("cannot create the Kafka consumer")]
+    Create(#[source] rdkafka::error::KafkaError),
+    #[error("cannot read the metadata of topic {topic}")]
+    Metadata {
+        topic: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("topic {0} does not exist or has no partitions")]
+    NoTopic(String),
+    #[error("cannot assign the partitions of {topic}")]
+    Assign {
+        topic: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+}
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A consumer assigned to every partition of `topic`, positioned at (just
+/// below) the current end. Blocking (metadata and watermark requests): call
+/// it from `spawn_blocking`.
+pub fn assign_at_end(
+    bootstrap: &str,
+    topic: &str,
+    properties: &[(String, String)],
+) -> Result<StreamConsumer, ConsumerError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", bootstrap)
+        .set("client.id", "loadgen")
+        // No group membership (partitions are assigned); librdkafka still
+        // wants an id, and nothing is ever committed under it.
+        .set("group.id", format!("loadgen-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.min.bytes", "1");
+    for (k, v) in properties {
+        cfg.set(k, v);
+    }
+    let consumer: StreamConsumer = cfg.create().map_err(ConsumerError::Create)?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+        .map_err(|source| ConsumerError::Metadata {
+            topic: topic.to_owned(),
+            source,
+        })?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .filter(|t| t.error().is_none())
+        .map_or(0, |t| t.partitions().len()) as i32;
+    if partitions == 0 {
+        return Err(ConsumerError::NoTopic(topic.to_owned()));
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, METADATA_TIMEOUT)
+            .map_err(|source| ConsumerError::Metadata {
+                topic: topic.to_owned(),
+                source,
+            })?;
+        let start = (high - 1).max(low).max(0);
+        tracing::debug!(%topic, partition = p, low, high, start, "consumer start");
+        tpl.add_partition_offset(topic, p, Offset::Offset(start))
+            .map_err(|source| ConsumerError::Assign {
+                topic: topic.to_owned(),
+                source,
+            })?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|source| ConsumerError::Assign {
+            topic: topic.to_owned(),
+            source,
+        })?;
+    Ok(consumer)
+}
+
+/// The time of arrival and the headers loadgen reads from a message.
+pub fn arrived_of(msg: &BorrowedMessage<'_>) -> Arrived {
+    let at = Instant::now();
+    let wall_us = wall_micros();
+    let mut commit_us = None;
+    let mut event_id = None;
+    if let Some(headers) = msg.headers() {
+        for h in headers.iter() {
+            let text = h.value.and_then(|v| std::str::from_utf8(v).ok());
+            match h.key {
+                "commit_ts" => commit_us = text.and_then(parse_commit_ts),
+                "event_id" => event_id = text.and_then(|t| t.parse().ok()),
+                _ => {}
+            }
+        }
+    }
+    let log_append_ms = match msg.timestamp() {
+        rdkafka::Timestamp::LogAppendTime(ms) => Some(ms),
+        _ => None,
+    };
+    Arrived {
+        at,
+        wall_us,
+        commit_us,
+        log_append_ms,
+        event_id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arrived(at: Instant) -> Arrived {
+        Arrived {
+            at,
+            wall_us: 0,
+            commit_us: None,
+            log_append_ms: None,
+            event_id: Some(1),
+        }
+    }
+
+    fn sent(at: Instant) -> Sent {
+        Sent {
+            intended: at,
+            bucket: 0,
+            measured: true,
+        }
+    }
+
+    #[test]
+    fn records_match_whichever_comes_first() {
+        let now = Instant::now();
+        let mut m = Matcher::default();
+        assert!(m.expect(Key::Event(1), sent(now)).is_none());
+        assert_eq!(m.missing(), 1);
+        assert!(matches!(
+            m.arrived(Key::Event(1), arrived(now)),
+            Arrival::Matched(_)
+        ));
+        assert!(matches!(
+            m.arrived(Key::Event(1), arrived(now)),
+            Arrival::Duplicate
+        ));
+        // The record before the response.
+        assert!(matches!(
+            m.arrived(Key::Event(2), arrived(now)),
+            Arrival::Unknown
+        ));
+        assert!(m.expect(Key::Event(2), sent(now)).is_some());
+        assert_eq!(m.missing(), 0);
+        // Records of nobody are forgotten.
+        m.arrived(Key::Event(3), arrived(now));
+        m.prune(now + Duration::from_secs(1));
+        assert!(m.expect(Key::Event(3), sent(now)).is_none());
+        assert_eq!(m.missing(), 1);
+    }
+
+    #[test]
+    fn keys_from_the_relays_record_format() {
+        let created = br#"{"id":7,"aggregate_type":"order","aggregate_id":"42","user_id":1,
+            "event_type":"OrderCreated","payload":{"order_id":42,"status":"CREATED"}}"#;
+        assert_eq!(
+            key_of(Mode::Http, Some(7), Some(created)),
+            Ok(Key::Order(42, OrderStatus::Created))
+        );
+        let changed = br#"{"id":8,"aggregate_id":"42","event_type":"OrderStatusChanged",
+            "payload":{"from":"CREATED","to":"PAID"}}"#;
+        assert_eq!(
+            key_of(Mode::Http, Some(8), Some(changed)),
+            Ok(Key::Order(42, OrderStatus::Paid))
+        );
+        let other = br#"{"aggregate_id":"1","event_type":"Something"}"#;
+        assert_eq!(key_of(Mode::Http, None, Some(other)), Err(Skip::OtherEvent));
+        assert_eq!(
+            key_of(Mode::Http, None, Some(b"\x00garbage")),
+            Err(Skip::NotJson)
+        );
+        assert_eq!(key_of(Mode::Sql, Some(9), None), Ok(Key::Event(9)));
+        assert_eq!(key_of(Mode::Sql, None, Some(created)), Err(Skip::NoEventId));
+    }
+
+    #[test]
+    fn commit_ts_has_microseconds() {
+        assert_eq!(
+            parse_commit_ts("1970-01-01T00:00:01.000002Z"),
+            Some(1_000_002)
+        );
+        assert_eq!(
+            parse_commit_ts("2026-01-01T00:00:00.5+01:00"),
+            Some(1_767_222_000_500_000)
+        );
+        assert_eq!(parse_commit_ts("yesterday"), None);
+    }
+}
