@@ -1,25 +1,48 @@
-//! What the project's binaries (relay, order-api, notifier) share at run
-//! time: one shutdown signal, Ctrl-C or SIGTERM, fanned out over a
+//! What the project's binaries (relay, order-api, notifier, loadgen) share at
+//! run time: one shutdown signal, Ctrl-C or SIGTERM, fanned out over a
 //! cancellation token that every task owning state watches; logging set up
-//! the same way (`RUST_LOG`, text or JSON); and durations on the command line.
+//! the same way (`RUST_LOG`, text or JSON, on stderr); error chains for
+//! messages; and durations on the command line.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global tracing subscriber: filter from `RUST_LOG` (default
-/// `info`), human-readable text or one JSON object per line.
-pub fn init_logging(json: bool) {
+/// How the binaries write their logs (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the global tracing subscriber, writing to stderr (stdout is
+/// left to what a command prints, e.g. loadgen's report): filter from
+/// `RUST_LOG` (default `info`), text or one JSON object per line.
+pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    if json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
     }
+}
+
+/// `err` and its causes, `: `-separated, for logs and exit messages
+/// (`Display` of the project's errors leaves the cause out).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
 }
 
 /// Parses `250ms`, `5s`, `2m` (a bare number means seconds): the form of

@@ -204,11 +204,7 @@ pub enum Mode {
     Sql,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use lifecycle::LogFormat;
 
 /// A configuration that cannot work, found before the run starts.
 #[derive(Debug, thiserror::Error)]

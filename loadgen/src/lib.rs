@@ -68,17 +68,7 @@ pub enum Error {
     Task(#[source] tokio::task::JoinError),
 }
 
-/// `err` and its causes, `: `-separated (for `main` and logs).
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
+pub use lifecycle::error_chain;
 
 /// What the request tasks, the consumer and the progress line share.
 struct State {

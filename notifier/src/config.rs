@@ -111,11 +111,7 @@ impl std::fmt::Debug for Config {
     }
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use lifecycle::LogFormat;
 
 impl Config {
     /// The dead-letter topic: `--dlq-topic`, or `<topic>.dlq`.

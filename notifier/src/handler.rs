@@ -111,17 +111,7 @@ pub struct Handler {
     pub backoff: Backoff,
 }
 
-/// The error and its whole cause chain on one line, for logs and headers.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub use lifecycle::error_chain;
 
 fn first_header<'m>(msg: &'m OwnedMessage, name: &str) -> Option<&'m [u8]> {
     let headers = msg.headers()?;

@@ -67,11 +67,7 @@ impl std::fmt::Debug for Config {
     }
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use lifecycle::LogFormat;
 
 impl Config {
     /// The defaults, for `database_url` (what tests and benchmarks start from).

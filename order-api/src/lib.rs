@@ -49,17 +49,7 @@ pub enum Error {
     Serve(#[source] std::io::Error),
 }
 
-/// `err` and its causes, `: `-separated (for logs and `main`).
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
+pub use lifecycle::error_chain;
 
 /// A bound, not yet serving, service.
 pub struct Server {

@@ -3,11 +3,11 @@
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use order_api::config::{Config, LogFormat};
+use order_api::config::Config;
 
 fn main() -> std::process::ExitCode {
     let cfg = Config::parse();
-    lifecycle::init_logging(matches!(cfg.log_format, LogFormat::Json));
+    lifecycle::init_logging(cfg.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

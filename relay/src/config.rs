@@ -201,11 +201,7 @@ pub enum Delivery {
     AtLeastOnce,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use lifecycle::LogFormat;
 
 impl Config {
     /// `(schema, table)` of the outbox table.

@@ -4,13 +4,13 @@
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use relay::config::{Command, Config, LogFormat, SlotAction};
+use relay::config::{Command, Config, SlotAction};
 use relay::replication::ConnectParams;
 use relay::slot_admin;
 
 fn main() -> std::process::ExitCode {
     let cfg = Config::parse();
-    lifecycle::init_logging(matches!(cfg.log_format, LogFormat::Json));
+    lifecycle::init_logging(cfg.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -119,17 +119,7 @@ impl RelayError {
     }
 }
 
-/// The error and its whole cause chain on one line, for logs and `/status`.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub use lifecycle::error_chain;
 
 /// Runs the relay until `shutdown` is cancelled (Ok) or a definite error.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), RelayError> {
