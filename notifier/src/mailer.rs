@@ -12,10 +12,16 @@
 //! errors — is `Transient` and retried with backoff.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use lettre::address::Envelope;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::AsyncSmtpTransport;
 use lettre::{AsyncTransport, Message, Tokio1Executor};
+use tokio::net::TcpStream;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -74,33 +80,222 @@ pub trait MailSink {
     ) -> impl std::future::Future<Output = Result<(), MailError>> + Send;
 }
 
-/// SMTP through lettre's pooled tokio transport.
+/// SMTP. `smtp://` URLs (plain or STARTTLS) go through [`NodelayPool`];
+/// `smtps://` (TLS from the first byte) through lettre's pooled transport.
 #[derive(Clone)]
 pub struct SmtpMailer {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    inner: SmtpInner,
+}
+
+#[derive(Clone)]
+enum SmtpInner {
+    Nodelay(Arc<NodelayPool>),
+    Lettre(AsyncSmtpTransport<Tokio1Executor>),
 }
 
 impl SmtpMailer {
     /// `url`: `smtp://host:port`, `smtp://user:pass@host:587?tls=required`,
     /// `smtps://host:465`, ...
     pub fn new(url: &str, timeout: Duration) -> Result<SmtpMailer, MailerSetupError> {
+        // lettre validates every form; its transport serves smtps.
         let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
             .map_err(MailerSetupError::SmtpUrl)?
             .timeout(Some(timeout))
             .build();
-        Ok(SmtpMailer { transport })
+        let inner = match NodelayPool::from_url(url, timeout) {
+            Some(pool) => SmtpInner::Nodelay(Arc::new(pool)),
+            None => SmtpInner::Lettre(transport),
+        };
+        Ok(SmtpMailer { inner })
     }
 }
 
 impl MailSink for SmtpMailer {
     async fn send(&self, _key: &str, message: &Message) -> Result<(), MailError> {
         let raw = message.formatted();
-        match self.transport.send_raw(message.envelope(), &raw).await {
-            Ok(_) => Ok(()),
+        let result = match &self.inner {
+            SmtpInner::Nodelay(pool) => pool.send(message.envelope(), &raw).await,
+            SmtpInner::Lettre(t) => t
+                .send_raw(message.envelope(), &raw)
+                .await
+                .map(drop)
+                .map_err(SendError::from),
+        };
+        match result {
+            Ok(()) => Ok(()),
             Err(e) if e.is_permanent() => Err(MailError::Permanent(Box::new(e))),
             Err(e) => Err(MailError::Transient(Box::new(e))),
         }
     }
+}
+
+/// Reused SMTP connections on sockets with `TCP_NODELAY`.
+///
+/// Why not lettre's transport: it writes a message's body and its
+/// terminating `.` line in two writes. With Nagle's algorithm on, the
+/// second small write waits for the ACK of the first, which the server
+/// delays (40 ms on Linux) because it has nothing to answer until the
+/// terminator arrives: about 45 ms per email against a local aiosmtpd,
+/// against 2.5 ms with `TCP_NODELAY` (measured with a Python client writing
+/// the same way). lettre offers no socket option, so this pool opens the
+/// sockets and hands them to lettre's SMTP connection.
+pub struct NodelayPool {
+    host: String,
+    port: u16,
+    /// `Some(required)`: STARTTLS (`?tls=required` fails without it).
+    starttls: Option<bool>,
+    credentials: Option<Credentials>,
+    timeout: Duration,
+    hello: ClientId,
+    idle: std::sync::Mutex<Vec<AsyncSmtpConnection>>,
+}
+
+/// Idle connections kept for reuse (one per concurrent sender is enough).
+const MAX_IDLE: usize = 16;
+
+impl NodelayPool {
+    /// For `smtp://` URLs; `None` for any other scheme.
+    fn from_url(url: &str, timeout: Duration) -> Option<NodelayPool> {
+        let url = url::Url::parse(url).ok()?;
+        if url.scheme() != "smtp" {
+            return None;
+        }
+        let host = url.host_str()?.trim_matches(['[', ']']).to_owned();
+        let starttls = url
+            .query_pairs()
+            .find(|(k, _)| k == "tls")
+            .map(|(_, v)| v == "required");
+        let decode = |s: &str| percent_decode(s);
+        let credentials = (!url.username().is_empty()).then(|| {
+            Credentials::new(
+                decode(url.username()),
+                decode(url.password().unwrap_or_default()),
+            )
+        });
+        Some(NodelayPool {
+            port: url
+                .port()
+                .unwrap_or(if starttls == Some(true) { 587 } else { 25 }),
+            host,
+            starttls,
+            credentials,
+            timeout,
+            hello: ClientId::default(),
+            idle: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        tcp.set_nodelay(true)?;
+        let mut conn =
+            AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello).await?;
+        if let Some(required) = self.starttls {
+            if conn.can_starttls() {
+                conn.starttls(TlsParameters::new(self.host.clone())?, &self.hello)
+                    .await?;
+            } else if required {
+                conn.abort().await;
+                return Err(SendError::NoStartTls);
+            }
+        }
+        if let Some(credentials) = &self.credentials {
+            conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)
+                .await?;
+        }
+        Ok(conn)
+    }
+
+    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn put_idle(&self, conn: AsyncSmtpConnection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
+    }
+
+    /// Sends on an idle connection, or a new one. A reused connection the
+    /// server may have closed meanwhile gets one more try on a new one.
+    async fn send(&self, envelope: &Envelope, raw: &[u8]) -> Result<(), SendError> {
+        if let Some(conn) = self.take_idle() {
+            match self.send_on(conn, envelope, raw).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_permanent() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reused smtp connection failed; opening a new one")
+                }
+            }
+        }
+        let conn = tokio::time::timeout(self.timeout, self.connect())
+            .await
+            .map_err(|_| SendError::Timeout(self.timeout))??;
+        self.send_on(conn, envelope, raw).await
+    }
+
+    async fn send_on(
+        &self,
+        mut conn: AsyncSmtpConnection,
+        envelope: &Envelope,
+        raw: &[u8],
+    ) -> Result<(), SendError> {
+        match tokio::time::timeout(self.timeout, conn.send(envelope, raw)).await {
+            Ok(Ok(_)) => {
+                self.put_idle(conn);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                // After a refusal the connection could go on, but its state
+                // is not worth trusting: close it.
+                conn.abort().await;
+                Err(e.into())
+            }
+            Err(_) => Err(SendError::Timeout(self.timeout)),
+        }
+    }
+}
+
+/// Why an SMTP send failed.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error(transparent)]
+    Smtp(#[from] lettre::transport::smtp::Error),
+    #[error("smtp connection failed")]
+    Io(#[from] std::io::Error),
+    #[error("the server offers no STARTTLS (tls=required)")]
+    NoStartTls,
+    #[error("smtp timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl SendError {
+    /// A 5xx reply: the server refused the message for good.
+    fn is_permanent(&self) -> bool {
+        matches!(self, SendError::Smtp(e) if e.is_permanent())
+    }
+}
+
+/// `%XX` sequences of a URL's user or password.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `.eml` files in a directory, one per event, written atomically.
@@ -197,5 +392,30 @@ mod tests {
             Mailer::from_config(None, None, t),
             Err(MailerSetupError::NoDestination)
         ));
+    }
+
+    #[test]
+    fn smtp_urls_go_through_the_nodelay_pool_and_smtps_through_lettre() {
+        let t = Duration::from_secs(1);
+        let p = NodelayPool::from_url("smtp://127.0.0.1:2525", t).expect("smtp");
+        assert_eq!(
+            (p.host.as_str(), p.port, p.starttls),
+            ("127.0.0.1", 2525, None)
+        );
+        assert!(p.credentials.is_none());
+        let p =
+            NodelayPool::from_url("smtp://u%40x:p%3Aw@mail.example?tls=required", t).expect("smtp");
+        assert_eq!(
+            (p.host.as_str(), p.port, p.starttls),
+            ("mail.example", 587, Some(true))
+        );
+        assert_eq!(
+            p.credentials,
+            Some(Credentials::new("u@x".to_owned(), "p:w".to_owned()))
+        );
+        let p = NodelayPool::from_url("smtp://mail.example?tls=opportunistic", t).expect("smtp");
+        assert_eq!((p.port, p.starttls), (25, Some(false)));
+        assert!(NodelayPool::from_url("smtps://mail.example", t).is_none());
+        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
     }
 }
