@@ -14,6 +14,7 @@
 //! This is a development and test-support crate, not part of the product's
 //! runtime; its errors are `anyhow` for that reason.
 
+pub mod bench;
 pub mod cluster;
 pub mod kafka;
 pub mod migrations;

@@ -1,36 +1,102 @@
-//! Benchmark: drain a backlog of outbox inserts with the relay and, over the
-//! same WAL, with `pg_recvlogical` (the baseline: Postgres' own logical
-//! decoding client writing pgoutput to /dev/null), and print the rates,
-//! their ratios, CPU time and each process's peak RSS.
+//! Benchmark (P1 catch-up, P4 memory): drain a backlog of outbox inserts
+//! with the relay and measure, in the same run, the two ceilings it sits
+//! between: `pg_recvlogical` draining the same WAL (what Postgres can
+//! decode and send) and a bare rdkafka producer pushing the same records
+//! into the same broker (what the broker and librdkafka can take). Prints
+//! rates, the ratios relay/pg_recvlogical and relay/bare producer, which
+//! bound the relay hit, CPU time, and the relay's RSS along the drain.
 //!
 //! ```text
-//!   fresh database ─ three pgoutput slots ─ N outbox inserts (the backlog)
+//!   fresh database ─ pgoutput slots ─ N outbox inserts (the backlog, R rows per transaction)
 //!        │
-//!        ├─ pg_recvlogical --slot recv --endpos END ──▶ /dev/null            (timed to exit)
-//!        ├─ relay --slot relay_mock ──▶ librdkafka mock cluster (in this process) (timed to N acks)
-//!        └─ relay --slot relay_kafka ──▶ the stack's broker                   (timed to N acks)
+//!        ├─ recv:   pg_recvlogical --slot recv --endpos END ──▶ /dev/null          (timed to exit)
+//!        ├─ mock:   relay --slot relay_mock ──▶ librdkafka mock cluster (in this process)
+//!        ├─ broker: relay --slot relay_kafka ──▶ the stack's broker (Tansu) ──┐ (relay runs:
+//!        │                                                records read back ◀─┘  timed to N acks)
+//!        ├─ bare-mock:   bare producer (this process) ──▶ fresh mock cluster        (timed to N acks)
+//!        └─ bare-broker: bare producer (this process) ──▶ stack broker, fresh topic (timed to N acks)
+//!
+//!   relay runs: VmRSS of the relay process sampled every --rss-interval-ms,
+//!   with relay_events_total (acked records) at each sample
 //! ```
 //!
 //! The mock cluster is an in-memory broker speaking the Kafka protocol over
 //! TCP: the relay run against it shows what the relay itself costs, the
-//! run against the stack's broker (Tansu here) what the whole path does.
+//! run against the stack's broker what the whole path does. The bare
+//! producer is configured like the relay's sink (`relay/src/sink.rs`:
+//! idempotent, `acks=all`, `linger.ms=2`, no compression) and sends the very
+//! records the relay produced (read back from the relay's topic on the
+//! stack broker: same keys, values, headers and partitions; without a
+//! broker run, records of the same shape built from the table), so relay /
+//! bare producer is the share of the broker's ceiling the relay reached.
+//! Its CPU is the sending thread plus the producer's librdkafka threads
+//! (not the in-process mock broker). The walsender column is the CPU time
+//! of the Postgres process decoding each drain's slot: near the drain's
+//! wall time, Postgres is the bound.
 //!
-//! Needs a running stack (`scripts/up`; `source .run/env`) and the release
-//! relay (`cargo build --release -p relay`):
+//! The verdict compares the relay with the lower of the two ceilings: within
+//! 10 % of it (or faster), that side bounds the relay; below both, the relay
+//! itself does. On these 2-core machines the walsender, the relay and the
+//! broker also share the cores, so read the ratios, not the absolute rates.
+//!
+//! RSS: every relay run samples the relay's VmRSS with its acked count and
+//! prints it at 10/25/50/75/100 % of the records (`--rss-csv` writes every
+//! sample). The relay holds at most `--max-in-flight-bytes` (16 MiB) of
+//! records unacknowledged, so its RSS should level off whatever the backlog
+//! or transaction size; `--relay-arg` passes options through to try others.
+//!
+//! One command each (a running stack, e.g. `scripts/test --stack-only;
+//! source .run/test/env`, and `cargo build --release -p relay --bin relay
+//! --examples`):
 //!
 //! ```text
-//! cargo run --release -p relay --example backlog_drain -- --events 100000
+//! # P1 catch-up, 100k events, every run
+//! DATABASE_URL=$TEST_DATABASE_URL KAFKA_BOOTSTRAP_SERVERS=$TEST_KAFKA_BOOTSTRAP_SERVERS \
+//!   target/release/examples/backlog_drain --events 100000
+//! # P4 memory: a 1M-event backlog, and one 1M-row transaction (--runs mock: relay into the mock cluster only)
+//! ... backlog_drain --events 1000000 --runs recv,mock,broker,bare --rss-csv rss.csv
+//! ... backlog_drain --events 1000000 --rows-per-txn 1000000 --runs recv,mock,broker,bare --rss-csv rss.csv
 //! ```
 
+use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use devstack::bench::{
+    cpu_seconds, peak_rss_kib, relay_like_producer_config, rss_kib, RelayProcess, RssSeries,
+    ThreadCpu,
+};
+use devstack::kafka::{Record, TopicReader};
 use devstack::testing::{connect, redact, unique_name, url_for_database};
+use rdkafka::client::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use tokio_postgres::Client;
+
+/// One drain of the backlog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+enum RunKind {
+    /// pg_recvlogical into /dev/null.
+    Recv,
+    /// The relay into the in-process mock cluster.
+    Mock,
+    /// The relay into the stack's broker.
+    Broker,
+    /// The bare producer into a fresh mock cluster.
+    BareMock,
+    /// The bare producer into the stack's broker (fresh topic).
+    BareBroker,
+    /// Both bare-producer runs.
+    Bare,
+}
 
 #[derive(Parser, Debug)]
-#[command(about = "relay vs pg_recvlogical on the same backlog")]
+#[command(about = "relay vs pg_recvlogical vs a bare producer on the same backlog")]
 struct Args {
     /// A superuser URL of the stack's Postgres (a database is created in it).
     #[arg(long, env = "DATABASE_URL")]
@@ -44,14 +110,38 @@ struct Args {
     /// Outbox rows in the backlog.
     #[arg(long, default_value_t = 100_000)]
     events: usize,
-    /// Rows per transaction (the order-api writes one).
+    /// Rows per transaction (the order-api writes one; 1000000 with
+    /// --events 1000000 is one 1M-row transaction).
     #[arg(long, default_value_t = 1)]
     rows_per_txn: usize,
-    /// Partitions of the benchmark topic.
+    /// Partitions of the benchmark topics.
     #[arg(long, default_value_t = 3)]
     partitions: i32,
+    /// Which drains to run, in this order: recv, mock, bare-mock, broker,
+    /// bare-broker (`bare` = both bare-producer runs).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "recv,mock,broker,bare"
+    )]
+    runs: Vec<RunKind>,
+    /// Interval of the relay's RSS samples, milliseconds.
+    #[arg(long, default_value_t = 100)]
+    rss_interval_ms: u64,
+    /// Append the relay runs' RSS samples to this CSV file
+    /// (`run,elapsed_s,progress,rss_kib`).
+    #[arg(long)]
+    rss_csv: Option<PathBuf>,
+    /// Give up on a drain after this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    timeout_secs: u64,
     #[arg(long, default_value = "target/release/relay")]
     relay_bin: PathBuf,
+    /// Extra option for the relay runs, repeatable
+    /// (e.g. --relay-arg=--max-in-flight-bytes=8388608).
+    #[arg(long = "relay-arg", allow_hyphen_values = true)]
+    relay_args: Vec<String>,
     #[arg(long, default_value = "/usr/lib/postgresql/15/bin/pg_recvlogical")]
     pg_recvlogical: PathBuf,
     /// Keep the benchmark database and slots afterwards.
@@ -59,13 +149,46 @@ struct Args {
     keep: bool,
 }
 
+impl Args {
+    fn runs(&self) -> HashSet<RunKind> {
+        let mut out = HashSet::new();
+        for r in &self.runs {
+            match r {
+                RunKind::Bare => {
+                    out.insert(RunKind::BareMock);
+                    out.insert(RunKind::BareBroker);
+                }
+                other => {
+                    out.insert(*other);
+                }
+            }
+        }
+        out
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
 /// What one drain took.
 struct Run {
+    name: &'static str,
     seconds: f64,
-    /// CPU time (user + system) the process used: its cost per event,
-    /// which other load on the machine disturbs less than wall time.
+    /// CPU time (user + system) it used: its cost per event, which other
+    /// load on the machine disturbs less than wall time.
     cpu_seconds: f64,
-    peak_rss_kib: u64,
+    /// CPU time of the Postgres walsender decoding the slot for this drain
+    /// (when it is near the drain's wall time, Postgres is the bound).
+    walsender_cpu_seconds: Option<f64>,
+    /// Relay: process start to the first acknowledged record (start-up:
+    /// connecting, reading the slot and topic state). Bare producer: its
+    /// untimed warm-up (creation to the warm-up record's ack).
+    first_ack_s: Option<f64>,
+    /// Peak RSS of the draining process (none for the in-process producer).
+    peak_rss_kib: Option<u64>,
+    /// The relay's RSS along the drain.
+    rss: Option<RssSeries>,
 }
 
 /// Samples a child process's peak RSS and CPU time from /proc.
@@ -77,19 +200,39 @@ struct Sampler {
 
 impl Sampler {
     fn sample(&mut self, pid: u32) {
-        if let Some(rss) = read_peak_rss_kib(pid) {
+        if let Some(rss) = peak_rss_kib(pid) {
             self.peak_rss_kib = self.peak_rss_kib.max(rss);
         }
-        if let Some(cpu) = read_cpu_seconds(pid) {
+        if let Some(cpu) = cpu_seconds(pid) {
             self.cpu_seconds = cpu;
         }
     }
+}
 
-    fn finish(self, seconds: f64) -> Run {
-        Run {
-            seconds,
-            cpu_seconds: self.cpu_seconds,
-            peak_rss_kib: self.peak_rss_kib,
+/// Samples the CPU time of the walsender process serving a slot (same
+/// machine: its pid is `active_pid` in `pg_replication_slots`).
+#[derive(Default)]
+struct WalSender {
+    pid: Option<u32>,
+    cpu_seconds: Option<f64>,
+}
+
+impl WalSender {
+    async fn sample(&mut self, db: &Client, slot: &str) {
+        if self.pid.is_none() {
+            self.pid = db
+                .query_opt(
+                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                    &[&slot],
+                )
+                .await
+                .ok()
+                .flatten()
+                .and_then(|row| row.get::<_, Option<i32>>(0))
+                .and_then(|p| u32::try_from(p).ok());
+        }
+        if let Some(cpu) = self.pid.and_then(cpu_seconds) {
+            self.cpu_seconds = Some(cpu);
         }
     }
 }
@@ -138,15 +281,22 @@ fn slot_names(db_name: &str) -> [String; 3] {
 }
 
 async fn bench(args: &Args, url: &str, db_name: &str) -> anyhow::Result<()> {
+    let runs = args.runs();
     devstack::migrations::apply(url).await?;
     let db = connect(url).await?;
     let [kafka_slot, mock_slot, recv_slot] = slot_names(db_name);
-    for slot in [&kafka_slot, &mock_slot, &recv_slot] {
-        db.execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[slot],
-        )
-        .await?;
+    for (slot, kind) in [
+        (&kafka_slot, RunKind::Broker),
+        (&mock_slot, RunKind::Mock),
+        (&recv_slot, RunKind::Recv),
+    ] {
+        if runs.contains(&kind) {
+            db.execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[slot],
+            )
+            .await?;
+        }
     }
     let start_lsn: String = db
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -178,77 +328,302 @@ async fn bench(args: &Args, url: &str, db_name: &str) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64(),
         wal_bytes as f64 / 1048576.0
     );
+    // Settle before the first drain, so autovacuum does not pick the fresh
+    // rows up in the middle of it (its WAL comes after END: no drain waits
+    // for it).
+    db.batch_execute("VACUUM ANALYZE outbox").await?;
+    db.batch_execute("CHECKPOINT").await?;
 
-    let baseline = run_pg_recvlogical(args, url, &recv_slot, &end_lsn).await?;
-    let topic = unique_name("bench-topic");
-    let mock = rdkafka::mocking::MockCluster::new(3)?;
-    mock.create_topic(&topic, args.partitions, 3)?;
-    let relay_mock = run_relay(args, url, &mock_slot, &topic, &mock.bootstrap_servers()).await?;
-    drop(mock);
-    devstack::kafka::create_topic(&args.kafka_bootstrap_servers, &topic, args.partitions).await?;
-    let relay = run_relay(
-        args,
-        url,
-        &kafka_slot,
-        &topic,
-        &args.kafka_bootstrap_servers,
-    )
-    .await?;
-
-    let rate = |r: &Run| args.events as f64 / r.seconds;
-    let mib_s = |r: &Run| wal_bytes as f64 / 1048576.0 / r.seconds;
-    println!();
-    println!(
-        "| drain of {} events | seconds | events/s | WAL MiB/s | CPU s | CPU µs/event | peak RSS MiB |",
-        args.events
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (name, r) in [
-        ("pg_recvlogical → /dev/null", &baseline),
-        ("relay → mock cluster (acked)", &relay_mock),
-        ("relay → stack broker (acked)", &relay),
-    ] {
+    let mut results: Vec<Run> = Vec::new();
+    if runs.contains(&RunKind::Recv) {
+        results.push(run_pg_recvlogical(args, &db, url, &recv_slot, &end_lsn).await?);
+    }
+    // The relay's topic on the stack broker, whose records the bare
+    // producer sends again. (The mock cluster keeps only the last few MB of
+    // each partition, so it cannot give them back.)
+    let mut relay_topic_on_broker = None;
+    if runs.contains(&RunKind::Mock) {
+        let topic = unique_name("bench-topic");
+        let mock = rdkafka::mocking::MockCluster::new(3)?;
+        mock.create_topic(&topic, args.partitions, 3)?;
+        let run = run_relay(
+            args,
+            &db,
+            url,
+            &mock_slot,
+            &topic,
+            &mock.bootstrap_servers(),
+            "relay → mock cluster (acked)",
+        )
+        .await?;
+        results.push(run);
+    }
+    if runs.contains(&RunKind::Broker) {
+        let topic = unique_name("bench-topic");
+        devstack::kafka::create_topic(&args.kafka_bootstrap_servers, &topic, args.partitions)
+            .await?;
+        let run = run_relay(
+            args,
+            &db,
+            url,
+            &kafka_slot,
+            &topic,
+            &args.kafka_bootstrap_servers,
+            "relay → stack broker (acked)",
+        )
+        .await?;
+        results.push(run);
+        relay_topic_on_broker = Some(topic);
+    }
+    let mut records: Option<Arc<Vec<Record>>> = None;
+    if runs.contains(&RunKind::BareMock) || runs.contains(&RunKind::BareBroker) {
+        let read = match &relay_topic_on_broker {
+            Some(topic) => read_back(&args.kafka_bootstrap_servers, topic, args.events)
+                .await
+                .map_err(|e| println!("{e:#}; building the records from the table instead"))
+                .ok(),
+            None => None,
+        };
+        records = Some(match read {
+            Some(r) => r,
+            None => records_from_db(url, args).await?,
+        });
+    }
+    if let (Some(records), true) = (&records, runs.contains(&RunKind::BareMock)) {
+        let topic = unique_name("bench-bare");
+        let mock = rdkafka::mocking::MockCluster::new(3)?;
+        mock.create_topic(&topic, args.partitions, 3)?;
+        let run = run_bare(
+            &mock.bootstrap_servers(),
+            &topic,
+            records.clone(),
+            args.timeout(),
+            "bare producer → mock cluster (acked)",
+        )
+        .await?;
+        results.push(run);
+    }
+    if let (Some(records), true) = (&records, runs.contains(&RunKind::BareBroker)) {
+        let topic = unique_name("bench-bare");
+        devstack::kafka::create_topic(&args.kafka_bootstrap_servers, &topic, args.partitions)
+            .await?;
+        let run = run_bare(
+            &args.kafka_bootstrap_servers,
+            &topic,
+            records.clone(),
+            args.timeout(),
+            "bare producer → stack broker (acked)",
+        )
+        .await?;
+        results.push(run);
+    }
+    if let Some(r) = &records {
+        let bytes: usize = r
+            .iter()
+            .map(|r| {
+                r.value.as_ref().map_or(0, String::len)
+                    + r.key.as_ref().map_or(0, String::len)
+                    + r.headers
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>()
+            })
+            .sum();
         println!(
-            "| {name} | {:.2} | {:.0} | {:.1} | {:.2} | {:.1} | {:.1} |",
-            r.seconds,
-            rate(r),
-            mib_s(r),
-            r.cpu_seconds,
-            r.cpu_seconds * 1e6 / args.events as f64,
-            r.peak_rss_kib as f64 / 1024.0
+            "bare producer records: {} (key + value + headers: {:.0} bytes on average)",
+            r.len(),
+            bytes as f64 / r.len().max(1) as f64
         );
     }
+
+    print_report(args, wal_bytes, &results)
+}
+
+fn print_report(args: &Args, wal_bytes: i64, results: &[Run]) -> anyhow::Result<()> {
+    let n = args.events as f64;
+    let rate = |r: &Run| n / r.seconds;
+    let find = |name: &str| results.iter().find(|r| r.name.starts_with(name));
     println!();
     println!(
-        "relay / pg_recvlogical throughput ratio: {:.2} with the mock cluster, {:.2} with the stack's broker",
-        rate(&relay_mock) / rate(&baseline),
-        rate(&relay) / rate(&baseline)
+        "| drain of {} events ({} per txn) | seconds | events/s | WAL MiB/s | CPU s | CPU µs/event | walsender CPU s | peak RSS MiB | first ack s |",
+        args.events, args.rows_per_txn
     );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in results {
+        let wal = if r.name.starts_with("bare") {
+            "—".to_owned()
+        } else {
+            format!("{:.1}", wal_bytes as f64 / 1048576.0 / r.seconds)
+        };
+        let rss = r.peak_rss_kib.map_or("— (in-process)".to_owned(), |k| {
+            format!("{:.1}", k as f64 / 1024.0)
+        });
+        let first = r.first_ack_s.map_or("—".to_owned(), |s| {
+            if r.name.starts_with("bare") {
+                format!("({s:.2})")
+            } else {
+                format!("{s:.2}")
+            }
+        });
+        let walsender = r
+            .walsender_cpu_seconds
+            .map_or("—".to_owned(), |c| format!("{c:.2}"));
+        println!(
+            "| {} | {:.2} | {:.0} | {wal} | {:.2} | {:.1} | {walsender} | {rss} | {first} |",
+            r.name,
+            r.seconds,
+            rate(r),
+            r.cpu_seconds,
+            r.cpu_seconds * 1e6 / n,
+        );
+    }
+    println!(
+        "(seconds: pg_recvlogical to its exit at the backlog's end LSN; relay from process start to the \
+         last ack; bare producer from its first send to the last ack, after an untimed warm-up shown in parentheses; \
+         walsender CPU: the Postgres process decoding the slot for that drain)"
+    );
+    println!();
+
+    let recv = find("pg_recvlogical").map(rate);
+    for (target, relay_name, bare_name) in [
+        ("mock cluster", "relay → mock", "bare producer → mock"),
+        ("stack broker", "relay → stack", "bare producer → stack"),
+    ] {
+        let Some(relay) = find(relay_name).map(rate) else {
+            continue;
+        };
+        let bare = find(bare_name).map(rate);
+        let ratio =
+            |b: Option<f64>| b.map_or("not run".to_owned(), |b| format!("{:.2}", relay / b));
+        println!(
+            "relay → {target}: relay / pg_recvlogical {}, relay / bare producer {}",
+            ratio(recv),
+            ratio(bare)
+        );
+        println!("  verdict: {}", verdict(relay, recv, bare));
+        let busy = |r: Option<&Run>| {
+            r.and_then(|r| r.walsender_cpu_seconds.map(|c| c / r.seconds))
+                .map_or("—".to_owned(), |b| format!("{:.0}%", b * 100.0))
+        };
+        println!(
+            "  walsender CPU / wall time: {} during the relay's drain, {} during pg_recvlogical's",
+            busy(find(relay_name)),
+            busy(find("pg_recvlogical"))
+        );
+    }
+
+    let relay_runs: Vec<&Run> = results.iter().filter(|r| r.rss.is_some()).collect();
+    if !relay_runs.is_empty() {
+        println!();
+        println!(
+            "relay RSS (VmRSS, MiB) by share of records acked, sampled every {} ms:",
+            args.rss_interval_ms
+        );
+        println!("| relay run | samples | before 1st ack | 10% | 25% | 50% | 75% | 100% | min–max from 10% | peak (VmHWM) |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let total = args.events as u64;
+        let mib =
+            |k: Option<u64>| k.map_or("—".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0));
+        for r in relay_runs {
+            let Some(s) = &r.rss else { continue };
+            let range = s
+                .range_from(0.10, total)
+                .map_or("—".to_owned(), |(lo, hi)| {
+                    format!("{:.1}–{:.1}", lo as f64 / 1024.0, hi as f64 / 1024.0)
+                });
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {range} | {} |",
+                r.name,
+                s.samples.len(),
+                mib(s.max_before_first_ack()),
+                mib(s.at_progress(0.10, total)),
+                mib(s.at_progress(0.25, total)),
+                mib(s.at_progress(0.50, total)),
+                mib(s.at_progress(0.75, total)),
+                mib(s.at_progress(1.0, total)),
+                mib(r.peak_rss_kib),
+            );
+            if let Some(path) = &args.rss_csv {
+                s.append_csv(path, r.name)?;
+            }
+        }
+        if let Some(path) = &args.rss_csv {
+            println!("RSS samples appended to {}", path.display());
+        }
+    }
     Ok(())
 }
 
-/// Writes the backlog over 4 connections, without waiting for WAL flush.
+/// Which ceiling the relay hit: the lower of the two it was measured
+/// against, when it came within 10 % of it; otherwise the relay itself.
+fn verdict(relay: f64, recv: Option<f64>, bare: Option<f64>) -> String {
+    let mut ceilings: Vec<(&str, &str, f64)> = Vec::new();
+    if let Some(r) = recv {
+        ceilings.push(("pg_recvlogical", "Postgres (WAL decoding and sending)", r));
+    }
+    if let Some(b) = bare {
+        ceilings.push(("the bare producer", "the broker (and librdkafka)", b));
+    }
+    ceilings.sort_by(|a, b| a.2.total_cmp(&b.2));
+    let Some(&(name, who, rate)) = ceilings.first() else {
+        return "no baseline measured (add recv and/or bare to --runs)".to_owned();
+    };
+    let ratio = relay / rate;
+    if ratio >= 0.9 {
+        let how = if ratio >= 1.0 {
+            "at least as fast as"
+        } else {
+            "within 10% of"
+        };
+        let other = ceilings
+            .get(1)
+            .map(|(n, _, r)| format!(", the lower ceiling; {:.2} of {n}", relay / r))
+            .unwrap_or_default();
+        format!("relay {how} {name} ({ratio:.2}{other}): {who} bounds it")
+    } else if ceilings.len() == 2 {
+        format!(
+            "below both (relay {:.2} of {}, {:.2} of {}): the relay itself is the bottleneck",
+            relay / ceilings[0].2,
+            ceilings[0].0,
+            relay / ceilings[1].2,
+            ceilings[1].0
+        )
+    } else {
+        format!(
+            "relay below {name} ({ratio:.2}); the other ceiling was not measured, so either the relay or that side bounds it"
+        )
+    }
+}
+
+/// Writes the backlog over up to 4 connections, without waiting for WAL
+/// flush; each connection writes whole transactions of `rows_per_txn` rows
+/// (one connection when a single transaction holds the whole backlog).
 async fn write_backlog(url: &str, events: usize, rows_per_txn: usize) -> anyhow::Result<()> {
-    const WRITERS: usize = 4;
+    let rows_per_txn = rows_per_txn.max(1);
+    let txns = events.div_ceil(rows_per_txn);
+    let writers = txns.clamp(1, 4);
     let mut tasks = Vec::new();
-    for w in 0..WRITERS {
+    for w in 0..writers {
         let client = connect(url).await?;
-        let share = events / WRITERS + usize::from(w < events % WRITERS);
+        // Transactions w, w + writers, …; the last one may be shorter.
+        let mine: Vec<usize> = (w..txns)
+            .step_by(writers)
+            .map(|t| rows_per_txn.min(events - t * rows_per_txn))
+            .collect();
         tasks.push(tokio::spawn(async move {
             client.batch_execute("SET synchronous_commit = off").await?;
             let stmt = client
                 .prepare(
                     "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload) \
-                     SELECT 'order', (($1::bigint * 1000000) + g)::text, ($1::bigint * 1000 + g % 1000), 'OrderCreated', \
-                     jsonb_build_object('order_id', $1::bigint * 1000000 + g, 'email', 'customer' || g || '@example.com', \
+                     SELECT 'order', (($1::bigint * 10000000) + g)::text, ($1::bigint * 1000 + g % 1000), 'OrderCreated', \
+                     jsonb_build_object('order_id', $1::bigint * 10000000 + g, 'email', 'customer' || g || '@example.com', \
                        'status', 'CREATED', 'currency', 'EUR', 'total_cents', 3998, \
                        'items', jsonb_build_array(jsonb_build_object('sku', 'A-1', 'quantity', 2, 'unit_price_cents', 1999))) \
                      FROM generate_series($2::int, $3::int) g",
                 )
                 .await?;
             let mut done = 0usize;
-            while done < share {
-                let n = rows_per_txn.min(share - done);
+            for n in mine {
                 let first = i32::try_from(done + 1)?;
                 let last = i32::try_from(done + n)?;
                 client.execute(&stmt, &[&(w as i64), &first, &last]).await?;
@@ -265,6 +640,7 @@ async fn write_backlog(url: &str, events: usize, rows_per_txn: usize) -> anyhow:
 
 async fn run_pg_recvlogical(
     args: &Args,
+    db: &Client,
     url: &str,
     slot: &str,
     end_lsn: &str,
@@ -279,14 +655,20 @@ async fn run_pg_recvlogical(
             "-o",
             "publication_names=outbox_pub",
         ])
+        .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", args.pg_recvlogical.display()))?;
     let pid = child.id().context("pg_recvlogical pid")?;
     let mut sampler = Sampler::default();
+    let mut walsender = WalSender::default();
     let status = loop {
         sampler.sample(pid);
+        walsender.sample(db, slot).await;
         if let Some(status) = child.try_wait()? {
             break status;
+        }
+        if started.elapsed() > args.timeout() {
+            bail!("pg_recvlogical did not finish within {:?}", args.timeout());
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
@@ -294,90 +676,304 @@ async fn run_pg_recvlogical(
     if !status.success() {
         bail!("pg_recvlogical failed: {status}");
     }
-    Ok(sampler.finish(seconds))
+    println!("pg_recvlogical: drained in {seconds:.2}s");
+    Ok(Run {
+        name: "pg_recvlogical → /dev/null",
+        seconds,
+        cpu_seconds: sampler.cpu_seconds,
+        walsender_cpu_seconds: walsender.cpu_seconds,
+        first_ack_s: None,
+        peak_rss_kib: Some(sampler.peak_rss_kib),
+        rss: None,
+    })
 }
 
+/// Runs the release relay until Kafka acknowledged all N records, sampling
+/// its CPU, peak RSS and (every --rss-interval-ms) VmRSS with progress.
 async fn run_relay(
     args: &Args,
+    db: &Client,
     url: &str,
     slot: &str,
     topic: &str,
     bootstrap: &str,
+    name: &'static str,
 ) -> anyhow::Result<Run> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let started = Instant::now();
-    let mut child = tokio::process::Command::new(&args.relay_bin)
-        .args(["--database-url", url, "--slot", slot, "--topic", topic])
-        .args(["--kafka-bootstrap-servers", bootstrap])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| {
-            format!(
-                "starting {} (build it: cargo build --release -p relay)",
-                args.relay_bin.display()
-            )
-        })?;
-    let pid = child.id().context("relay pid")?;
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let needle = format!("relay_events_total{{topic=\"{topic}\"}} {}", args.events);
+    let extra: Vec<&str> = args.relay_args.iter().map(String::as_str).collect();
+    let mut relay = RelayProcess::spawn(&args.relay_bin, url, slot, topic, bootstrap, &extra)?;
+    let pid = relay.pid;
+    let total = args.events as u64;
+    let rss_every = Duration::from_millis(args.rss_interval_ms.max(1));
     let mut sampler = Sampler::default();
+    let mut walsender = WalSender::default();
+    let mut series = RssSeries::default();
+    let mut acked = 0u64;
+    let mut first_ack_s = None;
     let mut last_poll = Instant::now() - Duration::from_secs(1);
+    let mut last_rss = Instant::now() - Duration::from_secs(1);
     let seconds = loop {
         sampler.sample(pid);
-        if let Some(status) = child.try_wait()? {
-            bail!("relay exited early: {status}");
-        }
+        walsender.sample(db, slot).await;
+        relay.check_running()?;
         if last_poll.elapsed() >= Duration::from_millis(10) {
             last_poll = Instant::now();
-            if let Ok(body) = http_get(addr, "/metrics").await {
-                if body.contains(&needle) {
-                    break started.elapsed().as_secs_f64();
-                }
+            if let Some(n) = relay.events_total(topic).await {
+                acked = n;
+            }
+            if acked > 0 && first_ack_s.is_none() {
+                first_ack_s = Some(relay.started.elapsed().as_secs_f64());
+            }
+            if acked >= total {
+                break relay.started.elapsed().as_secs_f64();
             }
         }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("relay did not drain the backlog within 10 minutes");
+        if last_rss.elapsed() >= rss_every {
+            last_rss = Instant::now();
+            if let Some(rss) = rss_kib(pid) {
+                series.push(relay.started.elapsed().as_secs_f64(), acked, rss);
+            }
+        }
+        if relay.started.elapsed() > args.timeout() {
+            bail!(
+                "{name}: {acked} of {total} records acknowledged after {:?}",
+                args.timeout()
+            );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     sampler.sample(pid);
-    child.start_kill()?;
-    child.wait().await?;
-    Ok(sampler.finish(seconds))
+    walsender.sample(db, slot).await;
+    if let Some(rss) = rss_kib(pid) {
+        series.push(seconds, acked, rss);
+    }
+    relay.kill().await?;
+    println!("{name}: drained in {seconds:.2}s");
+    Ok(Run {
+        name,
+        seconds,
+        cpu_seconds: sampler.cpu_seconds,
+        walsender_cpu_seconds: walsender.cpu_seconds,
+        first_ack_s,
+        peak_rss_kib: Some(sampler.peak_rss_kib),
+        rss: Some(series),
+    })
 }
 
-/// `VmHWM` (peak resident set) of a running process, in KiB.
-fn read_peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// utime + stime of a running process, in seconds (clock ticks of 1/100 s,
-/// Linux's USER_HZ).
-fn read_cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the whole line.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+/// Reads the `n` records the relay wrote to `topic` (on any broker), in
+/// the order the relay produced them (commit LSN, then `seq`).
+async fn read_back(bootstrap: &str, topic: &str, n: usize) -> anyhow::Result<Arc<Vec<Record>>> {
+    let t = Instant::now();
+    let reader = TopicReader::new(bootstrap, topic, true)?;
+    let mut records = reader
+        .read_at_least(n, Duration::from_secs(300), Duration::from_secs(2))
         .await?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await?;
-    Ok(buf)
+    if records.len() < n {
+        bail!(
+            "read back only {} of {n} records from {topic}",
+            records.len()
+        );
+    }
+    let position = |r: &Record| {
+        let lsn = r.header("lsn").and_then(parse_lsn).unwrap_or(0);
+        let seq: u64 = r.header("seq").and_then(|s| s.parse().ok()).unwrap_or(0);
+        (lsn, seq)
+    };
+    records.sort_by_key(position);
+    records.truncate(n);
+    println!(
+        "read back {} records from the relay's topic in {:.1}s (for the bare producer)",
+        records.len(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(Arc::new(records))
+}
+
+fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// Without a relay run to read back from: records of the relay's shape
+/// built from the table (value: the row as JSON; headers as the relay sets
+/// them, with the backlog's end LSN and the current time standing in for
+/// each transaction's commit LSN and time; partition as the relay picks it).
+async fn records_from_db(url: &str, args: &Args) -> anyhow::Result<Arc<Vec<Record>>> {
+    let db = connect(url).await?;
+    let lsn: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let now = chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string();
+    let rows = db
+        .query(
+            "SELECT o.id::text, o.user_id::text, o.event_type, row_to_json(o)::text, o.xmin::text \
+             FROM outbox o ORDER BY o.id",
+            &[],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    let mut seq = 0u64;
+    let mut last_xid = String::new();
+    for row in rows {
+        let id: String = row.get(0);
+        let key: Option<String> = row.get(1);
+        let event_type: Option<String> = row.get(2);
+        let xid: String = row.get(4);
+        if xid == last_xid {
+            seq += 1;
+        } else {
+            seq = 0;
+            last_xid.clone_from(&xid);
+        }
+        let partition = relay::dedupe::partition_for(
+            key.as_deref().unwrap_or(id.as_str()).as_bytes(),
+            args.partitions,
+        );
+        let mut headers = vec![("event_id".to_owned(), id)];
+        if let Some(t) = event_type {
+            headers.push(("event_type".to_owned(), t));
+        }
+        headers.push(("lsn".to_owned(), lsn.clone()));
+        headers.push(("xid".to_owned(), xid));
+        headers.push(("commit_ts".to_owned(), now.clone()));
+        headers.push(("seq".to_owned(), seq.to_string()));
+        out.push(Record {
+            partition,
+            offset: 0,
+            timestamp_ms: None,
+            key,
+            headers,
+            value: Some(row.get(3)),
+        });
+    }
+    println!(
+        "built {} records from the table (no relay run to read back from)",
+        out.len()
+    );
+    Ok(Arc::new(out))
+}
+
+/// Counts delivery reports of the bare producer.
+#[derive(Default)]
+struct AckCounter {
+    acked: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct Counting(Arc<AckCounter>);
+
+impl ClientContext for Counting {}
+
+impl ProducerContext for Counting {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.0.acked.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.0.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// The broker's ceiling: a bare rdkafka producer with the relay's settings
+/// sends `records` (same key, value, headers and partition as the relay's)
+/// to `topic` as fast as librdkafka takes them, timed from creating the
+/// producer to the last acknowledgement.
+async fn run_bare(
+    bootstrap: &str,
+    topic: &str,
+    records: Arc<Vec<Record>>,
+    timeout: Duration,
+    name: &'static str,
+) -> anyhow::Result<Run> {
+    let bootstrap = bootstrap.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut cpu = ThreadCpu::new();
+        let created = Instant::now();
+        let counter = Arc::new(AckCounter::default());
+        let producer: ThreadedProducer<Counting> = relay_like_producer_config(&bootstrap)
+            .create_with_context(Counting(counter.clone()))
+            .context("creating the bare producer")?;
+        // Warm-up, not timed: one record to partition 0 of the (fresh) topic,
+        // acknowledged. A producer sending at once after its creation waits
+        // about 0.5 s for its idempotent producer id (librdkafka retries the
+        // request on a timer when no broker connection is up yet); the relay
+        // pays that while it reads its slot and topic state.
+        let warm_up: BaseRecord<'_, str, str> = BaseRecord::to(&topic)
+            .partition(0)
+            .key("warm-up")
+            .payload("{}");
+        producer
+            .send(warm_up)
+            .map_err(|(e, _)| e)
+            .context("bare producer warm-up")?;
+        while counter.acked.load(Ordering::Relaxed) + counter.failed.load(Ordering::Relaxed) < 1 {
+            if created.elapsed() > Duration::from_secs(60) {
+                bail!("{name}: warm-up record not acknowledged within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let first_ack_s = created.elapsed().as_secs_f64();
+        counter.acked.store(0, Ordering::Relaxed);
+        cpu.restart();
+        let started = Instant::now();
+        for r in records.iter() {
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            for (k, v) in &r.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                });
+            }
+            let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topic)
+                .partition(r.partition)
+                .payload(r.value.as_deref().unwrap_or("").as_bytes())
+                .headers(headers);
+            if let Some(k) = &r.key {
+                rec = rec.key(k.as_bytes());
+            }
+            loop {
+                match producer.send(rec) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // Backpressure: wait for acks to free room.
+                        rec = back;
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    Err((e, _)) => bail!("bare producer: {e}"),
+                }
+            }
+        }
+        let n = records.len() as u64;
+        while counter.acked.load(Ordering::Relaxed) + counter.failed.load(Ordering::Relaxed) < n {
+            if started.elapsed() > timeout {
+                bail!(
+                    "{name}: {} of {n} acknowledged after {timeout:?}",
+                    counter.acked.load(Ordering::Relaxed)
+                );
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let cpu_seconds = cpu.seconds();
+        let failed = counter.failed.load(Ordering::Relaxed);
+        if failed > 0 {
+            bail!("{name}: {failed} records failed");
+        }
+        drop(producer);
+        println!("{name}: sent in {seconds:.2}s");
+        Ok(Run {
+            name,
+            seconds,
+            cpu_seconds,
+            walsender_cpu_seconds: None,
+            first_ack_s: Some(first_ack_s),
+            peak_rss_kib: None,
+            rss: None,
+        })
+    })
+    .await?
 }

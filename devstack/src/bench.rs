@@ -1,0 +1,344 @@
+//! What the benchmark programs (`relay/examples/*`) share: reading a
+//! process's memory and CPU from `/proc`, running the release relay as a
+//! child process and reading its `/metrics`, and a Kafka producer
+//! configured like the relay's sink.
+//!
+//! ```text
+//!   benchmark ──spawn──▶ relay (release binary) ──/metrics──▶ RelayProcess::events_total
+//!       │                   │
+//!       └── /proc/PID/{status,stat} every ~100 ms ──▶ RssSeries (VmRSS by acked progress)
+//! ```
+//!
+//! Nothing here asserts anything: the programs print figures and ratios
+//! against baselines measured in the same run.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::ClientConfig;
+
+/// A `VmXXX:` line of `/proc/PID/status`, in KiB.
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// `VmRSS` (current resident set) of a running process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// `VmHWM` (peak resident set) of a running process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+/// utime + stime from a `/proc/.../stat` line, in clock ticks (1/100 s,
+/// Linux's USER_HZ).
+fn stat_ticks(stat: &str) -> Option<u64> {
+    // Fields after the parenthesised command name (which may hold spaces);
+    // utime and stime are the 14th and 15th fields of the whole line.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// utime + stime of a running process, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_ticks(&stat).map(|t| t as f64 / 100.0)
+}
+
+/// CPU ticks of every thread of this process, by thread id.
+pub fn own_thread_ticks() -> HashMap<u32, u64> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        if let Some(t) = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .as_deref()
+            .and_then(stat_ticks)
+        {
+            out.insert(tid, t);
+        }
+    }
+    out
+}
+
+/// The calling thread's id (from the `/proc/thread-self` link).
+pub fn current_thread_id() -> Option<u32> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
+}
+
+/// CPU time of work done on threads of this process: the calling thread
+/// plus every thread started after [`ThreadCpu::new`] (a producer's
+/// librdkafka threads, say), but not threads that ran before (an
+/// in-process mock broker), so the figure is the work's own cost. Read it
+/// before those threads exit.
+pub struct ThreadCpu {
+    /// Threads that existed before the work, other than the caller.
+    preexisting: HashSet<u32>,
+    /// Ticks at the start of the measured span.
+    at_start: HashMap<u32, u64>,
+}
+
+impl ThreadCpu {
+    /// Call on the thread doing the work, before it starts threads.
+    pub fn new() -> ThreadCpu {
+        let me = current_thread_id();
+        let ticks = own_thread_ticks();
+        ThreadCpu {
+            preexisting: ticks.keys().copied().filter(|t| Some(*t) != me).collect(),
+            at_start: ticks,
+        }
+    }
+
+    /// Starts the measured span now (after a warm-up, say).
+    pub fn restart(&mut self) {
+        self.at_start = own_thread_ticks();
+    }
+
+    /// CPU seconds of the work's threads since the span started.
+    pub fn seconds(&self) -> f64 {
+        let ticks: u64 = own_thread_ticks()
+            .iter()
+            .filter(|(tid, _)| !self.preexisting.contains(tid))
+            .map(|(tid, t)| t.saturating_sub(self.at_start.get(tid).copied().unwrap_or(0)))
+            .sum();
+        ticks as f64 / 100.0
+    }
+}
+
+impl Default for ThreadCpu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One memory sample of a process during a drain.
+#[derive(Clone, Copy, Debug)]
+pub struct RssSample {
+    pub elapsed_s: f64,
+    /// Events acknowledged so far (the relay's `relay_events_total`).
+    pub progress: u64,
+    pub rss_kib: u64,
+}
+
+/// VmRSS over time, with the progress at each sample, so "flat" can be
+/// read off: RSS at 10 %, 25 %, … of the work, and the spread after warm-up.
+#[derive(Clone, Debug, Default)]
+pub struct RssSeries {
+    pub samples: Vec<RssSample>,
+}
+
+impl RssSeries {
+    pub fn push(&mut self, elapsed_s: f64, progress: u64, rss_kib: u64) {
+        self.samples.push(RssSample {
+            elapsed_s,
+            progress,
+            rss_kib,
+        });
+    }
+
+    /// RSS of the first sample at or past `fraction` of `total`.
+    pub fn at_progress(&self, fraction: f64, total: u64) -> Option<u64> {
+        let needed = (fraction * total as f64).ceil() as u64;
+        self.samples
+            .iter()
+            .find(|s| s.progress >= needed.max(1))
+            .map(|s| s.rss_kib)
+    }
+
+    /// Highest RSS while nothing was acknowledged yet (start-up, and
+    /// Postgres decoding a large transaction before sending it).
+    pub fn max_before_first_ack(&self) -> Option<u64> {
+        self.samples
+            .iter()
+            .take_while(|s| s.progress == 0)
+            .map(|s| s.rss_kib)
+            .max()
+    }
+
+    /// Lowest and highest RSS from `fraction` of `total` to the end.
+    pub fn range_from(&self, fraction: f64, total: u64) -> Option<(u64, u64)> {
+        let needed = (fraction * total as f64).ceil() as u64;
+        let rss = self
+            .samples
+            .iter()
+            .filter(|s| s.progress >= needed.max(1))
+            .map(|s| s.rss_kib);
+        let (mut lo, mut hi) = (u64::MAX, 0);
+        for r in rss {
+            lo = lo.min(r);
+            hi = hi.max(r);
+        }
+        (hi > 0).then_some((lo, hi))
+    }
+
+    pub fn max(&self) -> Option<u64> {
+        self.samples.iter().map(|s| s.rss_kib).max()
+    }
+
+    /// Appends the samples as CSV rows `run,elapsed_s,progress,rss_kib`
+    /// (writing the header when the file is new).
+    pub fn append_csv(&self, path: &Path, run: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let new = !path.exists();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if new {
+            writeln!(f, "run,elapsed_s,progress,rss_kib")?;
+        }
+        for s in &self.samples {
+            writeln!(f, "{run},{:.3},{},{}", s.elapsed_s, s.progress, s.rss_kib)?;
+        }
+        Ok(())
+    }
+}
+
+/// The release relay binary, running as a child process with its HTTP
+/// endpoint on a free local port.
+pub struct RelayProcess {
+    pub child: tokio::process::Child,
+    pub pid: u32,
+    pub addr: SocketAddr,
+    pub started: Instant,
+}
+
+impl RelayProcess {
+    /// Starts `relay_bin` streaming `slot` to `topic`; `extra` are further
+    /// relay options. Logs at warn so the benchmark's output stays readable.
+    pub fn spawn(
+        relay_bin: &Path,
+        database_url: &str,
+        slot: &str,
+        topic: &str,
+        bootstrap: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<RelayProcess> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let started = Instant::now();
+        let child = tokio::process::Command::new(relay_bin)
+            .args(["--database-url", database_url, "--slot", slot])
+            .args(["--topic", topic, "--kafka-bootstrap-servers", bootstrap])
+            .args(["--listen", &addr.to_string()])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (build it: cargo build --release -p relay --bin relay)",
+                    relay_bin.display()
+                )
+            })?;
+        let pid = child.id().context("relay pid")?;
+        Ok(RelayProcess {
+            child,
+            pid,
+            addr,
+            started,
+        })
+    }
+
+    /// Fails when the relay exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("relay exited early: {status}");
+        }
+        Ok(())
+    }
+
+    /// The relay's `/metrics` text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        http_get(self.addr, "/metrics").await
+    }
+
+    /// `relay_events_total{topic="…"}`: records Kafka acknowledged.
+    pub async fn events_total(&self, topic: &str) -> Option<u64> {
+        let body = self.metrics().await.ok()?;
+        metric_value(&body, &format!("relay_events_total{{topic=\"{topic}\"}}")).map(|v| v as u64)
+    }
+
+    /// Waits (up to `timeout`) until the relay streams its slot.
+    pub async fn wait_connected(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_running()?;
+            if let Ok(body) = self.metrics().await {
+                if metric_value(&body, "relay_connected") == Some(1.0) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("relay did not connect within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the relay (SIGKILL) and reaps it.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
+/// The value of the sample `name` (with its labels, exactly as printed)
+/// in a Prometheus text body.
+pub fn metric_value(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}
+
+/// A minimal HTTP/1.1 GET (no client dependency, no connection reuse).
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    Ok(buf)
+}
+
+/// Producer settings of the relay's sink in its default (non-transactional,
+/// exactly-once) mode, as `relay/src/sink.rs` `KafkaConfig::producer_config`
+/// sets them: idempotent, `acks=all`, gapless, never timing a record out,
+/// `linger.ms=2`, a queue of up to 1M records / 1 GiB, no compression
+/// (librdkafka's default). Keep the two in step.
+pub fn relay_like_producer_config(bootstrap: &str) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("enable.gapless.guarantee", "true")
+        .set("message.timeout.ms", "0")
+        .set("linger.ms", "2")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "1048576");
+    cfg
+}
