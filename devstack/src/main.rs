@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use lifecycle::parse_duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
 use rdkafka::ClientConfig;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -71,20 +74,17 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         idle: Duration,
     },
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("invalid duration {s:?}: use ms, s or m")),
-    }
+    /// Run librdkafka's mock cluster (an in-memory Kafka-protocol broker)
+    /// until Ctrl-C/SIGTERM, with one topic; prints `bootstrap HOST:PORT`.
+    /// Benchmarks use it to measure the relay without the stack's broker.
+    MockCluster {
+        #[arg(long, default_value_t = 1)]
+        brokers: i32,
+        #[arg(long, env = "OUTBOX_TOPIC", default_value = "microshop.order-outbox")]
+        topic: String,
+        #[arg(long, default_value_t = 12)]
+        partitions: i32,
+    },
 }
 
 #[tokio::main]
@@ -146,6 +146,19 @@ async fn main() -> anyhow::Result<()> {
                     None => break,
                 }
             }
+        }
+        Command::MockCluster {
+            brokers,
+            topic,
+            partitions,
+        } => {
+            let mock = MockCluster::new(brokers).context("starting the mock cluster")?;
+            mock.create_topic(&topic, partitions, brokers.min(3))
+                .context("creating the topic")?;
+            println!("bootstrap {}", mock.bootstrap_servers());
+            let stop = CancellationToken::new();
+            tokio::spawn(lifecycle::on_signal(stop.clone()));
+            stop.cancelled().await;
         }
     }
     Ok(())
