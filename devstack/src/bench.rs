@@ -1,7 +1,8 @@
 //! What the benchmark programs (`relay/examples/*`) share: reading a
 //! process's memory and CPU from `/proc`, running the release relay as a
 //! child process and reading its `/metrics`, and a Kafka producer
-//! configured like the relay's sink.
+//! configured like the relay's sink that counts its acknowledgements, and a
+//! scratch database per run.
 //!
 //! ```text
 //!   benchmark ──spawn──▶ relay (release binary) ──/metrics──▶ RelayProcess::events_total
@@ -17,8 +18,15 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use anyhow::{bail, Context};
+use rdkafka::client::ClientContext;
+use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::ClientConfig;
+
+use crate::testing::{connect, unique_name, url_for_database};
 
 /// A `VmXXX:` line of `/proc/PID/status`, in KiB.
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
@@ -341,4 +349,82 @@ pub fn relay_like_producer_config(bootstrap: &str) -> ClientConfig {
         .set("queue.buffering.max.messages", "1000000")
         .set("queue.buffering.max.kbytes", "1048576");
     cfg
+}
+
+/// A database made for one benchmark run, dropped (with its replication
+/// slots) by [`ScratchDb::drop_with_slots`].
+pub struct ScratchDb {
+    admin: tokio_postgres::Client,
+    pub name: String,
+    /// URL of the scratch database (same server and user as the admin URL).
+    pub url: String,
+}
+
+impl ScratchDb {
+    /// `CREATE DATABASE <prefix>_…` through `admin_url` (a superuser URL).
+    pub async fn create(admin_url: &str, prefix: &str) -> anyhow::Result<ScratchDb> {
+        let name = unique_name(prefix);
+        let admin = connect(admin_url).await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+        let url = url_for_database(admin_url, &name);
+        Ok(ScratchDb { admin, name, url })
+    }
+
+    /// Drops `slots` (waiting up to 10 s for each to become inactive: a
+    /// slot stays active until its walsender notices the client left), then
+    /// the database. Best effort: a benchmark's result matters more.
+    pub async fn drop_with_slots(self, slots: &[String]) {
+        if let Ok(db) = connect(&self.url).await {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            for slot in slots {
+                while db
+                    .execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                        &[slot],
+                    )
+                    .await
+                    .is_err()
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let _ = self
+            .admin
+            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .await;
+    }
+}
+
+/// Delivery reports counted by a [`CountingContext`] producer.
+#[derive(Debug, Default)]
+pub struct AckCounter {
+    pub acked: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl AckCounter {
+    /// Records acknowledged or failed so far.
+    pub fn reported(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// A producer context that counts delivery reports into an [`AckCounter`].
+pub struct CountingContext(pub Arc<AckCounter>);
+
+impl ClientContext for CountingContext {}
+
+impl ProducerContext for CountingContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.0.acked.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.0.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
 }

@@ -4,6 +4,8 @@
 //! the same way (`RUST_LOG`, text or JSON, on stderr); error chains for
 //! messages; and durations on the command line.
 
+use std::future::Future;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -61,6 +63,48 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .map(Duration::from_secs)
             .ok_or_else(|| format!("duration {s:?} is too long")),
         _ => Err(format!("invalid duration {s:?}: unit must be ms, s or m")),
+    }
+}
+
+/// The body of a service binary's `main`: a multi-thread runtime, `run`
+/// on a worker thread with a token cancelled on Ctrl-C or SIGTERM, and the
+/// exit status: failure, after `<name>: <error chain>` on stderr, if `run`
+/// fails or panics.
+///
+/// On a worker thread rather than `block_on`'s: there a task polls the
+/// sockets it waits on itself instead of being woken across threads.
+pub fn serve<F, Fut, E>(name: &str, run: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::error::Error + Send + 'static,
+{
+    block_on(name, async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(on_signal(shutdown.clone()));
+        match tokio::spawn(run(shutdown)).await {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) => {
+                eprintln!("{name}: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+            Err(panic) => {
+                eprintln!("{name}: the main task panicked: {panic}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Runs `command` (e.g. an operator subcommand) to completion on a new
+/// runtime; failure if the runtime cannot start.
+pub fn block_on(name: &str, command: impl Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(command),
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

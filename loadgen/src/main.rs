@@ -12,14 +12,7 @@ use loadgen::config::Config;
 fn main() -> ExitCode {
     let cfg = Config::parse();
     lifecycle::init_logging(cfg.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("loadgen: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
+    lifecycle::block_on("loadgen", async {
         let shutdown = CancellationToken::new();
         tokio::spawn(lifecycle::on_signal(shutdown.clone()));
         let first = shutdown.clone();

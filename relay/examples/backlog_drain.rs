@@ -60,22 +60,21 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use devstack::bench::{
-    cpu_seconds, peak_rss_kib, relay_like_producer_config, rss_kib, RelayProcess, RssSeries,
-    ThreadCpu,
+    cpu_seconds, peak_rss_kib, relay_like_producer_config, rss_kib, AckCounter, CountingContext,
+    RelayProcess, RssSeries, ScratchDb, ThreadCpu,
 };
 use devstack::kafka::{Record, TopicReader};
-use devstack::testing::{connect, redact, unique_name, url_for_database};
-use rdkafka::client::ClientContext;
+use devstack::testing::{connect, redact, unique_name};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, ThreadedProducer};
 use tokio_postgres::Client;
 
 /// One drain of the backlog.
@@ -240,34 +239,11 @@ impl WalSender {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let db_name = unique_name("bench");
-    let admin = connect(&args.database_url).await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db_name}"))
-        .await?;
-    let url = url_for_database(&args.database_url, &db_name);
-    let result = bench(&args, &url, &db_name).await;
+    let db = ScratchDb::create(&args.database_url, "bench").await?;
+    let result = bench(&args, &db.url, &db.name).await;
     if !args.keep {
-        let db = connect(&url).await?;
-        // A slot stays active until its walsender notices the client left.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for slot in slot_names(&db_name) {
-            while db
-                .execute(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
-                )
-                .await
-                .is_err()
-                && Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        drop(db);
-        let _ = admin
-            .batch_execute(&format!("DROP DATABASE {db_name} WITH (FORCE)"))
-            .await;
+        let slots = slot_names(&db.name);
+        db.drop_with_slots(&slots).await;
     }
     result
 }
@@ -855,28 +831,6 @@ async fn records_from_db(url: &str, args: &Args) -> anyhow::Result<Arc<Vec<Recor
     Ok(Arc::new(out))
 }
 
-/// Counts delivery reports of the bare producer.
-#[derive(Default)]
-struct AckCounter {
-    acked: AtomicU64,
-    failed: AtomicU64,
-}
-
-struct Counting(Arc<AckCounter>);
-
-impl ClientContext for Counting {}
-
-impl ProducerContext for Counting {
-    type DeliveryOpaque = ();
-
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => self.0.acked.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.0.failed.fetch_add(1, Ordering::Relaxed),
-        };
-    }
-}
-
 /// The broker's ceiling: a bare rdkafka producer with the relay's settings
 /// sends `records` (same key, value, headers and partition as the relay's)
 /// to `topic` as fast as librdkafka takes them, timed from creating the
@@ -894,8 +848,8 @@ async fn run_bare(
         let mut cpu = ThreadCpu::new();
         let created = Instant::now();
         let counter = Arc::new(AckCounter::default());
-        let producer: ThreadedProducer<Counting> = relay_like_producer_config(&bootstrap)
-            .create_with_context(Counting(counter.clone()))
+        let producer: ThreadedProducer<CountingContext> = relay_like_producer_config(&bootstrap)
+            .create_with_context(CountingContext(counter.clone()))
             .context("creating the bare producer")?;
         // Warm-up, not timed: one record to partition 0 of the (fresh) topic,
         // acknowledged. A producer sending at once after its creation waits
@@ -910,7 +864,7 @@ async fn run_bare(
             .send(warm_up)
             .map_err(|(e, _)| e)
             .context("bare producer warm-up")?;
-        while counter.acked.load(Ordering::Relaxed) + counter.failed.load(Ordering::Relaxed) < 1 {
+        while counter.reported() < 1 {
             if created.elapsed() > Duration::from_secs(60) {
                 bail!("{name}: warm-up record not acknowledged within 60 s");
             }
@@ -948,7 +902,7 @@ async fn run_bare(
             }
         }
         let n = records.len() as u64;
-        while counter.acked.load(Ordering::Relaxed) + counter.failed.load(Ordering::Relaxed) < n {
+        while counter.reported() < n {
             if started.elapsed() > timeout {
                 bail!(
                     "{name}: {} of {n} acknowledged after {timeout:?}",

@@ -59,21 +59,22 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use devstack::bench::{relay_like_producer_config, RelayProcess};
-use devstack::testing::{connect, redact, unique_name, url_for_database};
+use devstack::bench::{
+    relay_like_producer_config, AckCounter, CountingContext, RelayProcess, ScratchDb,
+};
+use devstack::testing::{connect, redact, unique_name};
 use hdrhistogram::Histogram;
 use rand::Rng;
-use rdkafka::client::ClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use relay::config::parse_duration;
 use tokio::sync::watch;
@@ -185,33 +186,11 @@ async fn main() -> anyhow::Result<()> {
     if args.writers == 0 || args.rate <= 0.0 || args.batch_max_rows == 0 {
         bail!("--writers, --rate and --batch-max-rows must be positive");
     }
-    let db_name = unique_name("pollbench");
-    let admin = connect(&args.database_url).await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db_name}"))
-        .await?;
-    let url = url_for_database(&args.database_url, &db_name);
-    let slot = format!("{db_name}_relay");
-    let result = bench(&args, &url, &db_name, &slot).await;
+    let db = ScratchDb::create(&args.database_url, "pollbench").await?;
+    let slot = format!("{}_relay", db.name);
+    let result = bench(&args, &db.url, &db.name, &slot).await;
     if !args.keep {
-        let db = connect(&url).await?;
-        // A slot stays active until its walsender notices the client left.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while db
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .is_err()
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        drop(db);
-        let _ = admin
-            .batch_execute(&format!("DROP DATABASE {db_name} WITH (FORCE)"))
-            .await;
+        db.drop_with_slots(std::slice::from_ref(&slot)).await;
     }
     result
 }
@@ -403,28 +382,6 @@ async fn run_writers(args: &Args, url: &str) -> anyhow::Result<Vec<Vec<(i64, Ins
     Ok(all)
 }
 
-/// Counts the poller producer's acknowledgements.
-#[derive(Default)]
-struct Acks {
-    acked: AtomicU64,
-    failed: AtomicU64,
-}
-
-struct Counting(Arc<Acks>);
-
-impl ClientContext for Counting {}
-
-impl ProducerContext for Counting {
-    type DeliveryOpaque = ();
-
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => self.0.acked.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.0.failed.fetch_add(1, Ordering::Relaxed),
-        };
-    }
-}
-
 /// The polling baseline (see the header): polls until a poll that started
 /// after the writers finished has completed and its records are acked.
 #[allow(clippy::too_many_arguments)]
@@ -439,9 +396,9 @@ async fn run_poller(
     mut writers_done: watch::Receiver<Option<Instant>>,
 ) -> anyhow::Result<PollerReport> {
     let mut client = connect(&url).await?;
-    let acks = Arc::new(Acks::default());
-    let producer: ThreadedProducer<Counting> = relay_like_producer_config(&bootstrap)
-        .create_with_context(Counting(acks.clone()))
+    let acks = Arc::new(AckCounter::default());
+    let producer: ThreadedProducer<CountingContext> = relay_like_producer_config(&bootstrap)
+        .create_with_context(CountingContext(acks.clone()))
         .context("creating the poller's producer")?;
     let columns = "SELECT o.id, o.user_id::text, row_to_json(o)::text FROM outbox o WHERE o.id > $1 ORDER BY o.id ASC";
     let unbounded = client.prepare(columns).await?;
@@ -523,7 +480,7 @@ async fn run_poller(
 /// `user_id`, value: the row as JSON, partition as the relay picks it);
 /// returns the highest id.
 fn produce(
-    producer: &ThreadedProducer<Counting>,
+    producer: &ThreadedProducer<CountingContext>,
     topic: &str,
     partitions: i32,
     rows: &[tokio_postgres::Row],

@@ -2,7 +2,6 @@
 //! or, with `relay slot status|drop`, an operator command.
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 use relay::config::{Command, Config, SlotAction};
 use relay::replication::ConnectParams;
@@ -11,34 +10,10 @@ use relay::slot_admin;
 fn main() -> std::process::ExitCode {
     let cfg = Config::parse();
     lifecycle::init_logging(cfg.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("relay: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
     if let Some(Command::Slot { action }) = cfg.command.clone() {
-        return runtime.block_on(slot_command(&cfg, action));
+        return lifecycle::block_on("relay", slot_command(&cfg, action));
     }
-    runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(lifecycle::on_signal(shutdown.clone()));
-        // On a worker thread, not block_on's: there the pipeline polls the
-        // sockets it waits on itself instead of being woken across threads
-        // for every message.
-        match tokio::spawn(relay::pipeline::run(cfg, shutdown)).await {
-            Ok(Ok(())) => std::process::ExitCode::SUCCESS,
-            Ok(Err(e)) => {
-                eprintln!("relay: {}", relay::pipeline::error_chain(&e));
-                std::process::ExitCode::FAILURE
-            }
-            Err(panic) => {
-                eprintln!("relay: the pipeline task panicked: {panic}");
-                std::process::ExitCode::FAILURE
-            }
-        }
-    })
+    lifecycle::serve("relay", |shutdown| relay::pipeline::run(cfg, shutdown))
 }
 
 async fn slot_command(cfg: &Config, action: SlotAction) -> std::process::ExitCode {
