@@ -1,14 +1,15 @@
-//! Pipeline: the consumer loop. Owns the Kafka consumer, hands each record
-//! to its partition's worker, and each worker stores a record's offset once
-//! the record was handled; serves `/metrics` and `/healthz` alongside.
+//! Pipeline: the consumer loop. Owns the Kafka consumer, gives each
+//! partition of the topic its own librdkafka queue and worker, and each
+//! worker stores a record's offset once the record was handled; serves
+//! `/metrics` and `/healthz` alongside.
 //!
 //! ```text
-//!                      ┌─▶ worker p0: handle ─▶ handle ─▶ … ─┐ store_offset(p, o+1)
-//!  Kafka ──recv──▶ loop ┼─▶ worker p1: handle ─▶ …           ├───────────────┐
-//!  (group notifier)     └─▶ worker p2: …                    ─┘               ▼
-//!        ▲                                              commit stored offsets: every
-//!        └───────────────────────────────────────────── --commit-interval, on revoke,
-//!                                                       on shutdown
+//!                 ┌─ partition queue p0 ──▶ worker p0: handle ─▶ handle ─▶ … ─┐ store_offset(p, o+1)
+//!  Kafka ─fetch─▶ ┼─ partition queue p1 ──▶ worker p1: handle ─▶ …           ├──────────────┐
+//!  (group         └─ partition queue p2 ──▶ worker p2: …                    ─┘              ▼
+//!   notifier)      main queue ──▶ loop: rebalances, errors              commit stored offsets: every
+//!                                                                       --commit-interval, on revoke,
+//!                                                                       on shutdown
 //! ```
 //!
 //! Offsets: `enable.auto.offset.store=false`, so librdkafka commits only
@@ -17,40 +18,58 @@
 //! returned — so per partition, the stored offset never passes an unhandled
 //! record, and a record retried after a transient failure holds back every
 //! later record of its partition. Partitions proceed independently (one
-//! slow SMTP conversation does not serialize the others); queues are bounded,
-//! so a stuck partition eventually stops the loop taking records.
+//! slow SMTP conversation does not serialize the others).
 //!
-//! Rebalances: librdkafka runs the rebalance callback inside `recv`. On
-//! revocation the callback first retires the revoked partitions' current
-//! assignment (their workers drop records still queued for it: the next
-//! owner reads them again from the committed offset), then commits the
-//! stored offsets synchronously, so the next owner starts right after the
-//! last handled record. A record in flight at that moment finishes; its
-//! offset is not committed, so the next owner gets it again and the inbox
-//! turns it into a duplicate (its row lock makes the next owner wait for
-//! the in-flight send to end). Likewise after a crash, or after a worker
-//! stuck in retries past `max.poll.interval.ms` made librdkafka leave the
-//! group: redelivered records become duplicates, not second emails.
+//! Flow control: each partition's records arrive on that partition's own
+//! librdkafka queue (`split_partition_queue`), and librdkafka stops
+//! fetching a partition while its queue holds `queued.min.messages`
+//! records, then fetches on from where it stopped. Nothing is paused,
+//! resumed or re-fetched. The notifier used to pause a partition whose
+//! worker fell 64 records behind and resume it later; a resume restarts
+//! the fetch at the last record the application took, which can lie inside
+//! a record batch, and a broker that answers such a fetch with the *next*
+//! batch (Tansu 0.6.0 did) silently skips the rest of that batch: a quarter
+//! of every burst went unhandled while the committed offsets moved past
+//! it. With per-partition queues there is no fetch position but the one the
+//! fetcher advanced itself, on any broker.
+//!
+//! Partitions: the queues are split off before the first assignment, for
+//! every partition the topic has, and for partitions added later when a
+//! metadata refresh (every [`PARTITION_REFRESH`]) finds them. A record that
+//! still reaches the main queue (a partition assigned before the refresh
+//! saw it) is not handled there: its partition gets a queue and is sought
+//! back to that record, so it is fetched again into the new queue, in order.
+//!
+//! Rebalances: librdkafka runs the rebalance callback inside the main
+//! queue's `recv`. On revocation the callback marks the partitions as no
+//! longer owned (workers skip records of a partition they do not own; the
+//! fetch of a revoked partition stops and what it had queued is dropped by
+//! librdkafka), then commits the stored offsets synchronously, so the next
+//! owner starts right after the last handled record. A record in flight at
+//! that moment finishes; its offset is not committed, so the next owner
+//! gets it again and the inbox turns it into a duplicate (its row lock
+//! makes the next owner wait for the in-flight send to end). Likewise after
+//! a crash, or after a worker stuck in retries past `max.poll.interval.ms`
+//! made librdkafka leave the group: redelivered records become duplicates,
+//! not second emails.
 //!
 //! Event loop priorities (`select!` is biased): shutdown first, then the
-//! next record. Shutdown interrupts a handler only while it waits between
+//! main queue. Shutdown interrupts a handler only while it waits between
 //! retries, never in the middle of a send; the workers are joined, stored
 //! offsets committed, and the consumer leaves the group.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedMessage;
-use rdkafka::{ClientContext, Message, TopicPartitionList};
-use tokio::sync::mpsc;
+use rdkafka::{ClientContext, Message, Offset};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -85,8 +104,8 @@ pub enum NotifierError {
     Dlq(#[from] DlqError),
     #[error("inbox")]
     Inbox(#[source] InboxError),
-    #[error("the worker of partition {partition} ended unexpectedly")]
-    Worker { partition: i32 },
+    #[error("partition {partition} of the topic has no queue to split off")]
+    PartitionQueue { partition: i32 },
 }
 
 /// Runs the notifier until `shutdown` is cancelled (Ok) or a definite error.
@@ -132,37 +151,39 @@ pub async fn run_with(
     result
 }
 
-/// A partition with this many records queued for its worker is paused
-/// (librdkafka stops fetching it) ...
-const QUEUE_HIGH: usize = 64;
-/// ... and resumed once its worker is down to this many.
-const QUEUE_LOW: usize = 16;
+/// How often the topic's partition count is looked up again, so that
+/// partitions added to the topic get their own queue before they are
+/// assigned.
+const PARTITION_REFRESH: Duration = Duration::from_secs(10);
 
-/// The partitions this instance owns, each with the generation of its
-/// current assignment; records of a retired generation are not handled.
+/// Records librdkafka keeps fetched ahead per partition, unless
+/// `--kafka-property queued.min.messages=…` says otherwise: enough to keep
+/// a worker busy between fetches, small enough that a stuck partition holds
+/// little memory.
+const PREFETCH_RECORDS: &str = "1000";
+
+/// The partitions this instance owns (updated by the rebalance callback).
 #[derive(Default)]
 struct Assignment {
-    generations: Mutex<HashMap<i32, u64>>,
-    next: AtomicU64,
+    owned: Mutex<HashSet<i32>>,
 }
 
 impl Assignment {
     fn assign(&self, partition: i32) {
-        let generation = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(partition, generation);
+        self.lock().insert(partition);
     }
 
     fn revoke(&self, partition: i32) {
         self.lock().remove(&partition);
     }
 
-    fn current(&self, partition: i32) -> Option<u64> {
-        self.lock().get(&partition).copied()
+    fn owns(&self, partition: i32) -> bool {
+        self.lock().contains(&partition)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, u64>> {
-        // A panic while holding this lock cannot leave the map half-updated.
-        self.generations.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
+        // A panic while holding this lock cannot leave the set half-updated.
+        self.owned.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -245,6 +266,9 @@ fn consumer_config(cfg: &Config) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
+        .set("queued.min.messages", PREFETCH_RECORDS)
+        // A full partition queue is checked again this soon (default 1 s).
+        .set("fetch.queue.backoff.ms", "20")
         .set(
             "fetch.wait.max.ms",
             cfg.fetch_max_wait.as_millis().clamp(0, 300_000).to_string(),
@@ -280,57 +304,91 @@ impl Parts {
     }
 }
 
-/// A record for a worker, tagged with the assignment it was read under.
-struct Work {
-    msg: OwnedMessage,
-    generation: u64,
-}
+type PartitionQueue = StreamPartitionQueue<NotifierContext>;
 
-struct Worker {
-    tx: mpsc::UnboundedSender<Work>,
-    queue: Arc<QueueState>,
-    task: JoinHandle<()>,
-}
-
-/// Flow control of one partition's queue: the loop never waits for a
-/// worker (records of one partition arrive in long runs; waiting on a full
-/// queue would serialize the partitions); it pauses the partition instead,
-/// and the worker resumes it.
-struct QueueState {
+/// The workers, one per partition of the topic, each reading its
+/// partition's queue.
+struct Workers {
     topic: String,
-    partition: i32,
-    queued: AtomicUsize,
-    paused: AtomicBool,
+    consumer: Arc<NotifierConsumer>,
+    parts: Parts,
+    assignment: Arc<Assignment>,
+    stop: CancellationToken,
+    running: HashMap<i32, JoinHandle<()>>,
 }
 
-impl QueueState {
-    fn tpl(&self) -> TopicPartitionList {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.topic, self.partition);
-        tpl
+impl Workers {
+    /// Splits off the queue of `partition` and starts its worker, unless it
+    /// has one. Returns whether a worker was started.
+    fn ensure(&mut self, partition: i32) -> Result<bool, NotifierError> {
+        if self.running.contains_key(&partition) {
+            return Ok(false);
+        }
+        let queue = self
+            .consumer
+            .split_partition_queue(&self.topic, partition)
+            .ok_or(NotifierError::PartitionQueue { partition })?;
+        let task = tokio::spawn(work(
+            partition,
+            queue,
+            self.parts.handler(),
+            self.consumer.clone(),
+            self.assignment.clone(),
+            self.stop.clone(),
+        ));
+        self.running.insert(partition, task);
+        Ok(true)
     }
 
-    /// A record was queued (called by the loop).
-    fn pushed(&self, consumer: &NotifierConsumer) {
-        let queued = self.queued.fetch_add(1, Ordering::AcqRel) + 1;
-        if queued >= QUEUE_HIGH && !self.paused.swap(true, Ordering::AcqRel) {
-            tracing::debug!(partition = self.partition, queued, "pausing partition");
-            if let Err(e) = consumer.pause(&self.tpl()) {
-                tracing::debug!(partition = self.partition, error = %e, "pausing partition failed");
+    /// Starts workers for partitions `0..count` that have none.
+    fn ensure_all(&mut self, count: i32) -> Result<(), NotifierError> {
+        for partition in 0..count {
+            self.ensure(partition)?;
+        }
+        Ok(())
+    }
+
+    /// Stops every worker and waits for it (a handler mid-send finishes).
+    async fn join(self) {
+        self.stop.cancel();
+        for (partition, task) in self.running {
+            if let Err(e) = task.await {
+                tracing::error!(partition, error = %e, "partition worker failed");
             }
         }
     }
+}
 
-    /// A record was taken (called by the worker). While paused, the queue
-    /// holds more than `QUEUE_LOW` records, so the worker gets here again
-    /// before it runs dry.
-    fn taken(&self, consumer: &NotifierConsumer) {
-        let queued = self.queued.fetch_sub(1, Ordering::AcqRel) - 1;
-        if queued <= QUEUE_LOW && self.paused.swap(false, Ordering::AcqRel) {
-            tracing::debug!(partition = self.partition, queued, "resuming partition");
-            if let Err(e) = consumer.resume(&self.tpl()) {
-                tracing::debug!(partition = self.partition, error = %e, "resuming partition failed");
-            }
+/// The number of partitions of `topic`, from the cluster's metadata; `None`
+/// while the topic does not exist (yet) or the cluster cannot be reached.
+async fn partition_count(consumer: &Arc<NotifierConsumer>, topic: &str) -> Option<i32> {
+    let consumer = consumer.clone();
+    let topic = topic.to_owned();
+    let looked_up = tokio::task::spawn_blocking(move || {
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        let t = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or_else(|| "topic not in metadata".to_owned())?;
+        if let Some(e) = t.error() {
+            return Err(format!("{:?}", RDKafkaErrorCode::from(e)));
+        }
+        Ok(t.partitions().len() as i32)
+    })
+    .await;
+    match looked_up {
+        Ok(Ok(n)) if n > 0 => Some(n),
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "looking up the topic's partitions");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "looking up the topic's partitions");
+            None
         }
     }
 }
@@ -389,17 +447,13 @@ async fn consume(
             })
             .map_err(NotifierError::Kafka)?,
     );
-    consumer
-        .subscribe(&[&cfg.topic])
-        .map_err(NotifierError::Kafka)?;
     tracing::info!(
         topic = %cfg.topic,
         group = %cfg.group,
         dlq_topic = %dlq.topic(),
         mailer = %mailer.describe(),
-        "notifier consuming"
+        "notifier starting"
     );
-
     let parts = Parts {
         composer,
         mailer,
@@ -410,21 +464,80 @@ async fn consume(
     };
     // Stops the workers on shutdown and on any other way out of the loop.
     let stop = shutdown.child_token();
-    let mut workers: HashMap<i32, Worker> = HashMap::new();
+    let mut workers = Workers {
+        topic: cfg.topic.clone(),
+        consumer: consumer.clone(),
+        parts,
+        assignment,
+        stop: stop.clone(),
+        running: HashMap::new(),
+    };
+
+    // Every partition gets its queue before the group assigns any.
+    let mut attempt = 0;
+    let mut partitions = loop {
+        if let Some(n) = partition_count(&consumer, &cfg.topic).await {
+            break n;
+        }
+        attempt += 1;
+        if attempt == 1 || attempt % 30 == 0 {
+            tracing::warn!(topic = %cfg.topic, "topic not found (or the cluster not reachable); waiting for it");
+        }
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                workers.join().await;
+                return Ok(());
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
+    workers.ensure_all(partitions)?;
+    consumer
+        .subscribe(&[&cfg.topic])
+        .map_err(NotifierError::Kafka)?;
+    tracing::info!(topic = %cfg.topic, partitions, "notifier consuming");
+
+    let mut refresh = tokio::time::interval(PARTITION_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    refresh.reset();
     let result = loop {
         let received = tokio::select! {
             biased;
             _ = stop.cancelled() => break Ok(()),
+            _ = refresh.tick() => {
+                if let Some(n) = partition_count(&consumer, &cfg.topic).await {
+                    if n > partitions {
+                        tracing::info!(from = partitions, to = n, "the topic has more partitions; starting their workers");
+                        partitions = n;
+                        if let Err(e) = workers.ensure_all(n) {
+                            break Err(e);
+                        }
+                    }
+                }
+                continue;
+            }
             r = consumer.recv() => r,
         };
-        let msg = match received {
+        match received {
+            // Only a partition without its own queue yet delivers here: give
+            // it one and fetch this record again into it, so it is handled
+            // in order with the ones after it.
             Ok(m) => {
-                tracing::trace!(
-                    partition = m.partition(),
-                    offset = m.offset(),
-                    "record received"
-                );
-                m.detach()
+                let (partition, offset) = (m.partition(), m.offset());
+                let topic = m.topic().to_owned();
+                drop(m);
+                tracing::info!(partition, offset, "record of a partition without a worker; starting one and fetching again from this record");
+                if let Err(e) = workers.ensure(partition) {
+                    break Err(e);
+                }
+                partitions = partitions.max(partition + 1);
+                if let Err(e) =
+                    consumer.seek(&topic, partition, Offset::Offset(offset), Duration::ZERO)
+                {
+                    tracing::warn!(partition, offset, error = %e, "seeking back failed; leaving the partition to a restart of the consumer");
+                    break Err(NotifierError::Kafka(e));
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "kafka consumer error");
@@ -433,47 +546,11 @@ async fn consume(
                     _ = stop.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
-                continue;
             }
-        };
-        let partition = msg.partition();
-        let Some(generation) = assignment.current(partition) else {
-            tracing::debug!(partition, "record of a partition not assigned; dropped");
-            continue;
-        };
-        let worker = workers.entry(partition).or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let queue = Arc::new(QueueState {
-                topic: msg.topic().to_owned(),
-                partition,
-                queued: AtomicUsize::new(0),
-                paused: AtomicBool::new(false),
-            });
-            let task = tokio::spawn(work(
-                rx,
-                queue.clone(),
-                parts.handler(),
-                consumer.clone(),
-                assignment.clone(),
-                stop.clone(),
-            ));
-            Worker { tx, queue, task }
-        });
-        // Counted before it is sent: the worker may take it (and count it
-        // out) before send returns.
-        worker.queue.pushed(&consumer);
-        if worker.tx.send(Work { msg, generation }).is_err() {
-            break Err(NotifierError::Worker { partition });
         }
     };
 
-    stop.cancel();
-    for (partition, worker) in workers {
-        drop(worker.tx);
-        if let Err(e) = worker.task.await {
-            tracing::error!(partition, error = %e, "partition worker failed");
-        }
-    }
+    workers.join().await;
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => tracing::info!("committed handled offsets"),
         Err(e) if is_no_offset(&e) => {}
@@ -486,36 +563,39 @@ async fn consume(
     result
 }
 
-/// One partition's worker: handles its records in order, storing each
-/// offset once handled; drops records of a retired assignment.
+/// One partition's worker: handles the records of its partition queue in
+/// order, storing each offset once handled; skips records of a partition
+/// this instance no longer owns.
 async fn work(
-    mut rx: mpsc::UnboundedReceiver<Work>,
-    queue: Arc<QueueState>,
+    partition: i32,
+    queue: PartitionQueue,
     mut handler: Handler,
     consumer: Arc<NotifierConsumer>,
     assignment: Arc<Assignment>,
     stop: CancellationToken,
 ) {
     loop {
-        let work = tokio::select! {
+        let received = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            w = rx.recv() => match w {
-                Some(w) => w,
-                None => break,
-            },
+            r = queue.recv() => r,
         };
-        queue.taken(&consumer);
-        let partition = queue.partition;
-        if assignment.current(partition) != Some(work.generation) {
+        let msg = match received {
+            Ok(m) => m.detach(),
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "kafka consumer error");
+                continue;
+            }
+        };
+        if !assignment.owns(partition) {
             tracing::debug!(
                 partition,
-                offset = work.msg.offset(),
-                "partition revoked since this record was read; left to its next owner"
+                offset = msg.offset(),
+                "partition revoked since this record was fetched; left to its next owner"
             );
             continue;
         }
-        let msg = work.msg;
+        tracing::trace!(partition, offset = msg.offset(), "record received");
         match handler.handle(&msg, &stop).await {
             Ok(_) => {
                 // Stores offset + 1: the next record to read.
@@ -532,4 +612,6 @@ async fn work(
             Err(Interrupted) => break,
         }
     }
+    // The queue (and its reference to the consumer) goes with the worker.
+    drop(queue);
 }

@@ -1,4 +1,4 @@
-//! The notifier against the test stack: real broker (Tansu), real Postgres
+//! The notifier against the test stack: real broker (Apache Kafka), real Postgres
 //! (a fresh migrated database per test), real SMTP server (aiosmtpd writing
 //! a Maildir). Each test has its own topic, group and recipient domain.
 
@@ -421,18 +421,6 @@ async fn rebalance_scenario(bootstrap: &str, relay: &Relay, events: i64) -> anyh
 async fn two_instances_and_rebalances_email_each_of_1000_events_once() -> anyhow::Result<()> {
     let topic = create_topic(4).await?;
     rebalance_scenario(&kafka_bootstrap(), &Relay::new(&topic)?, 1000).await
-}
-
-/// The same on librdkafka's mock cluster with multi-record batches, which
-/// Tansu 0.6.0 cannot resume from mid-batch (see `Relay::new`).
-#[tokio::test]
-async fn rebalances_over_batched_records_on_the_mock_cluster() -> anyhow::Result<()> {
-    let cluster = rdkafka::mocking::MockCluster::new(1)?;
-    let bootstrap = cluster.bootstrap_servers();
-    let topic = unique_name("mock");
-    cluster.create_topic(&topic, 4, 1)?;
-    cluster.create_topic(&format!("{topic}.dlq"), 1, 1)?;
-    rebalance_scenario(&bootstrap, &Relay::on(&bootstrap, &topic, 100)?, 400).await
 }
 
 #[tokio::test]

@@ -10,8 +10,9 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CACHE_DIR=${OUTBOX_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay}
-TANSU_VERSION=0.6.0
-TANSU_BIN=$CACHE_DIR/tansu-$TANSU_VERSION/bin/tansu
+# The version is pinned in kafka/pom.xml; the jars are copied once into the cache.
+KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$ROOT/kafka/pom.xml")
+KAFKA_LIBS=$CACHE_DIR/kafka-$KAFKA_VERSION/libs
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 SYS_PYTHON=/usr/bin/python3
 PG_SUPERUSER=outbox
@@ -48,15 +49,23 @@ ensure_packages() {
     }
 }
 
-# Tansu (Kafka-protocol broker, in-memory engine), built once into a cache
-# directory outside the clone and reused by every later run.
-ensure_tansu() {
-    [ -x "$TANSU_BIN" ] && return 0
-    log "building the Kafka-protocol broker Tansu $TANSU_VERSION into $CACHE_DIR (first time only, about 12 minutes)"
-    mkdir -p "$CACHE_DIR"
-    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
-        --root "$CACHE_DIR/tansu-$TANSU_VERSION" >"$CACHE_DIR/tansu-build.log" 2>&1 \
-        || { tail -n 30 "$CACHE_DIR/tansu-build.log" >&2; die "building Tansu failed (log: $CACHE_DIR/tansu-build.log)"; }
+# Apache Kafka's jars (broker, tools, the log4j2 binding the POMs leave out),
+# fetched once with Maven into the cache directory outside the clone and
+# reused by every later run; a Java runtime to run them.
+ensure_kafka() {
+    command -v java >/dev/null || apt_install_missing openjdk-17-jre-headless
+    [ -f "$KAFKA_LIBS/.complete" ] && return 0
+    command -v mvn >/dev/null || apt_install_missing maven
+    log "fetching Apache Kafka $KAFKA_VERSION jars into $KAFKA_LIBS (first time only, about a minute)"
+    local tmp=$KAFKA_LIBS.tmp
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    mvn -q -B -f "$ROOT/kafka/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
+        -DoutputDirectory="$tmp" >"$CACHE_DIR/kafka-fetch.log" 2>&1 \
+        || { tail -n 30 "$CACHE_DIR/kafka-fetch.log" >&2; die "fetching the Kafka jars failed (log: $CACHE_DIR/kafka-fetch.log)"; }
+    touch "$tmp/.complete"
+    rm -rf "$KAFKA_LIBS"
+    mv "$tmp" "$KAFKA_LIBS"
 }
 
 # --- processes -------------------------------------------------------------
@@ -229,21 +238,64 @@ pg_database() {
     "$DEVSTACK" migrate --database-url "$(pg_url "$db")" | sed "s/^/[$STACK_NAME] $db: /" >&2
 }
 
-# --- Kafka-protocol broker -------------------------------------------------
+# --- Apache Kafka (KRaft, combined broker + controller, one node) ----------
 
 kafka_ready() { "$DEVSTACK" metadata --bootstrap-servers "127.0.0.1:$KAFKA_PORT" --timeout 2s; }
+
+# The broker's configuration: one node that is broker and controller, data
+# under $RUN_DIR/kafka/data (kept across restarts), every internal topic at
+# replication 1. Transactions work (the relay's --kafka-transactions).
+kafka_config() {
+    local dir=$RUN_DIR/kafka
+    mkdir -p "$dir/data"
+    cat >"$dir/server.properties" <<CONF
+process.roles=broker,controller
+node.id=1
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+log.dirs=$dir/data
+num.partitions=1
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+${KAFKA_EXTRA_CONF:-}
+CONF
+}
+
+# java with the broker's class path, heap and logging; the main class and
+# its arguments follow.
+kafka_java_cmd() {
+    KAFKA_JAVA=(java -Xms"${KAFKA_HEAP:-512m}" -Xmx"${KAFKA_HEAP:-512m}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+                -Djava.awt.headless=true -Dlog4j2.configurationFile="$ROOT/kafka/log4j2.properties"
+                -cp "$KAFKA_LIBS/*")
+}
 
 kafka_start() {
     if [ -n "${EXTERNAL_KAFKA:-}" ]; then
         log "using the Kafka cluster at $KAFKA_BOOTSTRAP_SERVERS (no local broker)"
         return 0
     fi
-    ensure_tansu
-    start kafka "$TANSU_BIN" broker \
-        --storage-engine "memory://tansu/" \
-        --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-        --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT"
-    wait_healthy kafka 60 kafka_ready
+    ensure_kafka
+    kafka_config
+    kafka_java_cmd
+    local dir=$RUN_DIR/kafka
+    if [ ! -f "$dir/data/meta.properties" ]; then
+        log "formatting Kafka storage in $dir/data (KRaft, standalone controller)"
+        local id  # a cluster id: 16 random bytes, base64url without padding
+        id=$("$SYS_PYTHON" -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("="))')
+        "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format --standalone -t "$id" -c "$dir/server.properties" \
+            >"$dir/format.log" 2>&1 || { cat "$dir/format.log" >&2; die "formatting Kafka storage failed"; }
+    fi
+    start kafka "${KAFKA_JAVA[@]}" kafka.Kafka "$dir/server.properties"
+    wait_healthy kafka 90 kafka_ready
 }
 
 # --- SMTP sink -------------------------------------------------------------

@@ -160,12 +160,11 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// On the test broker, one record per batch: Tansu 0.6.0 returns
-    /// nothing when a fetch starts inside a multi-record batch, so a consumer
-    /// group resuming from a committed offset mid-batch (after a rebalance or
-    /// restart) would stall there. Real Kafka has no such limit.
+    /// On the test broker, records batched as the relay batches them under
+    /// load (up to 1000 per batch), so consumers resume from offsets inside
+    /// multi-record batches after rebalances and restarts.
     pub fn new(topic: &str) -> anyhow::Result<Relay> {
-        Relay::on(&kafka_bootstrap(), topic, 1)
+        Relay::on(&kafka_bootstrap(), topic, 1000)
     }
 
     /// Records batched up to `batch` per request.
@@ -490,6 +489,8 @@ impl Drop for OwnSmtp {
 pub struct FakeSmtp {
     pub url: String,
     pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// The `X-Outbox-Event-Id` of every accepted email, in arrival order.
+    pub event_ids: Arc<std::sync::Mutex<Vec<i64>>>,
 }
 
 impl FakeSmtp {
@@ -499,23 +500,31 @@ impl FakeSmtp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("smtp://{}", listener.local_addr()?);
         let accepted = Arc::new(AtomicUsize::new(0));
+        let event_ids = Arc::new(std::sync::Mutex::new(Vec::new()));
         let rcpts = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
+        let (counter, ids) = (accepted.clone(), event_ids.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (accepted, rcpts) = (counter.clone(), rcpts.clone());
+                let (accepted, rcpts, ids) = (counter.clone(), rcpts.clone(), ids.clone());
                 tokio::spawn(async move {
                     let (read, mut write) = stream.into_split();
                     let mut lines = BufReader::new(read).lines();
                     let _ = write.write_all(b"220 fake test server\r\n").await;
                     let mut in_data = false;
+                    let mut event_id = None;
                     while let Ok(Some(line)) = lines.next_line().await {
                         let answer = if in_data {
                             if line != "." {
+                                if let Some(v) = line.strip_prefix("X-Outbox-Event-Id:") {
+                                    event_id = v.trim().parse::<i64>().ok();
+                                }
                                 continue;
                             }
                             in_data = false;
                             accepted.fetch_add(1, Ordering::SeqCst);
+                            if let Some(id) = event_id.take() {
+                                ids.lock().unwrap().push(id);
+                            }
                             "250 queued".to_owned()
                         } else {
                             match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
@@ -545,10 +554,23 @@ impl FakeSmtp {
                 });
             }
         });
-        Ok(FakeSmtp { url, accepted })
+        Ok(FakeSmtp {
+            url,
+            accepted,
+            event_ids,
+        })
     }
 
     pub fn accepted(&self) -> usize {
         self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many emails were accepted for each event id.
+    pub fn emails_per_event(&self) -> HashMap<i64, usize> {
+        let mut per = HashMap::new();
+        for id in self.event_ids.lock().unwrap().iter() {
+            *per.entry(*id).or_insert(0) += 1;
+        }
+        per
     }
 }
