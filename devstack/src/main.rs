@@ -74,6 +74,19 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         idle: Duration,
     },
+    /// Produce each line of standard input as one record (value = the line,
+    /// no key) and wait until Kafka acknowledged every one (acks=all);
+    /// prints how many.
+    Produce {
+        #[arg(
+            long,
+            env = "KAFKA_BOOTSTRAP_SERVERS",
+            default_value = "127.0.0.1:9092"
+        )]
+        bootstrap_servers: String,
+        #[arg(long, env = "OUTBOX_TOPIC", default_value = "microshop.order-outbox")]
+        topic: String,
+    },
     /// Run librdkafka's mock cluster (an in-memory Kafka-protocol broker)
     /// until Ctrl-C/SIGTERM, with one topic; prints `bootstrap HOST:PORT`.
     /// Benchmarks use it to measure the relay without the stack's broker.
@@ -146,6 +159,37 @@ async fn main() -> anyhow::Result<()> {
                     None => break,
                 }
             }
+        }
+        Command::Produce {
+            bootstrap_servers,
+            topic,
+        } => {
+            use rdkafka::producer::{FutureProducer, FutureRecord};
+            use std::io::BufRead;
+            let producer: FutureProducer = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap_servers)
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .create()
+                .context("creating Kafka producer")?;
+            let mut acks = Vec::new();
+            for line in std::io::stdin().lock().lines() {
+                let line = line.context("reading standard input")?;
+                let record = FutureRecord::<(), str>::to(&topic).payload(&line);
+                let ack = producer
+                    .send_result(record)
+                    .map_err(|(e, _)| e)
+                    .with_context(|| format!("producing to {topic}"))?;
+                acks.push(ack);
+            }
+            let count = acks.len();
+            for ack in acks {
+                ack.await
+                    .context("producer dropped")?
+                    .map_err(|(e, _)| e)
+                    .with_context(|| format!("producing to {topic}"))?;
+            }
+            println!("produced {count} records to {topic}");
         }
         Command::MockCluster {
             brokers,

@@ -22,12 +22,12 @@
 //! second record for an already matched key is a duplicate (counted).
 //!
 //! The consumer has no group: it is assigned every partition *before* the
-//! load starts, one record below each partition's reported end (not at the
-//! end itself: Tansu 0.6.0 reports as the end the last batch's base offset
-//! plus one, and a fetch starting inside a multi-record batch returns
-//! nothing, so starting there would stall the partition). At worst a few
-//! older records are read; they match nothing. `fetch.wait.max.ms` is low so
-//! the arrival time is close to when the broker had the record.
+//! load starts, one offset below each partition's high watermark. Starting
+//! at the watermark itself would do as well; one below costs at most one
+//! older record, which matches nothing (or a transaction marker, which is
+//! never delivered), and never skips a record of the run.
+//! `fetch.wait.max.ms` is low so the arrival time is close to when the
+//! broker had the record.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};

@@ -11,7 +11,7 @@
 //!        │
 //!        ├─ recv:   pg_recvlogical --slot recv --endpos END ──▶ /dev/null          (timed to exit)
 //!        ├─ mock:   relay --slot relay_mock ──▶ librdkafka mock cluster (in this process)
-//!        ├─ broker: relay --slot relay_kafka ──▶ the stack's broker (Tansu) ──┐ (relay runs:
+//!        ├─ broker: relay --slot relay_kafka ──▶ the stack's broker (Kafka) ──┐ (relay runs:
 //!        │                                                records read back ◀─┘  timed to N acks)
 //!        ├─ bare-mock:   bare producer (this process) ──▶ fresh mock cluster        (timed to N acks)
 //!        └─ bare-broker: bare producer (this process) ──▶ stack broker, fresh topic (timed to N acks)

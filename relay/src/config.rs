@@ -105,10 +105,10 @@ pub struct Config {
     #[arg(long, env = "RELAY_DELIVERY", value_enum, default_value_t = Delivery::ExactlyOnce)]
     pub delivery: Delivery,
 
-    /// Produce whole Postgres transactions inside Kafka transactions
-    /// (real Kafka clusters; not Tansu 0.6.0): read_committed consumers never
-    /// see part of one, and transactional.id `outbox-relay.<slot>` fences an
-    /// older relay on the same slot.
+    /// Produce whole Postgres transactions inside Kafka transactions (the
+    /// broker must support them, as Apache Kafka does): read_committed
+    /// consumers never see part of one, and transactional.id
+    /// `outbox-relay.<slot>` fences an older relay on the same slot.
     #[arg(long, env = "RELAY_KAFKA_TRANSACTIONS")]
     pub kafka_transactions: bool,
 

@@ -266,6 +266,8 @@ transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# Records carry the time the broker stored them (loadgen's commit→Kafka).
+log.message.timestamp.type=LogAppendTime
 ${KAFKA_EXTRA_CONF:-}
 CONF
 }
