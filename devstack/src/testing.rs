@@ -163,3 +163,158 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The test broker's SASL_SSL listener (SCRAM-SHA-512 over TLS, ACLs
+/// enforced) and the SCRAM users of the relay and the notifier, from what
+/// `scripts/test` exports: `TEST_KAFKA_SASL_BOOTSTRAP`, `TEST_KAFKA_CA` (the
+/// CA certificate that signed the broker's), `TEST_KAFKA_RELAY_USER` and
+/// `TEST_KAFKA_RELAY_PASSWORD`, `TEST_KAFKA_NOTIFIER_USER` and
+/// `TEST_KAFKA_NOTIFIER_PASSWORD`, and `TEST_KAFKA_ACL_PREFIX`: the ACLs
+/// grant both users topics and groups (the relay also transactional ids
+/// `outbox-relay.<prefix>…`) whose names start with it, and nothing else.
+#[derive(Clone, Debug)]
+pub struct KafkaSasl {
+    pub bootstrap: String,
+    pub ca: String,
+    pub relay_user: String,
+    pub relay_password: String,
+    pub notifier_user: String,
+    pub notifier_password: String,
+    pub acl_prefix: String,
+}
+
+impl KafkaSasl {
+    pub fn from_env() -> KafkaSasl {
+        KafkaSasl {
+            bootstrap: env("TEST_KAFKA_SASL_BOOTSTRAP"),
+            ca: env("TEST_KAFKA_CA"),
+            relay_user: env("TEST_KAFKA_RELAY_USER"),
+            relay_password: env("TEST_KAFKA_RELAY_PASSWORD"),
+            notifier_user: env("TEST_KAFKA_NOTIFIER_USER"),
+            notifier_password: env("TEST_KAFKA_NOTIFIER_PASSWORD"),
+            acl_prefix: env("TEST_KAFKA_ACL_PREFIX"),
+        }
+    }
+
+    /// The `--kafka-property` options of a client logging in as `user`
+    /// with `password`, as a user of the relay or the notifier writes them.
+    pub fn properties(&self, user: &str, password: &str) -> Vec<String> {
+        [
+            "security.protocol=SASL_SSL".to_owned(),
+            "sasl.mechanism=SCRAM-SHA-512".to_owned(),
+            format!("sasl.username={user}"),
+            format!("sasl.password={password}"),
+            format!("ssl.ca.location={}", self.ca),
+        ]
+        .into_iter()
+        .flat_map(|p| ["--kafka-property".to_owned(), p])
+        .collect()
+    }
+
+    /// A unique name that the test ACLs grant (topic, group, slot).
+    pub fn granted_name(&self, prefix: &str) -> String {
+        format!("{}{}", self.acl_prefix, unique_name(prefix))
+    }
+
+    /// Every secret of the stack a log line or an HTTP answer must not show.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets = vec![self.relay_password.clone(), self.notifier_password.clone()];
+        if let Ok(cfg) = admin_url().parse::<Config>() {
+            if let Some(pw) = cfg.get_password() {
+                secrets.push(String::from_utf8_lossy(pw).into_owned());
+            }
+        }
+        secrets
+    }
+}
+
+/// A binary under test as a child process, its stderr (the logs) kept.
+pub struct Captured {
+    pub child: tokio::process::Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Captured {
+    /// Spawns `cmd` with stdin closed, stdout discarded and stderr captured.
+    pub fn spawn(mut cmd: tokio::process::Command) -> anyhow::Result<Captured> {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the binary under test")?;
+        let pipe = child.stderr.take().context("stderr is piped")?;
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let reader = tokio::spawn({
+            let stderr = stderr.clone();
+            async move {
+                let mut lines = tokio::io::BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut s = stderr.lock().unwrap_or_else(|p| p.into_inner());
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            }
+        });
+        Ok(Captured {
+            child,
+            stderr,
+            reader,
+        })
+    }
+
+    /// Everything written to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its status
+    /// and all of its stderr.
+    pub async fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        let status = match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status?,
+            Err(_) => anyhow::bail!(
+                "still running after {timeout:?}; its log:\n{}",
+                self.stderr()
+            ),
+        };
+        // The pipe ends with the process: read to its end.
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.reader).await;
+        Ok((status, self.stderr()))
+    }
+
+    /// SIGTERM, then [`Captured::wait_exit`].
+    pub async fn terminate(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        let pid = self.child.id().context("already exited")?;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid}: {status}");
+        self.wait_exit(timeout).await
+    }
+}
+
+/// Fails naming the secret's place (never the secret) if any of `secrets`
+/// occurs in `text`.
+pub fn assert_no_secret(what: &str, text: &str, secrets: &[String]) {
+    for (i, secret) in secrets.iter().enumerate() {
+        assert!(!secret.is_empty(), "secret #{i} is empty");
+        assert!(
+            !text.contains(secret.as_str()),
+            "{what} shows secret #{i} (of {})",
+            secrets.len()
+        );
+    }
+}

@@ -25,6 +25,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message};
 
+use crate::access::KafkaAccess;
+
 pub const REASON: &str = "dlq_reason";
 pub const ERROR_CLASS: &str = "dlq_error_class";
 pub const ORIGINAL_TOPIC: &str = "dlq_original_topic";
@@ -32,7 +34,8 @@ pub const ORIGINAL_PARTITION: &str = "dlq_original_partition";
 pub const ORIGINAL_OFFSET: &str = "dlq_original_offset";
 pub const FAILED_AT: &str = "dlq_failed_at";
 
-/// Errors producing a dead letter (transient: retried).
+/// Errors producing a dead letter (transient: retried; except refused
+/// access, which is also reported to [`KafkaAccess`] and stops the notifier).
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
     #[error("creating the dead-letter producer")]
@@ -48,20 +51,29 @@ pub enum DlqError {
 /// The dead-letter topic and its producer (clones share the producer).
 #[derive(Clone)]
 pub struct DeadLetterQueue {
-    producer: FutureProducer,
+    producer: FutureProducer<KafkaAccess>,
+    access: KafkaAccess,
     topic: String,
 }
 
 impl DeadLetterQueue {
-    /// `base` carries the bootstrap servers and extra client properties.
-    pub fn new(base: &ClientConfig, topic: &str) -> Result<DeadLetterQueue, DlqError> {
+    /// `base` carries the bootstrap servers and extra client properties;
+    /// refused access is reported to `access`.
+    pub fn new(
+        base: &ClientConfig,
+        topic: &str,
+        access: &KafkaAccess,
+    ) -> Result<DeadLetterQueue, DlqError> {
         let mut cfg = base.clone();
         cfg.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.timeout.ms", "30000");
-        let producer = cfg.create().map_err(DlqError::Create)?;
+        let producer = cfg
+            .create_with_context(access.clone())
+            .map_err(DlqError::Create)?;
         Ok(DeadLetterQueue {
             producer,
+            access: access.clone(),
             topic: topic.to_owned(),
         })
     }
@@ -70,17 +82,28 @@ impl DeadLetterQueue {
         &self.topic
     }
 
-    /// Whether the broker knows the topic (with at least one partition).
+    /// Whether the broker knows the topic (with at least one partition),
+    /// asked for up to 5 s, or until Kafka refused access.
     async fn exists(&self) -> bool {
         let (producer, topic) = (self.producer.clone(), self.topic.clone());
-        // A blocking metadata request: not on a runtime thread.
+        let access = self.access.clone();
+        // Blocking metadata requests: not on a runtime thread; short ones,
+        // so that refused credentials end the wait at once.
         let found = tokio::task::spawn_blocking(move || {
-            let metadata = producer
-                .client()
-                .fetch_metadata(Some(&topic), Duration::from_secs(5));
-            matches!(metadata, Ok(m) if m.topics().iter().any(|t| t.name() == topic
-                && t.error().is_none()
-                && !t.partitions().is_empty()))
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let metadata = producer
+                    .client()
+                    .fetch_metadata(Some(&topic), Duration::from_millis(500));
+                if let Ok(m) = metadata {
+                    return m.topics().iter().any(|t| {
+                        t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                    });
+                }
+                if access.first().is_some() || std::time::Instant::now() >= deadline {
+                    return false;
+                }
+            }
         })
         .await;
         found.unwrap_or(false)
@@ -90,7 +113,7 @@ impl DeadLetterQueue {
     /// cluster where the notifier may not create topics, an operator creates
     /// it, and producing reports what is wrong.
     pub async fn ensure_topic(&self, base: &ClientConfig) {
-        if self.exists().await {
+        if self.exists().await || self.access.first().is_some() {
             return;
         }
         let admin: AdminClient<DefaultClientContext> = match base.create() {
@@ -172,9 +195,15 @@ impl DeadLetterQueue {
             .send(record, Timeout::After(Duration::from_secs(30)))
             .await
             .map(|_| ())
-            .map_err(|(source, _)| DlqError::Produce {
-                topic: self.topic.clone(),
-                source,
+            .map_err(|(source, _)| {
+                self.access.check(
+                    &source,
+                    format!("producing to dead-letter topic {}", self.topic),
+                );
+                DlqError::Produce {
+                    topic: self.topic.clone(),
+                    source,
+                }
             })
     }
 }

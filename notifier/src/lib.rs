@@ -15,6 +15,7 @@
 //! `handler` holds the per-record logic, its retry rule and the crash
 //! windows; `pipeline` the consumer, offsets and rebalances.
 
+pub mod access;
 pub mod config;
 pub mod dlq;
 pub mod email;

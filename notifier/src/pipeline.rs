@@ -53,10 +53,14 @@
 //! made librdkafka leave the group: redelivered records become duplicates,
 //! not second emails.
 //!
-//! Event loop priorities (`select!` is biased): shutdown first, then the
-//! main queue. Shutdown interrupts a handler only while it waits between
-//! retries, never in the middle of a send; the workers are joined, stored
-//! offsets committed, and the consumer leaves the group.
+//! Refused access — the broker rejects the credentials, or an ACL is
+//! missing for the topic, the group or the dead-letter topic — is definite
+//! (see `access`): the loop stops and the notifier exits with it.
+//!
+//! Event loop priorities (`select!` is biased): shutdown first, refused
+//! access, then the main queue. Shutdown interrupts a handler only while it
+//! waits between retries, never in the middle of a send; the workers are
+//! joined, stored offsets committed, and the consumer leaves the group.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -73,6 +77,7 @@ use rdkafka::{ClientContext, Message, Offset};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{AccessDenied, KafkaAccess};
 use crate::config::Config;
 use crate::dlq::{DeadLetterQueue, DlqError};
 use crate::email::Composer;
@@ -100,6 +105,9 @@ pub enum NotifierError {
     },
     #[error("Kafka consumer")]
     Kafka(#[source] KafkaError),
+    /// Kafka refused the notifier's credentials or an operation (no ACL).
+    #[error(transparent)]
+    KafkaAccess(AccessDenied),
     #[error("dead-letter producer")]
     Dlq(#[from] DlqError),
     #[error("inbox")]
@@ -187,15 +195,23 @@ impl Assignment {
     }
 }
 
-/// Logs client errors, tracks the assignment and commits stored offsets
-/// when partitions are revoked.
+/// Logs client errors (reports refused access), tracks the assignment and
+/// commits stored offsets when partitions are revoked.
 struct NotifierContext {
     assignment: Arc<Assignment>,
+    access: KafkaAccess,
+    /// What the consumer does, for messages: topic and group.
+    subject: String,
 }
 
 impl ClientContext for NotifierContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(error = %error, reason, "kafka client error");
+        if !self
+            .access
+            .check(&error, format!("{}: {reason}", self.subject))
+        {
+            tracing::warn!(error = %error, reason, "kafka client error");
+        }
     }
 }
 
@@ -360,10 +376,16 @@ impl Workers {
 }
 
 /// The number of partitions of `topic`, from the cluster's metadata; `None`
-/// while the topic does not exist (yet) or the cluster cannot be reached.
-async fn partition_count(consumer: &Arc<NotifierConsumer>, topic: &str) -> Option<i32> {
+/// while the topic does not exist (yet) or the cluster cannot be reached,
+/// and when the notifier may not describe it (reported to `access`).
+async fn partition_count(
+    consumer: &Arc<NotifierConsumer>,
+    topic: &str,
+    access: &KafkaAccess,
+) -> Option<i32> {
     let consumer = consumer.clone();
     let topic = topic.to_owned();
+    let access = access.clone();
     let looked_up = tokio::task::spawn_blocking(move || {
         let metadata = consumer
             .fetch_metadata(Some(&topic), Duration::from_secs(5))
@@ -374,7 +396,11 @@ async fn partition_count(consumer: &Arc<NotifierConsumer>, topic: &str) -> Optio
             .find(|t| t.name() == topic)
             .ok_or_else(|| "topic not in metadata".to_owned())?;
         if let Some(e) = t.error() {
-            return Err(format!("{:?}", RDKafkaErrorCode::from(e)));
+            let code = RDKafkaErrorCode::from(e);
+            if let Some(denied) = AccessDenied::new(code, format!("describing topic {topic}")) {
+                access.deny(denied);
+            }
+            return Err(format!("{code:?}"));
         }
         Ok(t.partitions().len() as i32)
     })
@@ -435,15 +461,24 @@ async fn consume(
         }
     }
 
+    // Every Kafka client reports refused credentials or permissions here;
+    // the notifier then stops (retrying cannot help).
+    let access = KafkaAccess::default();
     let base = base_client_config(cfg);
-    let dlq = DeadLetterQueue::new(&base, &cfg.dlq_topic())?;
-    dlq.ensure_topic(&base).await;
+    let dlq = DeadLetterQueue::new(&base, &cfg.dlq_topic(), &access)?;
+    tokio::select! {
+        biased;
+        denied = access.denied() => return Err(NotifierError::KafkaAccess(denied)),
+        () = dlq.ensure_topic(&base) => {}
+    }
 
     let assignment = Arc::new(Assignment::default());
     let consumer: Arc<NotifierConsumer> = Arc::new(
         consumer_config(cfg)
             .create_with_context(NotifierContext {
                 assignment: assignment.clone(),
+                access: access.clone(),
+                subject: format!("consuming topic {} in group {}", cfg.topic, cfg.group),
             })
             .map_err(NotifierError::Kafka)?,
     );
@@ -476,7 +511,7 @@ async fn consume(
     // Every partition gets its queue before the group assigns any.
     let mut attempt = 0;
     let mut partitions = loop {
-        if let Some(n) = partition_count(&consumer, &cfg.topic).await {
+        if let Some(n) = partition_count(&consumer, &cfg.topic, &access).await {
             break n;
         }
         attempt += 1;
@@ -488,6 +523,10 @@ async fn consume(
             _ = stop.cancelled() => {
                 workers.join().await;
                 return Ok(());
+            }
+            denied = access.denied() => {
+                workers.join().await;
+                return Err(NotifierError::KafkaAccess(denied));
             }
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
@@ -505,8 +544,11 @@ async fn consume(
         let received = tokio::select! {
             biased;
             _ = stop.cancelled() => break Ok(()),
+            // Credentials or permissions refused (to the consumer, or to the
+            // dead-letter producer): stop, whatever the workers hold.
+            denied = access.denied() => break Err(NotifierError::KafkaAccess(denied)),
             _ = refresh.tick() => {
-                if let Some(n) = partition_count(&consumer, &cfg.topic).await {
+                if let Some(n) = partition_count(&consumer, &cfg.topic, &access).await {
                     if n > partitions {
                         tracing::info!(from = partitions, to = n, "the topic has more partitions; starting their workers");
                         partitions = n;
@@ -544,6 +586,7 @@ async fn consume(
                 tokio::select! {
                     biased;
                     _ = stop.cancelled() => break Ok(()),
+                    denied = access.denied() => break Err(NotifierError::KafkaAccess(denied)),
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
             }

@@ -31,7 +31,10 @@
 //! from the Begin message), so memory stays flat whatever a transaction's
 //! size. Session errors are transient (reconnect, replay from the confirmed
 //! position: duplicates possible, loss impossible) or definite (stop with a
-//! message and a non-zero exit).
+//! message and a non-zero exit). Kafka refusing the relay's credentials or
+//! an operation (no ACL for the topic, the exactly-once reader's group or
+//! the transactional id) is definite: [`RelayError::KafkaAccess`], or
+//! `SinkError::Denied` when found while looking up or creating topics.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -54,7 +57,7 @@ use crate::replication::{
     self, ConnectParams, ReplicationConnection, ReplicationError, ReplicationMessage,
     ReplicationStream,
 };
-use crate::sink::{self, DeliveryReport, KafkaConfig, KafkaSink, SendError, Sink};
+use crate::sink::{self, AccessDenied, DeliveryReport, KafkaConfig, KafkaSink, SendError, Sink};
 use crate::sql;
 
 /// How long a moved confirmable position may wait before it is sent to
@@ -81,6 +84,9 @@ pub enum RelayError {
     Delivery(#[source] KafkaError),
     #[error("kafka producer failed fatally: {0}; recreating it and replaying from the confirmed position")]
     ProducerFatal(String),
+    /// Kafka refused the relay's credentials or an operation (no ACL).
+    #[error(transparent)]
+    KafkaAccess(AccessDenied),
     #[error("unexpected replication stream: {0}")]
     Protocol(String),
     #[error("kafka transaction failed; replaying from the confirmed position")]
@@ -113,6 +119,7 @@ impl RelayError {
             RelayError::Decode(_)
             | RelayError::Event(_)
             | RelayError::DeliveryPermanent(_)
+            | RelayError::KafkaAccess(_)
             | RelayError::Protocol(_)
             | RelayError::Listen { .. } => false,
         }
@@ -302,8 +309,12 @@ impl KafkaBatch {
 }
 
 /// A fenced or otherwise fatal producer is replaced; the rest is retried by
-/// replaying from the confirmed position.
+/// replaying from the confirmed position. Refused access (no ACL for the
+/// transactional id) stops the relay.
 fn txn_error(e: KafkaError) -> RelayError {
+    if let Some(denied) = AccessDenied::from_error(&e, format!("Kafka transaction: {e}")) {
+        return RelayError::KafkaAccess(denied);
+    }
     match &e {
         KafkaError::Transaction(t) if t.is_fatal() => RelayError::ProducerFatal(e.to_string()),
         _ => RelayError::KafkaTransaction(e),
@@ -441,6 +452,7 @@ impl Session<'_> {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 report = sink.next_report() => match report {
                     Some(DeliveryReport::Fatal { reason }) => return Err(RelayError::ProducerFatal(reason)),
+                    Some(DeliveryReport::Denied(denied)) => return Err(RelayError::KafkaAccess(denied)),
                     None => return Err(RelayError::ProducerFatal("delivery reports ended".into())),
                     Some(_) => {}
                 },
@@ -448,7 +460,9 @@ impl Session<'_> {
         }
         let mut topics = HashMap::new();
         for topic in self.event_cfg.static_topics() {
-            let state = dedupe::load(self.kafka_cfg, &topic, self.exactly_once()).await?;
+            let state = dedupe::load(self.kafka_cfg, &topic, self.exactly_once())
+                .await
+                .map_err(dedupe_error)?;
             if self.exactly_once() {
                 tracing::info!(%topic, partitions = state.partitions, last = ?state.last, "read each partition's last position");
             }
@@ -672,8 +686,9 @@ impl Session<'_> {
                     // A topic routed by column, seen for the first time.
                     sink::ensure_topics(self.kafka_cfg, std::slice::from_ref(&record.topic))
                         .await?;
-                    let state =
-                        dedupe::load(self.kafka_cfg, &record.topic, self.exactly_once()).await?;
+                    let state = dedupe::load(self.kafka_cfg, &record.topic, self.exactly_once())
+                        .await
+                        .map_err(dedupe_error)?;
                     st.topics.insert(record.topic.clone(), state);
                 }
                 let topic = &st.topics[&record.topic];
@@ -836,19 +851,41 @@ fn apply_report(
             shared.metrics.produce_errors.inc();
             Err(RelayError::ProducerFatal(reason))
         }
+        DeliveryReport::Denied(denied) => {
+            shared.metrics.produce_errors.inc();
+            Err(RelayError::KafkaAccess(denied))
+        }
+    }
+}
+
+/// Reading a topic's end (exactly-once) without the right to: definite.
+fn dedupe_error(e: dedupe::DedupeError) -> RelayError {
+    match &e {
+        dedupe::DedupeError::Kafka { topic, source } => {
+            let detail = format!(
+                "reading the ends of topic {topic} for the exactly-once restart \
+                 (READ on the topic, DESCRIBE on group outbox-relay-dedupe)"
+            );
+            match AccessDenied::from_error(source, detail) {
+                Some(denied) => RelayError::KafkaAccess(denied),
+                None => RelayError::Dedupe(e),
+            }
+        }
+        _ => RelayError::Dedupe(e),
     }
 }
 
 /// Errors a replay cannot fix stop the relay; the rest are retried.
 fn classify_delivery(error: KafkaError) -> RelayError {
+    if let Some(denied) = AccessDenied::from_error(&error, "producing a record") {
+        return RelayError::KafkaAccess(denied);
+    }
     let permanent = matches!(
         error.rdkafka_error_code(),
         Some(
             RDKafkaErrorCode::MessageSizeTooLarge
                 | RDKafkaErrorCode::InvalidMessageSize
                 | RDKafkaErrorCode::InvalidRecord
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::ClusterAuthorizationFailed
         )
     );
     if permanent {

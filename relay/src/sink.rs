@@ -14,11 +14,12 @@
 //! in order, a prefix of what the relay sent to it.
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -46,7 +47,106 @@ pub enum DeliveryReport {
     /// The producer can no longer deliver anything (fatal librdkafka error);
     /// it has to be recreated and the stream replayed from the confirmed LSN.
     Fatal { reason: String },
+    /// Kafka refused the producer's credentials or permissions: definite.
+    Denied(AccessDenied),
 }
+
+/// Kafka refused the client's credentials (authentication) or an operation
+/// (authorization: no ACL allows it). Definite: retrying with the same
+/// settings cannot succeed, so the relay and the notifier stop on it, with
+/// this as the message. librdkafka's own text names neither password nor
+/// anything else secret.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("Kafka {kind} failed: {detail} ({code}); {hint}", kind = self.kind(), hint = self.hint())]
+pub struct AccessDenied {
+    pub code: RDKafkaErrorCode,
+    /// What was refused (librdkafka's reason, or the operation).
+    pub detail: String,
+}
+
+impl AccessDenied {
+    /// `Some` when `code` is an authentication or authorization failure.
+    pub fn new(code: RDKafkaErrorCode, detail: impl Into<String>) -> Option<AccessDenied> {
+        use RDKafkaErrorCode::*;
+        matches!(
+            code,
+            Authentication
+                | SaslAuthenticationFailed
+                | UnsupportedSASLMechanism
+                | IllegalSASLState
+                | TopicAuthorizationFailed
+                | GroupAuthorizationFailed
+                | ClusterAuthorizationFailed
+                | TransactionalIdAuthorizationFailed
+                | DelegationTokenAuthorizationFailed
+        )
+        .then(|| AccessDenied {
+            code,
+            detail: detail.into(),
+        })
+    }
+
+    /// [`AccessDenied::new`] for the code of `error`.
+    pub fn from_error(error: &KafkaError, detail: impl Into<String>) -> Option<AccessDenied> {
+        AccessDenied::new(error.rdkafka_error_code()?, detail)
+    }
+
+    pub fn is_authentication(&self) -> bool {
+        use RDKafkaErrorCode::*;
+        matches!(
+            self.code,
+            Authentication | SaslAuthenticationFailed | UnsupportedSASLMechanism | IllegalSASLState
+        )
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.is_authentication() {
+            "authentication"
+        } else {
+            "authorization"
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        if self.is_authentication() {
+            "check security.protocol, sasl.mechanism, sasl.username and sasl.password (--kafka-property)"
+        } else {
+            "the Kafka user lacks the ACL for it; an operator has to grant it"
+        }
+    }
+}
+
+/// A client context that keeps the first authentication or authorization
+/// failure librdkafka reports. Such failures come as error events, not as
+/// results: a client whose credentials are refused simply has no broker to
+/// ask, and its requests time out.
+#[derive(Default)]
+pub struct AccessWatch {
+    denied: Mutex<Option<AccessDenied>>,
+}
+
+impl AccessWatch {
+    pub fn denied(&self) -> Option<AccessDenied> {
+        self.denied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl ClientContext for AccessWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match AccessDenied::from_error(&error, reason) {
+            Some(denied) => {
+                let mut first = self.denied.lock().unwrap_or_else(|p| p.into_inner());
+                first.get_or_insert(denied);
+            }
+            None => tracing::warn!(error = %error, reason, "kafka client error"),
+        }
+    }
+}
+
+impl ConsumerContext for AccessWatch {}
 
 /// Why a record was not accepted.
 #[derive(Debug)]
@@ -151,6 +251,11 @@ struct ReportingContext {
 
 impl ClientContext for ReportingContext {
     fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(denied) = AccessDenied::from_error(&error, reason) {
+            tracing::error!(error = %denied, "kafka refused the producer");
+            let _ = self.reports.send(DeliveryReport::Denied(denied));
+            return;
+        }
         let fatal = matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
         if fatal {
             tracing::error!(error = %error, reason, "kafka producer fatal error");
@@ -200,12 +305,15 @@ pub enum SinkError {
     },
     #[error("talking to Kafka")]
     Kafka(#[source] KafkaError),
+    #[error(transparent)]
+    Denied(AccessDenied),
 }
 
 impl SinkError {
-    /// Configuration errors are definite; the rest is worth retrying.
+    /// Configuration errors and refused access are definite; the rest is
+    /// worth retrying.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, SinkError::Config(_))
+        !matches!(self, SinkError::Config(_) | SinkError::Denied(_))
     }
 }
 
@@ -354,7 +462,19 @@ impl Sink for KafkaSink {
     }
 
     async fn next_report(&mut self) -> Option<DeliveryReport> {
-        let report = self.reports.recv().await?;
+        let mut report = self.reports.recv().await?;
+        if let DeliveryReport::Fatal { .. } = &report {
+            // A producer that may not do what it must (e.g. no ACL for
+            // idempotent writes) fails fatally: that is refused access.
+            if let Some(denied) = self
+                .producer
+                .client()
+                .fatal_error()
+                .and_then(|(code, reason)| AccessDenied::new(code, reason))
+            {
+                report = DeliveryReport::Denied(denied);
+            }
+        }
         if let DeliveryReport::Delivered { bytes, .. } | DeliveryReport::Failed { bytes, .. } =
             &report
         {
@@ -372,29 +492,22 @@ impl Sink for KafkaSink {
 /// Creates each topic in `topics` that does not exist yet, through the
 /// Admin API. Topics are looked up in the cluster's metadata first, so a
 /// relay whose Kafka user may write but not create topics works when they
-/// already exist.
+/// already exist. Refused credentials, and a topic the Kafka user may not
+/// even describe, are [`SinkError::Denied`].
 pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), SinkError> {
-    let admin: AdminClient<DefaultClientContext> =
-        cfg.client_config().create().map_err(SinkError::Config)?;
-    let admin = Arc::new(admin);
+    let lookup: BaseConsumer<AccessWatch> = cfg
+        .client_config()
+        .create_with_context(AccessWatch::default())
+        .map_err(SinkError::Config)?;
+    let lookup = Arc::new(lookup);
     let mut missing = Vec::new();
     for topic in topics.iter().collect::<HashSet<_>>() {
-        let lookup = admin.clone();
+        let client = lookup.clone();
         let name = topic.clone();
         // fetch_metadata blocks the calling thread.
-        let exists = tokio::task::spawn_blocking(move || {
-            let md = lookup
-                .inner()
-                .fetch_metadata(Some(&name), Duration::from_secs(10))?;
-            Ok::<_, KafkaError>(
-                md.topics()
-                    .iter()
-                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty()),
-            )
-        })
-        .await
-        .map_err(|_| SinkError::Kafka(KafkaError::Canceled))?
-        .map_err(SinkError::Kafka)?;
+        let exists = tokio::task::spawn_blocking(move || topic_exists(&client, &name))
+            .await
+            .map_err(|_| SinkError::Kafka(KafkaError::Canceled))??;
         if !exists {
             missing.push(topic.as_str());
         }
@@ -402,6 +515,8 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), S
     if missing.is_empty() {
         return Ok(());
     }
+    let admin: AdminClient<DefaultClientContext> =
+        cfg.client_config().create().map_err(SinkError::Config)?;
     let new: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|t| NewTopic::new(t, cfg.partitions, TopicReplication::Fixed(cfg.replication)))
@@ -418,8 +533,54 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), S
         match result {
             Ok(topic) => tracing::info!(%topic, partitions = cfg.partitions, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(SinkError::CreateTopic { topic, code }),
+            Err((topic, code)) => {
+                return Err(
+                    match AccessDenied::new(code, format!("creating topic {topic}")) {
+                        Some(denied) => SinkError::Denied(denied),
+                        None => SinkError::CreateTopic { topic, code },
+                    },
+                )
+            }
         }
     }
     Ok(())
+}
+
+/// Whether `topic` exists (with partitions), from the cluster's metadata,
+/// asked for up to 10 s.
+fn topic_exists(client: &BaseConsumer<AccessWatch>, topic: &str) -> Result<bool, SinkError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.fetch_metadata(Some(topic), Duration::from_millis(500)) {
+            Ok(md) => {
+                let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+                    return Ok(false);
+                };
+                return match t.error().map(RDKafkaErrorCode::from) {
+                    None => Ok(!t.partitions().is_empty()),
+                    Some(code) => {
+                        match AccessDenied::new(code, format!("describing topic {topic}")) {
+                            Some(denied) => Err(SinkError::Denied(denied)),
+                            None => Ok(false),
+                        }
+                    }
+                };
+            }
+            Err(e) => {
+                // No broker answered in time: serve the client's error
+                // events, where a refused authentication shows.
+                for _ in 0..64 {
+                    if client.poll(Duration::ZERO).is_none() {
+                        break;
+                    }
+                }
+                if let Some(denied) = client.context().denied() {
+                    return Err(SinkError::Denied(denied));
+                }
+                if Instant::now() >= deadline {
+                    return Err(SinkError::Kafka(e));
+                }
+            }
+        }
+    }
 }

@@ -20,6 +20,10 @@ PG_SUPERUSER=outbox
 log() { printf '\033[1m[%s]\033[0m %s\n' "${STACK_NAME:-stack}" "$*" >&2; }
 die() { printf '\033[31m[%s] error:\033[0m %s\n' "${STACK_NAME:-stack}" "$*" >&2; exit 1; }
 
+# The broker's SASL_SSL listener: TLS certificates, SCRAM users, ACLs.
+# shellcheck source=scripts/lib/kafka-security.sh
+source "$ROOT/scripts/lib/kafka-security.sh"
+
 # --- installation ----------------------------------------------------------
 
 apt_install_missing() {
@@ -245,16 +249,18 @@ kafka_ready() { "$DEVSTACK" metadata --bootstrap-servers "127.0.0.1:$KAFKA_PORT"
 # The broker's configuration: one node that is broker and controller, data
 # under $RUN_DIR/kafka/data (kept across restarts), every internal topic at
 # replication 1. Transactions work (the relay's --kafka-transactions).
+# Listeners: PLAINTEXT (the stack's tooling and tests), CONTROLLER, and
+# SASL_SSL on $KAFKA_SASL_PORT with ACLs (lib/kafka-security.sh).
 kafka_config() {
     local dir=$RUN_DIR/kafka
     mkdir -p "$dir/data"
     cat >"$dir/server.properties" <<CONF
 process.roles=broker,controller
 node.id=1
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL
 inter.broker.listener.name=PLAINTEXT
 controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
 log.dirs=$dir/data
@@ -268,6 +274,7 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 # Records carry the time the broker stored them (loadgen's commit→Kafka).
 log.message.timestamp.type=LogAppendTime
+$(kafka_security_config)
 ${KAFKA_EXTRA_CONF:-}
 CONF
 }
@@ -286,6 +293,7 @@ kafka_start() {
         return 0
     fi
     ensure_kafka
+    kafka_tls_init
     kafka_config
     kafka_java_cmd
     local dir=$RUN_DIR/kafka
@@ -298,6 +306,9 @@ kafka_start() {
     fi
     start kafka "${KAFKA_JAVA[@]}" kafka.Kafka "$dir/server.properties"
     wait_healthy kafka 90 kafka_ready
+    # SCRAM users and ACLs (once per data directory; KAFKA_ACLS names the
+    # function granting them, default kafka_service_acls).
+    kafka_security_apply "${KAFKA_ACLS:-kafka_service_acls}"
 }
 
 # --- SMTP sink -------------------------------------------------------------
