@@ -80,7 +80,10 @@ impl PgCluster {
     /// A clean restart (`pg_ctl restart -m fast`): connections are closed,
     /// a shutdown checkpoint is written.
     pub fn restart_fast(&self) -> anyhow::Result<()> {
-        self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"])?;
+        // Up to 120 s: a fast shutdown waits for every walsender to end, and
+        // one whose client sends no standby reply ends only at
+        // wal_sender_timeout (60 s by default; RELIABILITY.md, open findings).
+        self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "120"])?;
         self.start_again()
     }
 

@@ -2,8 +2,9 @@
 //! work unchanged on a real cluster).
 //!
 //! Reading "to the end" of a partition here means fetching until nothing more
-//! arrives for a quiet period — never trusting the high watermark, which
-//! Tansu 0.6.0 reports wrongly after multi-record batches.
+//! arrives for a quiet period — never trusting the high watermark (Tansu
+//! 0.6.0, the project's first broker, reported it wrongly after
+//! multi-record batches; on Apache Kafka the quiet period is all it costs).
 
 use std::time::{Duration, Instant};
 
@@ -18,11 +19,22 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 /// Creates `topic` with `partitions` partitions (replication 1) unless it
 /// exists already.
 pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    create_topic_replicated(bootstrap, topic, partitions, 1).await
+}
+
+/// Creates `topic` with `partitions` partitions of `replication` replicas
+/// each unless it exists already.
+pub async fn create_topic_replicated(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .context("creating Kafka admin client")?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
     let results = admin
         .create_topics(
             [&new],

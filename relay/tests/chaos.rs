@@ -5,17 +5,27 @@
 //! a rolled-back transaction. All four must be 0.
 //!
 //! ```text
-//!   writers ──▶ private Postgres ◀── TCP proxy ◀── relay processes ──▶ private Tansu
-//!   faults:     restart (fast,       cut for         kill -9; two       SIGSTOP for
-//!               immediate)           seconds         at once            seconds
+//!   writers ──▶ private Postgres ◀── TCP proxy ◀── relay processes ──▶ private Apache Kafka
+//!   faults:     restart (fast,       cut for         kill -9; two       1 node: SIGSTOP for seconds
+//!               immediate)           seconds         at once            3 nodes: SIGSTOP of any node;
+//!                                                                       kill -9 of a partition's
+//!                                                                       leader, restarted seconds
+//!                                                                       later; graceful restart
 //! ```
 //!
-//! `scripts/test` runs the short version (about 20k events, at least 5 faults
-//! of each kind); `scripts/chaos --events N --faults-per-kind K` the long
-//! one. The size comes from `CHAOS_EVENTS`, `CHAOS_FAULTS_PER_KIND`,
-//! `CHAOS_WRITERS` and `CHAOS_MAX_PAUSE_MS` (between a writer's
-//! transactions), the random seed from `CHAOS_SEED` (printed, so a failing
-//! run can be repeated).
+//! One test per setup: one broker or three (topic replication 3,
+//! `min.insync.replicas=2`), each in the relay's default `--delivery
+//! exactly-once` (no Kafka transactions) and with `--kafka-transactions`
+//! (the checker then reads `read_committed`). The writers keep committing,
+//! more slowly once `CHAOS_EVENTS` rows are in, until the last fault, so
+//! every fault hits a live stream.
+//!
+//! `scripts/test` runs the short versions (see [`defaults`]);
+//! `scripts/chaos [--cluster 3] [--kafka-transactions] --events N
+//! --faults-per-kind K` one of them at any size. The size comes from
+//! `CHAOS_EVENTS`, `CHAOS_FAULTS_PER_KIND`, `CHAOS_WRITERS` and
+//! `CHAOS_MAX_PAUSE_MS` (between a writer's transactions), the random seed
+//! from `CHAOS_SEED` (printed, so a failing run can be repeated).
 
 mod common;
 
@@ -27,8 +37,8 @@ use std::time::{Duration, Instant};
 use common::{event_id, lsn_seq, relay_args, RelayProcess};
 use devstack::cluster::PgCluster;
 use devstack::kafka::TopicReader;
+use devstack::kafka_cluster::KafkaCluster;
 use devstack::proxy::Proxy;
-use devstack::tansu::Tansu;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -46,6 +56,12 @@ enum Fault {
     RestartPostgres,
     FreezeBroker,
     CutConnections,
+    /// Three brokers: `kill -9` of the leader of a partition the relay
+    /// writes to, restarted 2–5 s later.
+    KillLeader,
+    /// Three brokers: SIGTERM (controlled shutdown) of a broker, started
+    /// again.
+    RestartBroker,
 }
 
 const FAULTS: [Fault; 5] = [
@@ -56,16 +72,99 @@ const FAULTS: [Fault; 5] = [
     Fault::CutConnections,
 ];
 
+const CLUSTER_FAULTS: [Fault; 7] = [
+    Fault::KillRelay,
+    Fault::TwoRelays,
+    Fault::RestartPostgres,
+    Fault::FreezeBroker,
+    Fault::CutConnections,
+    Fault::KillLeader,
+    Fault::RestartBroker,
+];
+
+const PARTITIONS: i32 = 3;
+
+/// One setup of the suite.
+#[derive(Clone, Copy, Debug)]
+struct Setup {
+    brokers: usize,
+    kafka_transactions: bool,
+}
+
+impl Setup {
+    fn faults(self) -> &'static [Fault] {
+        if self.brokers > 1 {
+            &CLUSTER_FAULTS
+        } else {
+            &FAULTS
+        }
+    }
+
+    fn delivery(self) -> &'static str {
+        if self.kafka_transactions {
+            "exactly-once, --kafka-transactions (checker read_committed)"
+        } else {
+            "exactly-once (no Kafka transactions)"
+        }
+    }
+}
+
+/// The short run's size (events, faults of each kind) when `CHAOS_EVENTS`
+/// and `CHAOS_FAULTS_PER_KIND` are not set: what `scripts/test` runs.
+fn defaults(setup: Setup) -> (u64, u64) {
+    if setup.brokers > 1 {
+        (10_000, 3)
+    } else {
+        (20_000, 5)
+    }
+}
+
+#[tokio::test]
+async fn serial_chaos_one_broker_exactly_once() -> anyhow::Result<()> {
+    chaos(Setup {
+        brokers: 1,
+        kafka_transactions: false,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn serial_chaos_one_broker_kafka_transactions() -> anyhow::Result<()> {
+    chaos(Setup {
+        brokers: 1,
+        kafka_transactions: true,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn serial_chaos_three_brokers_exactly_once() -> anyhow::Result<()> {
+    chaos(Setup {
+        brokers: 3,
+        kafka_transactions: false,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn serial_chaos_three_brokers_kafka_transactions() -> anyhow::Result<()> {
+    chaos(Setup {
+        brokers: 3,
+        kafka_transactions: true,
+    })
+    .await
+}
+
 /// What the writers did: ids of committed and of rolled-back rows.
 #[derive(Default)]
 struct Written {
     rolled_back: BTreeSet<i64>,
 }
 
-#[tokio::test]
-async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyhow::Result<()> {
-    let events = env_or("CHAOS_EVENTS", 20_000);
-    let per_kind = env_or("CHAOS_FAULTS_PER_KIND", 5) as usize;
+async fn chaos(setup: Setup) -> anyhow::Result<()> {
+    let (default_events, default_per_kind) = defaults(setup);
+    let events = env_or("CHAOS_EVENTS", default_events);
+    let per_kind = env_or("CHAOS_FAULTS_PER_KIND", default_per_kind) as usize;
     let writers_n = env_or("CHAOS_WRITERS", 8);
     let max_pause_ms = env_or("CHAOS_MAX_PAUSE_MS", 120).max(1);
     let seed = env_or(
@@ -74,7 +173,12 @@ async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyh
             .duration_since(std::time::UNIX_EPOCH)?
             .as_secs(),
     );
-    println!("chaos: {events} events, at least {per_kind} faults of each kind, seed {seed}");
+    let faults = setup.faults();
+    println!(
+        "chaos: {} broker(s), {}: {events} events, at least {per_kind} faults of each kind, seed {seed}",
+        setup.brokers,
+        setup.delivery()
+    );
     let mut rng = StdRng::seed_from_u64(seed);
 
     let cluster = PgCluster::start().await?;
@@ -90,22 +194,40 @@ async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyh
         &format!(":{}/", proxy.addr.port()),
         1,
     );
-    let broker = Tansu::start().await?;
+    let broker_start = Instant::now();
+    let broker = KafkaCluster::start(setup.brokers).await?;
+    let nodes = broker.node_ids();
+    println!(
+        "chaos: {} Kafka node(s) up in {:.0} s, logs in {}",
+        nodes.len(),
+        broker_start.elapsed().as_secs_f64(),
+        broker.log_dir().display()
+    );
     let topic = "chaos.order-outbox";
-    devstack::kafka::create_topic(&broker.bootstrap(), topic, 3).await?;
+    devstack::kafka::create_topic_replicated(
+        &broker.bootstrap(),
+        topic,
+        PARTITIONS,
+        setup.brokers as i32,
+    )
+    .await?;
+    let mut extra = vec![
+        "--standby-poll-interval",
+        "250ms",
+        "--lease",
+        "3s",
+        "--heartbeat-interval",
+        "500ms",
+    ];
+    if setup.kafka_transactions {
+        extra.push("--kafka-transactions");
+    }
     let args = relay_args(
         &relay_url,
         "outbox_relay",
         topic,
         &broker.bootstrap(),
-        &[
-            "--standby-poll-interval",
-            "250ms",
-            "--lease",
-            "3s",
-            "--heartbeat-interval",
-            "500ms",
-        ],
+        &extra,
     );
     let mut relays: Vec<RelayProcess> = vec![RelayProcess::spawn(&args).await?];
 
@@ -125,7 +247,7 @@ async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyh
         let mut rng = StdRng::seed_from_u64(seed ^ (w + 1).wrapping_mul(0x9E37_79B9));
         writers.push(tokio::spawn(async move {
             let mut client = None;
-            while !done.load(Ordering::Relaxed) && committed_rows.load(Ordering::Relaxed) < events as usize {
+            while !done.load(Ordering::Relaxed) {
                 let Some(c) = &mut client else {
                     client = devstack::testing::connect(&url).await.ok();
                     if client.is_none() {
@@ -165,7 +287,14 @@ async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyh
                     // Whether it committed is for the table to say.
                     Err(_) => client = None,
                 }
-                tokio::time::sleep(Duration::from_millis(rng.random_range(0..max_pause_ms))).await;
+                // Once the run's events are in, a trickle until the last
+                // fault, so no fault hits an idle stream.
+                let pause = if committed_rows.load(Ordering::Relaxed) < events as usize {
+                    rng.random_range(0..max_pause_ms)
+                } else {
+                    rng.random_range(250..2000)
+                };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
             }
         }));
     }
@@ -184,7 +313,7 @@ async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyh
                 committed_rows.load(Ordering::Relaxed)
             );
         }
-        let enough = FAULTS
+        let enough = faults
             .iter()
             .all(|f| counts.get(f).copied().unwrap_or(0) >= per_kind);
         if enough && committed_rows.load(Ordering::Relaxed) >= events as usize {
@@ -196,9 +325,9 @@ async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyh
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
         // The least exercised kind first, then random.
         let fault = if enough {
-            FAULTS[rng.random_range(0..FAULTS.len())]
+            faults[rng.random_range(0..faults.len())]
         } else {
-            *FAULTS
+            *faults
                 .iter()
                 .min_by_key(|f| {
                     (
@@ -206,8 +335,9 @@ async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyh
                         rng.random_range(0..100),
                     )
                 })
-                .expect("five kinds")
+                .expect("a kind")
         };
+        let fault_started = Instant::now();
         match fault {
             Fault::KillRelay => {
                 let victim = relays.remove(rng.random_range(0..relays.len()));
@@ -235,15 +365,67 @@ async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyh
                 }
             }
             Fault::FreezeBroker => {
-                broker.freeze()?;
+                let node = nodes[rng.random_range(0..nodes.len())];
+                broker.freeze(node)?;
                 tokio::time::sleep(Duration::from_millis(rng.random_range(1000..4000))).await;
-                broker.thaw()?;
+                broker.thaw(node)?;
             }
             Fault::CutConnections => {
                 proxy.freeze();
                 tokio::time::sleep(Duration::from_millis(rng.random_range(1000..4000))).await;
                 proxy.heal();
             }
+            Fault::KillLeader => {
+                // From a whole cluster: two brokers down would stall
+                // (min.insync.replicas=2), not test anything more.
+                let t = Instant::now();
+                broker.wait_in_sync(Duration::from_secs(120)).await?;
+                let in_sync = t.elapsed();
+                let partition = rng.random_range(0..PARTITIONS);
+                let node = leader(&broker, topic, partition).await?;
+                broker.kill9(node)?;
+                let down = Duration::from_millis(rng.random_range(2000..5000));
+                tokio::time::sleep(down).await;
+                let t = Instant::now();
+                broker.restart(node).await?;
+                println!(
+                    "chaos: {:.0} s, kill -9 of broker {node} (leader of partition {partition}; \
+                     all replicas in sync after {:.1} s), restarted {:.1} s later, back in {:.1} s, \
+                     {} rows committed",
+                    started.elapsed().as_secs_f64(),
+                    in_sync.as_secs_f64(),
+                    down.as_secs_f64(),
+                    t.elapsed().as_secs_f64(),
+                    committed_rows.load(Ordering::Relaxed),
+                );
+            }
+            Fault::RestartBroker => {
+                let t = Instant::now();
+                broker.wait_in_sync(Duration::from_secs(120)).await?;
+                let in_sync = t.elapsed();
+                let node = nodes[rng.random_range(0..nodes.len())];
+                let t = Instant::now();
+                broker.stop(node).await?;
+                let stopped = t.elapsed();
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
+                broker.restart(node).await?;
+                println!(
+                    "chaos: {:.0} s, broker {node} restarted (all replicas in sync after {:.1} s; \
+                     SIGTERM took {:.1} s, down {:.1} s), {} rows committed",
+                    started.elapsed().as_secs_f64(),
+                    in_sync.as_secs_f64(),
+                    stopped.as_secs_f64(),
+                    t.elapsed().as_secs_f64(),
+                    committed_rows.load(Ordering::Relaxed)
+                );
+            }
+        }
+        if fault_started.elapsed() > Duration::from_secs(20) {
+            println!(
+                "chaos: {:.0} s, {fault:?} took {:.0} s",
+                started.elapsed().as_secs_f64(),
+                fault_started.elapsed().as_secs_f64()
+            );
         }
         *counts.entry(fault).or_default() += 1;
     }
@@ -265,17 +447,40 @@ async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyh
         .map(|r| r.get(0))
         .collect();
     let rolled_back = written.lock().unwrap().rolled_back.clone();
-    let records =
-        common::read_until_all(&broker.bootstrap(), topic, &table, Duration::from_secs(300)).await;
+    let read_committed = setup.kafka_transactions;
+    let records = common::read_until_all_isolated(
+        &broker.bootstrap(),
+        topic,
+        &table,
+        Duration::from_secs(300),
+        read_committed,
+    )
+    .await;
     let records = match records {
         Ok(r) => r,
         Err(e) => {
             // Read what is there to report it.
             eprintln!("{e:#}");
-            TopicReader::new(&broker.bootstrap(), topic, true)?
+            TopicReader::with_isolation(&broker.bootstrap(), topic, true, read_committed)?
                 .read_at_least(usize::MAX, Duration::from_secs(30), Duration::from_secs(2))
                 .await?
         }
+    };
+    // With Kafka transactions: what the log holds besides, in aborted
+    // transactions (a read_uncommitted reader sees those too).
+    let uncommitted = if read_committed {
+        let reader = TopicReader::new(&broker.bootstrap(), topic, true)?;
+        Some(
+            reader
+                .read_at_least(
+                    records.len(),
+                    Duration::from_secs(120),
+                    Duration::from_secs(2),
+                )
+                .await?,
+        )
+    } else {
+        None
     };
     let produced: Vec<i64> = records.iter().map(event_id).collect();
     let unique: BTreeSet<i64> = produced.iter().copied().collect();
@@ -296,10 +501,28 @@ async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyh
     println!();
     println!("| chaos run (seed {seed}) | value |");
     println!("|---|---:|");
+    println!(
+        "| brokers | {} |",
+        if setup.brokers > 1 {
+            format!(
+                "{} (topic replication {}, min.insync.replicas 2)",
+                setup.brokers, setup.brokers
+            )
+        } else {
+            "1".to_owned()
+        }
+    );
+    println!("| delivery | {} |", setup.delivery());
     println!("| events committed (rows in the table) | {} |", table.len());
     println!("| rows rolled back | {} |", rolled_back.len());
     println!("| records in the topic | {} |", produced.len());
-    for f in FAULTS {
+    if let Some(all) = &uncommitted {
+        println!(
+            "| records in aborted Kafka transactions (read_uncommitted − read_committed) | {} |",
+            all.len().saturating_sub(produced.len())
+        );
+    }
+    for &f in faults {
         println!(
             "| faults: {f:?} | {} |",
             counts.get(&f).copied().unwrap_or(0)
@@ -313,6 +536,34 @@ async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyh
     println!("| **duplicated** | {duplicated} |");
     println!("| **out of per-key commit order** | {out_of_order} |");
     println!("| **from rolled-back transactions** | {from_rollbacks} |");
+    if lost > 0 {
+        // Where the lost events are, if anywhere (aborted transactions).
+        let lost_ids: BTreeSet<i64> = table.difference(&unique).copied().collect();
+        let mut found: BTreeMap<i32, Vec<(i64, i64, String)>> = BTreeMap::new();
+        for r in uncommitted.iter().flatten() {
+            if lost_ids.contains(&event_id(r)) {
+                found.entry(r.partition).or_default().push((
+                    r.offset,
+                    event_id(r),
+                    r.header("lsn").unwrap_or("").to_owned(),
+                ));
+            }
+        }
+        for (p, v) in &found {
+            let (first, last) = (v.first().expect("one"), v.last().expect("one"));
+            println!(
+                "lost events in partition {p} (read_uncommitted): {} records, offsets {}..={} \
+                 (event {} lsn {} .. event {} lsn {})",
+                v.len(),
+                first.0,
+                last.0,
+                first.1,
+                first.2,
+                last.1,
+                last.2
+            );
+        }
+    }
     for r in relays {
         r.kill_9().await?;
     }
@@ -323,4 +574,14 @@ async fn serial_chaos_nothing_lost_duplicated_reordered_or_rolled_back() -> anyh
     );
     assert!(table.len() >= events as usize);
     Ok(())
+}
+
+/// The leader of `topic`/`partition`, waiting out an election.
+async fn leader(broker: &KafkaCluster, topic: &str, partition: i32) -> anyhow::Result<i32> {
+    devstack::testing::wait_for(
+        &format!("a leader of {topic}/{partition}"),
+        Duration::from_secs(60),
+        || async { Ok(broker.leader_of(topic, partition).await.ok().flatten()) },
+    )
+    .await
 }

@@ -196,7 +196,19 @@ pub async fn read_until_all(
     expected: &BTreeSet<i64>,
     timeout: Duration,
 ) -> anyhow::Result<Vec<Record>> {
-    let reader = TopicReader::new(bootstrap, topic, true)?;
+    read_until_all_isolated(bootstrap, topic, expected, timeout, false).await
+}
+
+/// [`read_until_all`]; `read_committed` skips records of open and aborted
+/// Kafka transactions (`--kafka-transactions`).
+pub async fn read_until_all_isolated(
+    bootstrap: &str,
+    topic: &str,
+    expected: &BTreeSet<i64>,
+    timeout: Duration,
+    read_committed: bool,
+) -> anyhow::Result<Vec<Record>> {
+    let reader = TopicReader::with_isolation(bootstrap, topic, true, read_committed)?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut records = Vec::new();
     let mut seen = BTreeSet::new();
