@@ -655,6 +655,4 @@ async fn work(
             Err(Interrupted) => break,
         }
     }
-    // The queue (and its reference to the consumer) goes with the worker.
-    drop(queue);
 }

@@ -1,6 +1,6 @@
 //! Exactly-once across restarts: a relay that replays transactions already
 //! in Kafka skips them, per partition, even when the partition's last batch
-//! holds several records (Tansu then reports a wrong high watermark).
+//! holds several records.
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! The relay end to end on the real test stack: Postgres (logical
-//! replication) → relay → Tansu, read back from the topic.
+//! replication) → relay → Apache Kafka, read back from the topic.
 
 mod common;
 

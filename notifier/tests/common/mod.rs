@@ -394,21 +394,35 @@ pub async fn wait_mails(
 
 /// The group's committed offset of `topic`/`partition` (None if nothing committed).
 pub fn committed_offset(group: &str, topic: &str, partition: i32) -> anyhow::Result<Option<i64>> {
+    Ok(committed_offsets(group, topic, partition..partition + 1)?
+        .get(&partition)
+        .copied())
+}
+
+/// The group's committed offsets of `topic`'s `partitions` (those with one).
+pub fn committed_offsets(
+    group: &str,
+    topic: &str,
+    partitions: std::ops::Range<i32>,
+) -> anyhow::Result<std::collections::BTreeMap<i32, i64>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()?;
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, partition);
+    for p in partitions {
+        tpl.add_partition(topic, p);
+    }
     let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
-    let offset = committed
-        .find_partition(topic, partition)
-        .map(|e| e.offset());
-    Ok(match offset {
-        Some(Offset::Offset(o)) => Some(o),
-        _ => None,
-    })
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect())
 }
 
 /// A free TCP port on 127.0.0.1.
