@@ -10,7 +10,9 @@
 //!       └──────────── send_status(confirmed) ◀──────────── Checkpoint ◀────────────────────┘
 //! ```
 //!
-//! One session is one replication connection. Its loop is a
+//! One session is one replication connection. Once it holds the slot it
+//! readies Kafka ([`Session::prepare_kafka`]), answering the walsender with
+//! status updates meanwhile. Its loop is a
 //! `tokio::select!` with this priority (`biased`):
 //! 1. shutdown — stop reading, wait (bounded) for Kafka's acks, confirm, exit;
 //! 2. delivery reports — they move the confirmable position;
@@ -64,6 +66,10 @@ use crate::sql;
 /// Postgres: short enough that the slot follows Kafka's acks closely, long
 /// enough that a burst of acks costs one status update, not thousands.
 pub const CONFIRM_DELAY: Duration = Duration::from_millis(10);
+
+/// How often a session answers the walsender while it readies Kafka (at
+/// most; `--status-interval` when shorter).
+const SETUP_STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the relay stopped or a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -296,11 +302,15 @@ struct KafkaBatch {
     started: Instant,
     records: usize,
     txns: Vec<(TxnId, u64)>,
+    /// Positions of its first and last record (for the logs).
+    first: dedupe::Position,
+    last: dedupe::Position,
 }
 
 impl KafkaBatch {
-    fn add(&mut self, txn: TxnId) {
+    fn add(&mut self, txn: TxnId, position: dedupe::Position) {
         self.records += 1;
+        self.last = position;
         match self.txns.last_mut() {
             Some((last, n)) if *last == txn => *n += 1,
             _ => self.txns.push((txn, 1)),
@@ -377,13 +387,17 @@ impl Session<'_> {
                     let abortable =
                         matches!(&e, KafkaError::Transaction(t) if t.txn_requires_abort());
                     if abortable {
-                        tracing::warn!(error = %e, "kafka transaction must be aborted; replaying it");
+                        tracing::warn!(error = %e, records = batch.records,
+                            first = ?batch.first, last = ?batch.last,
+                            "kafka transaction must be aborted; replaying it");
                         let _ = sink.abort_transaction().await;
                     }
                     return Err(txn_error(e));
                 }
             }
         }
+        tracing::debug!(records = batch.records, first = ?batch.first, last = ?batch.last,
+            "committed kafka transaction");
         for (id, n) in batch.txns {
             for _ in 0..n {
                 st.cp.acked(id);
@@ -434,40 +448,41 @@ impl Session<'_> {
         let mut stream = conn
             .start_replication(&cfg.slot, Lsn::ZERO, &cfg.publication)
             .await?;
-        if self.transactional() {
-            // A transaction a failed session left open is aborted (its
-            // records are replayed); the first session fences older
-            // producers with the same transactional.id.
-            if sink.txn_open {
-                sink.abort_transaction().await.map_err(txn_error)?;
+        // Kafka's side of the session, while the walsender already streams:
+        // standby status updates keep answering it meanwhile (the position
+        // does not move), or it would wait for a reply until
+        // wal_sender_timeout, and hold up a fast shutdown that long.
+        let topics = {
+            let prepare = self.prepare_kafka(sink);
+            tokio::pin!(prepare);
+            let mut ticker = tokio::time::interval(cfg.status_interval.min(SETUP_STATUS_INTERVAL));
+            // A failed update ends the session only once Kafka is ready:
+            // dropping a transactional call half-way would leave the
+            // producer's state unknown.
+            let mut lost: Option<ReplicationError> = None;
+            let prepared = loop {
+                tokio::select! {
+                    biased;
+                    prepared = &mut prepare => break prepared,
+                    _ = ticker.tick(), if lost.is_none() => {
+                        if let Err(e) = stream
+                            .send_status(slot_confirmed, slot_confirmed, slot_confirmed, false)
+                            .await
+                        {
+                            lost = Some(e);
+                        }
+                    }
+                }
+            };
+            let topics = prepared?;
+            if let Some(e) = lost {
+                return Err(e.into());
             }
-            if !sink.txn_ready {
-                sink.init_transactions().await.map_err(txn_error)?;
-            }
-        }
-        // What a previous session left in flight lands (or fails) before
-        // the partitions' ends are read, or it could be written twice.
-        while sink.in_flight() > 0 {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(()),
-                report = sink.next_report() => match report {
-                    Some(DeliveryReport::Fatal { reason }) => return Err(RelayError::ProducerFatal(reason)),
-                    Some(DeliveryReport::Denied(denied)) => return Err(RelayError::KafkaAccess(denied)),
-                    None => return Err(RelayError::ProducerFatal("delivery reports ended".into())),
-                    Some(_) => {}
-                },
-            }
-        }
-        let mut topics = HashMap::new();
-        for topic in self.event_cfg.static_topics() {
-            let state = dedupe::load(self.kafka_cfg, &topic, self.exactly_once())
-                .await
-                .map_err(dedupe_error)?;
-            if self.exactly_once() {
-                tracing::info!(%topic, partitions = state.partitions, last = ?state.last, "read each partition's last position");
-            }
-            topics.insert(topic, state);
-        }
+            topics
+        };
+        let Some(topics) = topics else {
+            return Ok(());
+        };
 
         self.shared.metrics.connected.set(1);
         self.shared.update(|s| {
@@ -527,6 +542,56 @@ impl Session<'_> {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Readies Kafka for a session that holds the slot: aborts what the
+    /// previous session left open (`--kafka-transactions`; the first
+    /// session fences older producers with the same `transactional.id`),
+    /// waits for the previous session's records still in flight, then
+    /// reads each topic's partitions (and, exactly-once, their last
+    /// positions). `None` when shutdown came first.
+    async fn prepare_kafka(
+        &self,
+        sink: &mut KafkaSink,
+    ) -> Result<Option<HashMap<String, dedupe::TopicState>>, RelayError> {
+        if self.transactional() {
+            // A transaction a failed session left open is aborted (its
+            // records are replayed).
+            if sink.txn_open {
+                sink.abort_transaction().await.map_err(txn_error)?;
+                tracing::info!("aborted the Kafka transaction the previous session left open");
+            }
+            if !sink.txn_ready {
+                sink.init_transactions().await.map_err(txn_error)?;
+                tracing::info!(
+                    "initialised Kafka transactions (any producer with this transactional.id is fenced)"
+                );
+            }
+        }
+        // What a previous session left in flight lands (or fails) before
+        // the partitions' ends are read, or it could be written twice.
+        while sink.in_flight() > 0 {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(None),
+                report = sink.next_report() => match report {
+                    Some(DeliveryReport::Fatal { reason }) => return Err(RelayError::ProducerFatal(reason)),
+                    Some(DeliveryReport::Denied(denied)) => return Err(RelayError::KafkaAccess(denied)),
+                    None => return Err(RelayError::ProducerFatal("delivery reports ended".into())),
+                    Some(_) => {}
+                },
+            }
+        }
+        let mut topics = HashMap::new();
+        for topic in self.event_cfg.static_topics() {
+            let state = dedupe::load(self.kafka_cfg, &topic, self.exactly_once())
+                .await
+                .map_err(dedupe_error)?;
+            if self.exactly_once() {
+                tracing::info!(%topic, partitions = state.partitions, last = ?state.last, "read each partition's last position");
+            }
+            topics.insert(topic, state);
+        }
+        Ok(Some(topics))
     }
 
     async fn stream_loop(
@@ -718,10 +783,12 @@ impl Session<'_> {
                             started: Instant::now(),
                             records: 0,
                             txns: Vec::new(),
+                            first: position,
+                            last: position,
                         });
                     }
                     if let Some(b) = st.kbatch.as_mut() {
-                        b.add(id);
+                        b.add(id, position);
                     }
                 }
                 st.cp.record_sent(id);

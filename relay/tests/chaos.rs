@@ -338,9 +338,17 @@ async fn chaos(setup: Setup) -> anyhow::Result<()> {
                 .expect("a kind")
         };
         let fault_started = Instant::now();
+        // Each fault on a line with the wall-clock time, to read beside the
+        // relays' logs.
+        println!(
+            "chaos: {} {fault:?} begins (relays {:?})",
+            chrono::Utc::now().format("%H:%M:%S%.3f"),
+            relays.iter().map(|r| r.child.id()).collect::<Vec<_>>()
+        );
         match fault {
             Fault::KillRelay => {
                 let victim = relays.remove(rng.random_range(0..relays.len()));
+                println!("chaos: kill -9 of relay {:?}", victim.child.id());
                 victim.kill_9().await?;
                 tokio::time::sleep(Duration::from_millis(rng.random_range(0..800))).await;
                 if relays.is_empty() {
@@ -352,6 +360,7 @@ async fn chaos(setup: Setup) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(rng.random_range(500..2500))).await;
                 while relays.len() > 1 {
                     let victim = relays.remove(rng.random_range(0..relays.len()));
+                    println!("chaos: kill -9 of relay {:?}", victim.child.id());
                     victim.kill_9().await?;
                 }
             }
@@ -359,6 +368,7 @@ async fn chaos(setup: Setup) -> anyhow::Result<()> {
                 if rng.random_bool(0.5) {
                     cluster.restart_fast()?;
                 } else {
+                    println!("chaos: Postgres crash (immediate stop)");
                     cluster.crash()?;
                     tokio::time::sleep(Duration::from_millis(rng.random_range(0..1000))).await;
                     cluster.start_again()?;
@@ -427,6 +437,10 @@ async fn chaos(setup: Setup) -> anyhow::Result<()> {
                 fault_started.elapsed().as_secs_f64()
             );
         }
+        println!(
+            "chaos: {} {fault:?} ends",
+            chrono::Utc::now().format("%H:%M:%S%.3f")
+        );
         *counts.entry(fault).or_default() += 1;
     }
     done.store(true, Ordering::Relaxed);

@@ -17,7 +17,9 @@
 //! On librdkafka's mock cluster, what only the mock can inject (errors on
 //! EndTxn): records are visible and the slot confirmed only at the Kafka
 //! commit, and a commit failing with an abortable error (aborted) or with
-//! PRODUCER_FENCED (producer replaced) is replayed. The mock ignores the
+//! PRODUCER_FENCED (producer replaced) is replayed; and a session held up
+//! readying Kafka (InitProducerId errors) keeps answering its walsender.
+//! The mock ignores the
 //! isolation level and does not fence on a second InitProducerId, so those
 //! tests read with read_uncommitted and see aborted copies.
 
@@ -774,5 +776,88 @@ async fn a_fenced_producer_is_replaced_and_the_transaction_replayed() -> anyhow:
         first_commit_fails_with(RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED).await?;
     assert!(errors >= 1, "the failed commit is counted");
     assert_eq!(ids, [expected.clone(), expected].concat());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_relay_readying_kafka_keeps_answering_the_walsender() -> anyhow::Result<()> {
+    // The relay takes the slot, then readies Kafka (init_transactions here).
+    // The coordinator answers InitProducerId with a retriable error for a
+    // while, slowly: the session stays in that phase for seconds. Its
+    // walsender must get standby replies meanwhile (or it would wait for one
+    // until wal_sender_timeout, and hold up a fast shutdown that long).
+    let mock = MockCluster::new(3)?;
+    let topic = unique_name("txn_setup");
+    mock.create_topic(&topic, 2, 3)?;
+    let bootstrap = mock.bootstrap_servers();
+    let db = TestDb::create().await?;
+    let slot = db.slot_name();
+    mock.request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 40],
+    );
+    for broker in 1..=3 {
+        mock.broker_round_trip_time(broker, Duration::from_millis(300))?;
+    }
+    let cfg = relay_config(
+        &db.url,
+        &slot,
+        &topic,
+        &bootstrap,
+        &["--kafka-transactions", "--status-interval", "1s"],
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let shared = relay::http::Shared::new(&cfg.slot, &cfg.publication);
+    let task = tokio::spawn(relay::pipeline::run_with(cfg, stop.clone(), shared.clone()));
+
+    // The walsender's reply_time, while the relay is not streaming yet.
+    let c = db.connect().await?;
+    let mut replies = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while replies.len() < 3 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the walsender got {} distinct replies in 30 s while the relay readied Kafka",
+            replies.len()
+        );
+        let state = shared.snapshot().state;
+        anyhow::ensure!(
+            state != relay::http::RelayState::Streaming,
+            "precondition: the relay streams already ({} replies seen): \
+             the injected InitProducerId errors did not hold it up",
+            replies.len()
+        );
+        let row = c
+            .query_opt(
+                "SELECT r.reply_time::text FROM pg_stat_replication r \
+                 JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1",
+                &[&slot],
+            )
+            .await?;
+        if let Some(Some(t)) = row.map(|r| r.get::<_, Option<String>>(0)) {
+            replies.insert(t);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Once Kafka answers, the relay streams, and produces in a transaction.
+    mock.clear_request_errors(RDKafkaApiKey::InitProducerId);
+    for broker in 1..=3 {
+        mock.broker_round_trip_time(broker, Duration::ZERO)?;
+    }
+    wait_for("the relay to stream", Duration::from_secs(60), || async {
+        Ok((shared.snapshot().state == relay::http::RelayState::Streaming).then_some(()))
+    })
+    .await?;
+    insert_batch(&c, 10, 5).await?;
+    let expected = outbox_ids(&c).await?;
+    let ids = wait_for("the records", Duration::from_secs(30), || async {
+        let ids = read_all(&bootstrap, &topic, false).await?;
+        Ok((ids.len() >= expected.len()).then_some(ids))
+    })
+    .await?;
+    assert_eq!(ids.into_iter().collect::<BTreeSet<_>>(), expected);
+    stop.cancel();
+    task.await??;
     Ok(())
 }

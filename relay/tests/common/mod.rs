@@ -316,11 +316,26 @@ impl RelayProcess {
         let mut args = args[1..].to_vec();
         let listen = args.iter().position(|a| a == "--listen").expect("--listen") + 1;
         args[listen] = addr.to_string();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        // RELAY_TEST_LOG overrides the level (e.g. `relay=info,relay::pipeline=debug`).
+        let log = std::env::var("RELAY_TEST_LOG").unwrap_or_else(|_| "relay=info".into());
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
             .args(&args)
-            .env("RUST_LOG", "relay=info")
+            .env("RUST_LOG", log)
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
+        // Each line prefixed with the process id, so the logs of relays
+        // running side by side can be told apart.
+        if let (Some(stderr), Some(pid)) = (child.stderr.take(), child.id()) {
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let mut lines = tokio::io::BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    eprintln!("[relay {pid}] {line}");
+                }
+            });
+        }
         Ok(RelayProcess { child, addr })
     }
 
