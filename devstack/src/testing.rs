@@ -211,9 +211,38 @@ impl KafkaSasl {
         .collect()
     }
 
+    /// The same login in a properties file (mode 600, in a fresh temporary
+    /// directory): the `--kafka-properties-file` option naming it.
+    pub fn properties_file(&self, user: &str, password: &str) -> std::io::Result<Vec<String>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = std::env::temp_dir().join(unique_name("kafka_props"));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("client.properties");
+        let text = format!(
+            "# {user} over SASL_SSL\nsecurity.protocol=SASL_SSL\nsasl.mechanism=SCRAM-SHA-512\n\
+             sasl.username={user}\nsasl.password={password}\nssl.ca.location={}\n",
+            self.ca
+        );
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        std::io::Write::write_all(&mut file, text.as_bytes())?;
+        Ok(vec![
+            "--kafka-properties-file".to_owned(),
+            path.display().to_string(),
+        ])
+    }
+
     /// A unique name that the test ACLs grant (topic, group, slot).
     pub fn granted_name(&self, prefix: &str) -> String {
         format!("{}{}", self.acl_prefix, unique_name(prefix))
+    }
+
+    /// The Kafka users' passwords.
+    pub fn kafka_secrets(&self) -> Vec<String> {
+        vec![self.relay_password.clone(), self.notifier_password.clone()]
     }
 
     /// Every secret of the stack a log line or an HTTP answer must not show.
@@ -226,6 +255,19 @@ impl KafkaSasl {
         }
         secrets
     }
+}
+
+/// Fails when the command line of process `pid` (as `ps` shows it to every
+/// local user) holds one of `secrets`.
+pub fn assert_no_secret_in_command_line(pid: u32, secrets: &[String]) -> anyhow::Result<()> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    anyhow::ensure!(
+        !cmdline.trim().is_empty(),
+        "process {pid} has no command line"
+    );
+    assert_no_secret("the process list", &cmdline, secrets);
+    Ok(())
 }
 
 /// A binary under test as a child process, its stderr (the logs) kept.

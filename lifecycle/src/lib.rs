@@ -2,7 +2,8 @@
 //! run time: one shutdown signal, Ctrl-C or SIGTERM, fanned out over a
 //! cancellation token that every task owning state watches; logging set up
 //! the same way (`RUST_LOG`, text or JSON, on stderr); error chains for
-//! messages; and durations on the command line.
+//! messages; durations on the command line; and Kafka client properties
+//! (`--kafka-property KEY=VALUE`, `--kafka-properties-file PATH`).
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -138,4 +139,134 @@ pub async fn on_signal(token: CancellationToken) {
     }
     tracing::info!("shutdown requested");
     token.cancel();
+}
+
+/// `KEY=VALUE`: one Kafka client property on the command line
+/// (`--kafka-property`).
+pub fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// Kafka client properties read from a file (`--kafka-properties-file`),
+/// so that secrets such as `sasl.password` stay out of the process list.
+/// Its `Debug` shows the keys only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct PropertiesFile {
+    pub properties: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for PropertiesFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.properties.iter().map(|(k, _)| k))
+            .finish()
+    }
+}
+
+/// Reads a properties file: one `key=value` a line, as Kafka's own tools
+/// take them (`--command-config`); blank lines and lines starting with `#`
+/// or `!` are skipped, and whitespace around keys and values is trimmed.
+/// Errors name the file and the line, never the line's text (it may hold a
+/// secret).
+pub fn parse_properties_file(path: &str) -> Result<PropertiesFile, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    parse_properties(&text).map_err(|line| {
+        format!("{path} line {line}: expected key=value (a comment starts with # or !)")
+    })
+}
+
+/// The properties in `text`; `Err(n)` names the first malformed line.
+fn parse_properties(text: &str) -> Result<PropertiesFile, usize> {
+    let mut properties = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                properties.push((k.trim().to_owned(), v.trim().to_owned()));
+            }
+            _ => return Err(n + 1),
+        }
+    }
+    Ok(PropertiesFile { properties })
+}
+
+/// The properties a client is configured with: the file's, then the
+/// command line's, which win where both set a key.
+pub fn kafka_properties(
+    file: Option<&PropertiesFile>,
+    command_line: &[(String, String)],
+) -> Vec<(String, String)> {
+    file.map(|f| f.properties.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .chain(command_line)
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_file_lines() {
+        let text =
+            "# SASL\n\nsecurity.protocol = SASL_SSL\n! old style comment\nsasl.password=a=b \n";
+        let file = parse_properties(text).expect("valid");
+        assert_eq!(
+            file.properties,
+            vec![
+                ("security.protocol".to_owned(), "SASL_SSL".to_owned()),
+                ("sasl.password".to_owned(), "a=b".to_owned()),
+            ]
+        );
+        assert_eq!(
+            format!("{file:?}"),
+            r#"["security.protocol", "sasl.password"]"#,
+            "Debug shows keys, not values"
+        );
+        assert_eq!(parse_properties("a=1\nsecret-without-equals\n"), Err(2));
+        assert_eq!(parse_properties(" =x"), Err(1));
+    }
+
+    #[test]
+    fn properties_file_errors_name_file_and_line_not_text() {
+        let dir = std::env::temp_dir().join(format!("lifecycle-props-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("client.properties");
+        std::fs::write(&path, "sasl.username=relay\nhunter2\n").expect("write");
+        let path = path.to_str().expect("utf-8 path");
+        let err = parse_properties_file(path).expect_err("malformed");
+        assert!(err.contains(path) && err.contains("line 2"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let missing = parse_properties_file("/nonexistent/client.properties").expect_err("missing");
+        assert!(
+            missing.contains("cannot read /nonexistent/client.properties"),
+            "{missing}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn command_line_properties_come_last() {
+        let file = PropertiesFile {
+            properties: vec![("acks".into(), "1".into()), ("a".into(), "x".into())],
+        };
+        let cli = vec![("acks".to_owned(), "all".to_owned())];
+        assert_eq!(
+            kafka_properties(Some(&file), &cli),
+            vec![
+                ("acks".to_owned(), "1".to_owned()),
+                ("a".to_owned(), "x".to_owned()),
+                ("acks".to_owned(), "all".to_owned()),
+            ]
+        );
+        assert_eq!(kafka_properties(None, &cli), cli);
+    }
 }

@@ -127,9 +127,14 @@ pub struct Config {
         value_name = "KEY=VALUE",
         value_delimiter = ',',
         hide_env_values = true,
-        value_parser = parse_property
+        value_parser = lifecycle::parse_property
     )]
     pub kafka_properties: Vec<(String, String)>,
+
+    /// File of librdkafka properties, one `key=value` a line (`#` comments),
+    /// applied before `--kafka-property` (keeps secrets out of the process list).
+    #[arg(long, env = "LOADGEN_KAFKA_PROPERTIES_FILE", value_name = "PATH", value_parser = lifecycle::parse_properties_file)]
+    pub kafka_properties_file: Option<lifecycle::PropertiesFile>,
 
     /// The outbox topic to read the records from.
     #[arg(long, env = "OUTBOX_TOPIC", default_value = "microshop.order-outbox")]
@@ -369,13 +374,6 @@ fn parse_url(s: &str) -> Result<reqwest::Url, ConfigError> {
         return Err(bad("no host".into()));
     }
     Ok(url)
-}
-
-fn parse_property(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
-    }
 }
 
 #[cfg(test)]

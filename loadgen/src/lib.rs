@@ -161,7 +161,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Report, 
         let (bootstrap, topic, props) = (
             config.kafka_bootstrap_servers.clone(),
             config.topic.clone(),
-            config.kafka_properties.clone(),
+            lifecycle::kafka_properties(
+                config.kafka_properties_file.as_ref(),
+                &config.kafka_properties,
+            ),
         );
         let consumer =
             tokio::task::spawn_blocking(move || matcher::assign_at_end(&bootstrap, &topic, &props))

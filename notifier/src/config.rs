@@ -27,8 +27,14 @@ pub struct Config {
 
     /// Extra librdkafka property for the consumer and the DLQ producer,
     /// repeatable (e.g. security.protocol=SASL_SSL).
-    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property)]
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = lifecycle::parse_property)]
     pub kafka_properties: Vec<(String, String)>,
+
+    /// File of librdkafka properties, one `key=value` a line (`#` comments),
+    /// applied before `--kafka-property`: keeps secrets such as
+    /// sasl.password out of the process list.
+    #[arg(long, env = "NOTIFIER_KAFKA_PROPERTIES_FILE", value_name = "PATH", value_parser = lifecycle::parse_properties_file)]
+    pub kafka_properties_file: Option<lifecycle::PropertiesFile>,
 
     /// The outbox topic to consume.
     #[arg(long, env = "OUTBOX_TOPIC", default_value = "microshop.order-outbox")]
@@ -115,18 +121,17 @@ impl std::fmt::Debug for Config {
 pub use lifecycle::LogFormat;
 
 impl Config {
+    /// Kafka client properties: `--kafka-properties-file`'s, then
+    /// `--kafka-property`'s.
+    pub fn kafka_properties(&self) -> Vec<(String, String)> {
+        lifecycle::kafka_properties(self.kafka_properties_file.as_ref(), &self.kafka_properties)
+    }
+
     /// The dead-letter topic: `--dlq-topic`, or `<topic>.dlq`.
     pub fn dlq_topic(&self) -> String {
         self.dlq_topic
             .clone()
             .unwrap_or_else(|| format!("{}.dlq", self.topic))
-    }
-}
-
-fn parse_property(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
     }
 }
 
@@ -167,6 +172,6 @@ mod tests {
     fn bad_durations_are_refused() {
         assert!(parse_duration("5h").is_err());
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_property("novalue").is_err());
+        assert!(lifecycle::parse_property("novalue").is_err());
     }
 }

@@ -263,7 +263,7 @@ fn base_client_config(cfg: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka_bootstrap_servers)
         .set("client.id", "notifier");
-    for (k, v) in &cfg.kafka_properties {
+    for (k, v) in &cfg.kafka_properties() {
         c.set(k, v);
     }
     c
@@ -290,7 +290,7 @@ fn consumer_config(cfg: &Config) -> ClientConfig {
             cfg.fetch_max_wait.as_millis().clamp(0, 300_000).to_string(),
         );
     // Extra properties last, so an operator can override the above.
-    for (k, v) in &cfg.kafka_properties {
+    for (k, v) in &cfg.kafka_properties() {
         c.set(k, v);
     }
     c

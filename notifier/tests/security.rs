@@ -1,7 +1,7 @@
 //! The notifier binary against the test broker's SASL_SSL listener
 //! (SCRAM-SHA-512 over TLS, ACLs enforced; see
 //! `devstack::testing::KafkaSasl`), logged in as the notifier's Kafka user
-//! with `--kafka-property` settings: it emails and dead-letters through it;
+//! from a `--kafka-properties-file` (no password in the process list): it emails and dead-letters through it;
 //! a refused password, or a topic, group or dead-letter topic it has no ACL
 //! for, stops it with a clear error and a non-zero exit; and no secret
 //! reaches its logs or `/metrics`.
@@ -20,7 +20,8 @@ use devstack::testing::{
 /// How long a refused notifier may take to give up.
 const EXIT_WAIT: Duration = Duration::from_secs(60);
 
-/// The notifier binary, logged in as `user` with `password`, emailing to
+/// The notifier binary, logged in as `user` with `password` (from a
+/// `--kafka-properties-file`, so not in the process list), emailing to
 /// the test stack's SMTP sink, logging at debug level (every line is
 /// checked for secrets). Returns it and its HTTP address.
 fn spawn_notifier(
@@ -39,7 +40,7 @@ fn spawn_notifier(
         .args(["--smtp-url", &sink_smtp_url()])
         .args(["--listen", &addr, "--commit-interval", "200ms"])
         .args(["--initial-backoff", "100ms", "--max-backoff", "1s"])
-        .args(sasl.properties(&sasl.notifier_user, password))
+        .args(sasl.properties_file(&sasl.notifier_user, password)?)
         .args(extra)
         .env("RUST_LOG", "debug");
     Ok((Captured::spawn(cmd)?, addr))
@@ -107,6 +108,10 @@ async fn the_notifier_emails_and_dead_letters_through_sasl_ssl() -> anyhow::Resu
         .await
         .map_err(|e| anyhow::anyhow!("{e}; notifier log:\n{}", notifier.stderr()))?;
     assert_eq!(mails[0].event_id, Some(1));
+    devstack::testing::assert_no_secret_in_command_line(
+        notifier.child.id().expect("running"),
+        &sasl.kafka_secrets(),
+    )?;
     let inbox: Vec<i64> = db
         .connect()
         .await?

@@ -45,8 +45,14 @@ pub struct Config {
     pub kafka_bootstrap_servers: String,
 
     /// Extra librdkafka property, repeatable (e.g. security.protocol=SASL_SSL).
-    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property)]
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = lifecycle::parse_property)]
     pub kafka_properties: Vec<(String, String)>,
+
+    /// File of librdkafka properties, one `key=value` a line (`#` comments),
+    /// applied before `--kafka-property`: keeps secrets such as
+    /// sasl.password out of the process list.
+    #[arg(long, env = "RELAY_KAFKA_PROPERTIES_FILE", value_name = "PATH", value_parser = lifecycle::parse_properties_file)]
+    pub kafka_properties_file: Option<lifecycle::PropertiesFile>,
 
     /// Topic for every record; default: the topic prefix + the table name.
     #[arg(long, env = "OUTBOX_TOPIC")]
@@ -238,7 +244,10 @@ impl Config {
     pub fn kafka_config(&self) -> KafkaConfig {
         KafkaConfig {
             bootstrap_servers: self.kafka_bootstrap_servers.clone(),
-            properties: self.kafka_properties.clone(),
+            properties: lifecycle::kafka_properties(
+                self.kafka_properties_file.as_ref(),
+                &self.kafka_properties,
+            ),
             partitions: self.partitions,
             replication: self.replication_factor,
             max_in_flight_bytes: self.max_in_flight_bytes,
@@ -246,13 +255,6 @@ impl Config {
                 .kafka_transactions
                 .then(|| format!("outbox-relay.{}", self.slot)),
         }
-    }
-}
-
-fn parse_property(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
     }
 }
 

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! One session is one replication connection. Once it holds the slot it
-//! readies Kafka ([`Session::prepare_kafka`]), answering the walsender with
+//! readies Kafka (`Session::prepare_kafka`), answering the walsender with
 //! status updates meanwhile. Its loop is a
 //! `tokio::select!` with this priority (`biased`):
 //! 1. shutdown — stop reading, wait (bounded) for Kafka's acks, confirm, exit;

@@ -1,6 +1,7 @@
 //! The relay binary against the test broker's SASL_SSL listener (SCRAM-SHA-512
 //! over TLS, ACLs enforced; see `devstack::testing::KafkaSasl`), logged in
-//! as the relay's Kafka user with `--kafka-property` settings, as a user
+//! as the relay's Kafka user with `--kafka-property` settings or a
+//! `--kafka-properties-file` (no password in the process list), as a user
 //! would run it: it works, it stops with a clear error and a non-zero exit
 //! when Kafka refuses its password or an operation, it then confirms
 //! nothing, and no secret reaches its logs, `/status` or `/metrics`.
@@ -12,7 +13,8 @@ use std::time::Duration;
 
 use common::*;
 use devstack::testing::{
-    assert_no_secret, create_topic, kafka_bootstrap, Captured, KafkaSasl, TestDb,
+    assert_no_secret, assert_no_secret_in_command_line, create_topic, kafka_bootstrap, Captured,
+    KafkaSasl, TestDb,
 };
 use relay::lsn::Lsn;
 
@@ -182,11 +184,13 @@ async fn kafka_transactions_work_through_sasl_ssl() -> anyhow::Result<()> {
     devstack::kafka::create_topic(&kafka_bootstrap(), &topic, 1).await?;
     // transactional.id outbox-relay.<slot>: granted by the prefix ACL.
     let slot = sasl.granted_name("slot");
-    let mut extra = relay_properties(&sasl);
+    // The login from a properties file: the password is not in `ps`.
+    let mut extra = sasl.properties_file(&sasl.relay_user, &sasl.relay_password)?;
     extra.push("--kafka-transactions".into());
     let args = relay_args(&db.url, &slot, &topic, &sasl.bootstrap, &as_strs(&extra));
     let (mut relay, addr) = spawn_relay(&args)?;
     wait_streaming(&mut relay, addr).await?;
+    assert_no_secret_in_command_line(relay.child.id().expect("running"), &sasl.kafka_secrets())?;
     let c = db.connect().await?;
     let ids = insert_events(&c, 5).await?;
     let records = read_until_all_isolated(

@@ -205,15 +205,27 @@ kafka_security_apply() {
 # The SASL_SSL listener's address, for clients.
 kafka_sasl_bootstrap() { echo "127.0.0.1:$KAFKA_SASL_PORT"; }
 
-# kafka_client_args USER: the --kafka-property options (one per line) with
-# which the relay or the notifier logs in as USER over SASL_SSL, verifying
-# the broker with the stack's CA. They hold the password, so the process
-# list shows it to other local users while the service runs.
+# kafka_client_properties USER: writes (mode 600) and prints the path of
+# the librdkafka properties file with which the relay or the notifier logs
+# in as USER over SASL_SSL, verifying the broker with the stack's CA.
+kafka_client_properties() {
+    local user=$1 f="$RUN_DIR/kafka-$1.properties"
+    (
+        umask 077
+        printf '%s\n' "# $user on the stack's SASL_SSL listener (scripts/lib/kafka-security.sh)" \
+            security.protocol=SASL_SSL \
+            "sasl.mechanism=$KAFKA_SASL_MECHANISM" \
+            "sasl.username=$user" \
+            "sasl.password=$(kafka_password "$user")" \
+            "ssl.ca.location=$(kafka_tls_dir)/ca.crt" >"$f.tmp"
+        mv "$f.tmp" "$f"
+    )
+    echo "$f"
+}
+
+# kafka_client_args USER: the options (one per line) that log the relay or
+# the notifier in as USER: a --kafka-properties-file, so the password is not
+# in the process list.
 kafka_client_args() {
-    local user=$1
-    printf '%s\n' --kafka-property security.protocol=SASL_SSL \
-        --kafka-property "sasl.mechanism=$KAFKA_SASL_MECHANISM" \
-        --kafka-property "sasl.username=$user" \
-        --kafka-property "sasl.password=$(kafka_password "$user")" \
-        --kafka-property "ssl.ca.location=$(kafka_tls_dir)/ca.crt"
+    printf '%s\n' --kafka-properties-file "$(kafka_client_properties "$1")"
 }
