@@ -257,6 +257,26 @@ impl KafkaSasl {
     }
 }
 
+/// A CA certificate of its own (made with openssl in a fresh temporary
+/// directory), which did not sign the test broker's certificate.
+pub fn another_ca() -> anyhow::Result<String> {
+    let dir = std::env::temp_dir().join(unique_name("other_ca"));
+    std::fs::create_dir_all(&dir)?;
+    let (key, crt) = (dir.join("ca.key"), dir.join("ca.crt"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=not the stack CA", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "openssl req failed: {status}");
+    Ok(crt.display().to_string())
+}
+
 /// Fails when the command line of process `pid` (as `ps` shows it to every
 /// local user) holds one of `secrets`.
 pub fn assert_no_secret_in_command_line(pid: u32, secrets: &[String]) -> anyhow::Result<()> {

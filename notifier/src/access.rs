@@ -5,11 +5,13 @@
 //! it and waiting forever.
 //!
 //! librdkafka reports a refused authentication as an error event of the
-//! client (its requests just time out), and a missing ACL either as an
-//! event or as the error of one operation; both end up in [`KafkaAccess::deny`].
+//! client (its requests just time out), a broker certificate it cannot
+//! verify only as a log line, and a missing ACL either as an event or as
+//! the error of one operation; all end up in [`KafkaAccess::deny`].
 
 use std::sync::{Arc, Mutex};
 
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
 use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
@@ -54,6 +56,15 @@ impl KafkaAccess {
         }
     }
 
+    /// Forwards a librdkafka log line and records the refusal some of them
+    /// are (an untrusted broker certificate, see [`AccessDenied::from_log`]).
+    pub fn check_log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        relay::sink::forward_log(level, facility, message);
+        if let Some(denied) = AccessDenied::from_log(level, facility, message) {
+            self.deny(denied);
+        }
+    }
+
     /// The first refusal, if any.
     pub fn first(&self) -> Option<AccessDenied> {
         self.first.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -68,6 +79,10 @@ impl KafkaAccess {
 }
 
 impl ClientContext for KafkaAccess {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.check_log(level, facility, message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if !self.check(&error, reason) {
             tracing::warn!(error = %error, reason, "kafka client error");

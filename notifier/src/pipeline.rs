@@ -205,6 +205,10 @@ struct NotifierContext {
 }
 
 impl ClientContext for NotifierContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        self.access.check_log(level, facility, message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if !self
             .access

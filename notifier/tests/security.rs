@@ -2,8 +2,8 @@
 //! (SCRAM-SHA-512 over TLS, ACLs enforced; see
 //! `devstack::testing::KafkaSasl`), logged in as the notifier's Kafka user
 //! from a `--kafka-properties-file` (no password in the process list): it emails and dead-letters through it;
-//! a refused password, or a topic, group or dead-letter topic it has no ACL
-//! for, stops it with a clear error and a non-zero exit; and no secret
+//! a refused password, a broker certificate its CA did not sign, or a
+//! topic, group or dead-letter topic it has no ACL for, stops it with a clear error and a non-zero exit; and no secret
 //! reaches its logs or `/metrics`.
 
 mod common;
@@ -163,6 +163,36 @@ async fn a_wrong_password_stops_the_notifier_naming_the_failed_authentication() 
             "invalid credentials",
         ],
         Some(&wrong),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_broker_certificate_from_another_ca_stops_the_notifier_naming_tls() -> anyhow::Result<()>
+{
+    let sasl = KafkaSasl::from_env();
+    let db = TestDb::create().await?;
+    let topic = sasl.granted_name("topic");
+    devstack::kafka::create_topic(&kafka_bootstrap(), &topic, 1).await?;
+    // The file's login, and a --kafka-property (which wins over the file)
+    // naming a CA that did not sign the broker's certificate.
+    let ca = format!("ssl.ca.location={}", devstack::testing::another_ca()?);
+    let (notifier, _) = spawn_notifier(
+        &sasl,
+        &sasl.notifier_password,
+        &db,
+        &topic,
+        &sasl.granted_name("g"),
+        &["--kafka-property", &ca],
+    )?;
+    expect_refused(
+        notifier,
+        &[
+            "notifier: Kafka authentication failed",
+            "certificate verify failed",
+            "check ssl.ca.location",
+        ],
+        None,
     )
     .await
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -86,16 +87,46 @@ impl AccessDenied {
         })
     }
 
-    /// [`AccessDenied::new`] for the code of `error`.
+    /// [`AccessDenied::new`] for the code of `error`; also a TLS handshake
+    /// that failed because the broker's certificate is not trusted (`detail`
+    /// is librdkafka's reason then): the configured CA does not sign it,
+    /// which no retry changes (other TLS failures, such as a reset
+    /// handshake, stay transient).
     pub fn from_error(error: &KafkaError, detail: impl Into<String>) -> Option<AccessDenied> {
-        AccessDenied::new(error.rdkafka_error_code()?, detail)
+        let code = error.rdkafka_error_code()?;
+        let detail = detail.into();
+        if code == RDKafkaErrorCode::SSL && untrusted_certificate(&detail) {
+            return Some(AccessDenied { code, detail });
+        }
+        AccessDenied::new(code, detail)
+    }
+
+    /// A refusal librdkafka only logs: a broker certificate it could not
+    /// verify is a log line of facility `FAIL` (at error level), with no
+    /// error event; the client just has no broker to talk to.
+    pub fn from_log(level: RDKafkaLogLevel, facility: &str, message: &str) -> Option<AccessDenied> {
+        let error = matches!(
+            level,
+            RDKafkaLogLevel::Emerg
+                | RDKafkaLogLevel::Alert
+                | RDKafkaLogLevel::Critical
+                | RDKafkaLogLevel::Error
+        );
+        (error && facility == "FAIL" && untrusted_certificate(message)).then(|| AccessDenied {
+            code: RDKafkaErrorCode::SSL,
+            detail: message.to_owned(),
+        })
     }
 
     pub fn is_authentication(&self) -> bool {
         use RDKafkaErrorCode::*;
         matches!(
             self.code,
-            Authentication | SaslAuthenticationFailed | UnsupportedSASLMechanism | IllegalSASLState
+            Authentication
+                | SaslAuthenticationFailed
+                | UnsupportedSASLMechanism
+                | IllegalSASLState
+                | SSL
         )
     }
 
@@ -108,10 +139,40 @@ impl AccessDenied {
     }
 
     fn hint(&self) -> &'static str {
-        if self.is_authentication() {
+        if self.code == RDKafkaErrorCode::SSL {
+            "the broker's TLS certificate is not signed by a CA the client trusts: check ssl.ca.location"
+        } else if self.is_authentication() {
             "check security.protocol, sasl.mechanism, sasl.username and sasl.password (--kafka-property)"
         } else {
             "the Kafka user lacks the ACL for it; an operator has to grant it"
+        }
+    }
+}
+
+/// Whether librdkafka's reason for a TLS failure is a certificate it could
+/// not verify (OpenSSL's "certificate verify failed").
+fn untrusted_certificate(reason: &str) -> bool {
+    reason.contains("certificate verify failed")
+}
+
+/// librdkafka's log lines, as rdkafka's default `ClientContext::log` writes
+/// them (target `librdkafka`), for contexts that also look at them.
+pub fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        RDKafkaLogLevel::Warning => {
+            tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        RDKafkaLogLevel::Debug => {
+            tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}")
         }
     }
 }
@@ -134,14 +195,25 @@ impl AccessWatch {
     }
 }
 
+impl AccessWatch {
+    fn keep(&self, denied: AccessDenied) {
+        let mut first = self.denied.lock().unwrap_or_else(|p| p.into_inner());
+        first.get_or_insert(denied);
+    }
+}
+
 impl ClientContext for AccessWatch {
     fn error(&self, error: KafkaError, reason: &str) {
         match AccessDenied::from_error(&error, reason) {
-            Some(denied) => {
-                let mut first = self.denied.lock().unwrap_or_else(|p| p.into_inner());
-                first.get_or_insert(denied);
-            }
+            Some(denied) => self.keep(denied),
             None => tracing::warn!(error = %error, reason, "kafka client error"),
+        }
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        forward_log(level, facility, message);
+        if let Some(denied) = AccessDenied::from_log(level, facility, message) {
+            self.keep(denied);
         }
     }
 }
@@ -250,6 +322,14 @@ struct ReportingContext {
 }
 
 impl ClientContext for ReportingContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        forward_log(level, facility, message);
+        if let Some(denied) = AccessDenied::from_log(level, facility, message) {
+            tracing::error!(error = %denied, "kafka refused the producer");
+            let _ = self.reports.send(DeliveryReport::Denied(denied));
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if let Some(denied) = AccessDenied::from_error(&error, reason) {
             tracing::error!(error = %denied, "kafka refused the producer");

@@ -3,7 +3,8 @@
 //! as the relay's Kafka user with `--kafka-property` settings or a
 //! `--kafka-properties-file` (no password in the process list), as a user
 //! would run it: it works, it stops with a clear error and a non-zero exit
-//! when Kafka refuses its password or an operation, it then confirms
+//! when Kafka refuses its password or an operation, or presents a
+//! certificate its CA did not sign, it then confirms
 //! nothing, and no secret reaches its logs, `/status` or `/metrics`.
 
 mod common;
@@ -283,6 +284,44 @@ async fn a_transactional_id_without_acl_stops_the_relay_naming_the_failed_author
         log.contains("relay: Kafka authorization failed")
             && log.contains("Transactional Id authorization failed"),
         "the exit message names the cause:\n{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_broker_certificate_from_another_ca_stops_the_relay_naming_tls() -> anyhow::Result<()> {
+    let sasl = KafkaSasl::from_env();
+    let topic = sasl.granted_name("topic");
+    devstack::kafka::create_topic(&kafka_bootstrap(), &topic, 1).await?;
+    // The right user and password; ssl.ca.location a CA that did not sign
+    // the broker's certificate.
+    let other = devstack::testing::another_ca()?;
+    let props: Vec<String> = relay_properties(&sasl)
+        .into_iter()
+        .map(|p| {
+            if p.starts_with("ssl.ca.location=") {
+                format!("ssl.ca.location={other}")
+            } else {
+                p
+            }
+        })
+        .collect();
+    assert!(props.iter().any(|p| p.ends_with(&other)), "{props:?}");
+    let slot = devstack::testing::unique_name("slot");
+    let refused = Refused::prepare(&slot).await?;
+    let args = relay_args(
+        &refused.db.url,
+        &slot,
+        &topic,
+        &sasl.bootstrap,
+        &as_strs(&props),
+    );
+    let log = refused.run(&args, None).await?;
+    assert!(
+        log.contains("relay: kafka: Kafka authentication failed")
+            && log.contains("certificate verify failed")
+            && log.contains("check ssl.ca.location"),
+        "the exit message names the untrusted certificate:\n{log}"
     );
     Ok(())
 }
