@@ -53,6 +53,20 @@
 //! - the positions read in a partition go backwards (another relay, or a
 //!   relay on another database, writes to it): the prefix argument fails.
 //!
+//! **With Kafka transactions the ends are checked against atomicity.** A
+//! Kafka transaction holds whole Postgres transactions, so in a correct
+//! view every row of one Postgres transaction is either at or below its
+//! partition's `last` or above it. The pipeline checks this as it replays:
+//! a Postgres transaction found partly written (some rows skipped, some
+//! not) ends the session, and the next one reads the ends again. That view
+//! appears while transaction markers are still being written (the commit
+//! returns before the coordinator has written every partition's marker, and
+//! a partition without it hides the transaction's records): producing on
+//! it would write those records again; and a view showing records of a
+//! transaction that was not committed would lose the rest. Only a view that three sessions in a row find the
+//! same is taken as it is, per partition: a topic written before
+//! `--kafka-transactions`, or whose partition count changed.
+//!
 //! What remains outside the guarantee, stated rather than detected: if the
 //! topic's partition count changes between the crash and the restart, keys
 //! move to other partitions and the replayed records of a moved key are

@@ -67,6 +67,11 @@ use crate::sql;
 /// enough that a burst of acks costs one status update, not thousands.
 pub const CONFIRM_DELAY: Duration = Duration::from_millis(10);
 
+/// How many sessions in a row find the same Postgres transaction only partly
+/// in Kafka (with Kafka transactions) before the relay takes that view as it
+/// is.
+const PARTIAL_TRANSACTION_READS: u32 = 3;
+
 /// How often a session answers the walsender while it readies Kafka (at
 /// most; `--status-interval` when shorter).
 const SETUP_STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -97,6 +102,15 @@ pub enum RelayError {
     Protocol(String),
     #[error("kafka transaction failed; replaying from the confirmed position")]
     KafkaTransaction(#[source] KafkaError),
+    /// Exactly-once with Kafka transactions: the partitions' last committed
+    /// records hold part of one Postgres transaction.
+    #[error(
+        "the topic's partitions hold only part of the Postgres transaction committed at {commit_lsn}, \
+         which Kafka transactions make impossible: their ends were read before every transaction marker \
+         was written (or the topic was written without transactions, or its partition count changed); \
+         reading them again"
+    )]
+    PartialTransaction { commit_lsn: Lsn },
     #[error("no message from Postgres for {0:?} (--lease): stopped producing and dropped the queue, so that a relay taking over the slot cannot be overtaken by this one")]
     LeaseExpired(Duration),
     #[error("sql connection")]
@@ -121,6 +135,7 @@ impl RelayError {
             | RelayError::ProducerFatal(_)
             | RelayError::LeaseExpired(_)
             | RelayError::KafkaTransaction(_)
+            | RelayError::PartialTransaction { .. }
             | RelayError::Sql(_) => true,
             RelayError::Decode(_)
             | RelayError::Event(_)
@@ -217,6 +232,9 @@ async fn supervise(
     let mut sink: Option<KafkaSink> = None;
     let mut next_txn: TxnId = 0;
     let mut attempt: u32 = 0;
+    // The same partial transaction seen by consecutive sessions.
+    let mut partial: Option<(Lsn, u32)> = None;
+    let mut accept_partial: Option<Lsn> = None;
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
@@ -234,9 +252,26 @@ async fn supervise(
             shared,
             shutdown,
             next_txn: &mut next_txn,
+            accept_partial,
         };
         let result = session.run(&params, &mut sink).await;
         shared.metrics.connected.set(0);
+        if let Err(RelayError::PartialTransaction { commit_lsn }) = &result {
+            let reads = match partial {
+                Some((lsn, n)) if lsn == *commit_lsn => n + 1,
+                _ => 1,
+            };
+            partial = Some((*commit_lsn, reads));
+            if reads >= PARTIAL_TRANSACTION_READS {
+                // The same view each time: not a marker still being written.
+                // The records were written without Kafka transactions (or
+                // the partition count changed); each partition's own end is
+                // then what counts, as without transactions.
+                tracing::warn!(commit_lsn = %commit_lsn, reads,
+                    "the partitions' ends still hold part of this transaction; skipping per partition");
+                accept_partial = Some(*commit_lsn);
+            }
+        }
         match result {
             Ok(()) => return Ok(()),
             Err(RelayError::Replication(ReplicationError::SlotBusy { error, .. })) => {
@@ -336,6 +371,9 @@ struct OpenTxn {
     id: TxnId,
     info: TxnInfo,
     next_seq: u64,
+    /// Exactly-once: rows found already in Kafka (skipped), rows produced.
+    held: u64,
+    produced: u64,
 }
 
 struct Session<'a> {
@@ -345,6 +383,9 @@ struct Session<'a> {
     shared: &'a Arc<Shared>,
     shutdown: &'a CancellationToken,
     next_txn: &'a mut TxnId,
+    /// A Postgres transaction several sessions found partly in Kafka: skip
+    /// its records per partition after all (see `RelayError::PartialTransaction`).
+    accept_partial: Option<Lsn>,
 }
 
 impl Session<'_> {
@@ -702,6 +743,8 @@ impl Session<'_> {
                         commit_ts: b.commit_ts,
                     },
                     next_seq: 0,
+                    held: 0,
+                    produced: 0,
                 });
             }
             LogicalMessage::Commit(c) => {
@@ -772,7 +815,29 @@ impl Session<'_> {
                     .unwrap_or("");
                 let partition = dedupe::partition_for(key.as_bytes(), topic.partitions);
                 record.partition = Some(partition);
-                if self.exactly_once() && topic.holds(partition, position) {
+                let held = self.exactly_once() && topic.holds(partition, position);
+                if let Some(open) = st.open.as_mut() {
+                    if held {
+                        open.held += 1;
+                    } else {
+                        open.produced += 1;
+                    }
+                    // A Kafka transaction holds whole Postgres transactions and
+                    // commits atomically: the partitions' ends cannot show part
+                    // of one. If they seem to, they were read before every
+                    // partition had its transaction marker (acting on it would
+                    // duplicate), or a reader erred (it could lose the rest).
+                    if self.transactional()
+                        && open.held > 0
+                        && open.produced > 0
+                        && self.accept_partial != Some(open.info.commit_lsn)
+                    {
+                        return Err(RelayError::PartialTransaction {
+                            commit_lsn: open.info.commit_lsn,
+                        });
+                    }
+                }
+                if held {
                     self.shared.metrics.duplicates_skipped.inc();
                     return Ok(());
                 }

@@ -12,7 +12,12 @@
 //!   whose open transaction is aborted and whose later commit is refused;
 //! - `a_restart_finds_the_last_committed_record_behind_aborted_ones`: the
 //!   exactly-once reader (`relay/src/dedupe.rs`) steps back past aborted
-//!   records and transaction markers at a partition's end.
+//!   records and transaction markers at a partition's end;
+//! - `a_transaction_partly_in_kafka_is_read_again_then_taken_per_partition`:
+//!   partitions' ends that hold part of a Postgres transaction (impossible
+//!   with Kafka transactions, but seen while markers are being written, or
+//!   on a topic written without them) are read again, and only a view that
+//!   stays the same is taken.
 //!
 //! On librdkafka's mock cluster, what only the mock can inject (errors on
 //! EndTxn): records are visible and the slot confirmed only at the Kafka
@@ -637,6 +642,101 @@ async fn a_restart_finds_the_last_committed_record_behind_aborted_ones() -> anyh
         "aborted records taken for another writer's"
     );
     second.kill_9().await
+}
+
+#[tokio::test]
+async fn a_transaction_partly_in_kafka_is_read_again_then_taken_per_partition() -> anyhow::Result<()>
+{
+    // Partition 0's last record claims a position beyond any transaction
+    // (written without a Kafka transaction, as by a relay before
+    // --kafka-transactions): every row that hashes there counts as written,
+    // the others not. A Postgres transaction with a row in partition 0 (key
+    // user_id 1) and one in partition 2 (user_id 2) then looks partly written, which
+    // Kafka transactions make impossible; the relay reads the ends again
+    // (a marker still being written would be there by then), and when the
+    // view stays the same it skips per partition.
+    let db = TestDb::create().await?;
+    let topic = create_topic(3).await?;
+    {
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || {
+            let producer: BaseProducer = ClientConfig::new()
+                .set("bootstrap.servers", kafka_bootstrap())
+                .create()?;
+            let headers = rdkafka::message::OwnedHeaders::new()
+                .insert(rdkafka::message::Header {
+                    key: "lsn",
+                    value: Some("FF/0"),
+                })
+                .insert(rdkafka::message::Header {
+                    key: "seq",
+                    value: Some("0"),
+                });
+            producer
+                .send(
+                    BaseRecord::<str, str>::to(&topic)
+                        .partition(0)
+                        .key("1")
+                        .payload("{}")
+                        .headers(headers),
+                )
+                .map_err(|(e, _)| e)?;
+            producer.flush(Duration::from_secs(30))?;
+            anyhow::Ok(())
+        })
+        .await??;
+    }
+    let c = db.connect().await?;
+    let slot = db.slot_name();
+    let args = relay_args(
+        &db.url,
+        &slot,
+        &topic,
+        &kafka_bootstrap(),
+        &["--kafka-transactions"],
+    );
+    let (mut relay, log) = spawn_logged(&args)?;
+    relay.wait_state("streaming").await?;
+    // user_id (the key) 0 + g % 7: 1 and 2.
+    insert_batch(&c, 0, 2).await?;
+    let ids = ids_in_commit_order(&c).await?;
+    assert_eq!(ids.len(), 2);
+    wait_for(
+        "the relay to take the view per partition",
+        Duration::from_secs(120),
+        || async {
+            Ok(log
+                .lock()
+                .unwrap()
+                .contains("skipping per partition")
+                .then_some(()))
+        },
+    )
+    .await?;
+    let readings = log
+        .lock()
+        .unwrap()
+        .matches("hold only part of the Postgres transaction")
+        .count();
+    assert_eq!(
+        readings, 3,
+        "three sessions find the same view before the next takes it"
+    );
+
+    // The row of partition 2 once, committed; the row "held" by partition
+    // 0's record not produced; and the relay streams on.
+    insert_batch(&c, 1, 1).await?; // user_id 2
+    let all = ids_in_commit_order(&c).await?;
+    let expected: BTreeSet<i64> = [ids[1], all[2]].into();
+    let records = read_committed_until(&topic, &expected, Duration::from_secs(60)).await?;
+    let mut relayed: Vec<i64> = records
+        .iter()
+        .filter(|r| r.header("event_id").is_some())
+        .map(event_id)
+        .collect();
+    relayed.sort_unstable();
+    assert_eq!(relayed, expected.into_iter().collect::<Vec<_>>());
+    relay.kill_9().await
 }
 
 // ---------------------------------------------------------------------------
