@@ -132,7 +132,8 @@ pub struct Config {
     pub kafka_properties: Vec<(String, String)>,
 
     /// File of librdkafka properties, one `key=value` a line (`#` comments),
-    /// applied before `--kafka-property` (keeps secrets out of the process list).
+    /// applied before `--kafka-property` (keeps secrets out of the process list)
+    /// [default: none].
     #[arg(long, env = "LOADGEN_KAFKA_PROPERTIES_FILE", value_name = "PATH", value_parser = lifecycle::parse_properties_file)]
     pub kafka_properties_file: Option<lifecycle::PropertiesFile>,
 
