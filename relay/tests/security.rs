@@ -121,6 +121,20 @@ impl Refused {
     }
 }
 
+/// A relay on a fresh slot and database, writing `topic` through the SASL_SSL
+/// listener with `options`, that Kafka refuses: see [`Refused::run`].
+async fn refused_relay(
+    topic: &str,
+    options: &[String],
+    extra_secret: Option<&str>,
+) -> anyhow::Result<String> {
+    let slot = devstack::testing::unique_name("slot");
+    let refused = Refused::prepare(&slot).await?;
+    let bootstrap = KafkaSasl::from_env().bootstrap;
+    let args = relay_args(&refused.db.url, &slot, topic, &bootstrap, &as_strs(options));
+    refused.run(&args, extra_secret).await
+}
+
 #[tokio::test]
 async fn the_relay_produces_through_sasl_ssl_and_restarts_exactly_once() -> anyhow::Result<()> {
     let sasl = KafkaSasl::from_env();
@@ -218,16 +232,7 @@ async fn a_wrong_password_stops_the_relay_naming_the_failed_authentication() -> 
     devstack::kafka::create_topic(&kafka_bootstrap(), &topic, 1).await?;
     let wrong = format!("{}-wrong", sasl.relay_password);
     let props = sasl.properties(&sasl.relay_user, &wrong);
-    let slot = devstack::testing::unique_name("slot");
-    let refused = Refused::prepare(&slot).await?;
-    let args = relay_args(
-        &refused.db.url,
-        &slot,
-        &topic,
-        &sasl.bootstrap,
-        &as_strs(&props),
-    );
-    let log = refused.run(&args, Some(&wrong)).await?;
+    let log = refused_relay(&topic, &props, Some(&wrong)).await?;
     assert!(
         log.contains("relay: kafka: Kafka authentication failed"),
         "the exit message names the cause:\n{log}"
@@ -242,16 +247,7 @@ async fn a_topic_without_acl_stops_the_relay_naming_the_failed_authorization() -
     // Outside the ACL prefix: the relay's user may not touch it.
     let topic = create_topic(1).await?;
     let props = relay_properties(&sasl);
-    let slot = devstack::testing::unique_name("slot");
-    let refused = Refused::prepare(&slot).await?;
-    let args = relay_args(
-        &refused.db.url,
-        &slot,
-        &topic,
-        &sasl.bootstrap,
-        &as_strs(&props),
-    );
-    let log = refused.run(&args, None).await?;
+    let log = refused_relay(&topic, &props, None).await?;
     assert!(
         log.contains(&format!(
             "relay: kafka: Kafka authorization failed: describing topic {topic} "
@@ -268,18 +264,9 @@ async fn a_transactional_id_without_acl_stops_the_relay_naming_the_failed_author
     let topic = sasl.granted_name("topic");
     devstack::kafka::create_topic(&kafka_bootstrap(), &topic, 1).await?;
     // transactional.id outbox-relay.<slot> outside the granted prefix.
-    let slot = devstack::testing::unique_name("slot");
     let mut extra = relay_properties(&sasl);
     extra.push("--kafka-transactions".into());
-    let refused = Refused::prepare(&slot).await?;
-    let args = relay_args(
-        &refused.db.url,
-        &slot,
-        &topic,
-        &sasl.bootstrap,
-        &as_strs(&extra),
-    );
-    let log = refused.run(&args, None).await?;
+    let log = refused_relay(&topic, &extra, None).await?;
     assert!(
         log.contains("relay: Kafka authorization failed")
             && log.contains("Transactional Id authorization failed"),
@@ -307,16 +294,7 @@ async fn a_broker_certificate_from_another_ca_stops_the_relay_naming_tls() -> an
         })
         .collect();
     assert!(props.iter().any(|p| p.ends_with(&other)), "{props:?}");
-    let slot = devstack::testing::unique_name("slot");
-    let refused = Refused::prepare(&slot).await?;
-    let args = relay_args(
-        &refused.db.url,
-        &slot,
-        &topic,
-        &sasl.bootstrap,
-        &as_strs(&props),
-    );
-    let log = refused.run(&args, None).await?;
+    let log = refused_relay(&topic, &props, None).await?;
     assert!(
         log.contains("relay: kafka: Kafka authentication failed")
             && log.contains("certificate verify failed")
