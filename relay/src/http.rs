@@ -100,11 +100,22 @@ impl Shared {
     pub fn update(&self, f: impl FnOnce(&mut Status)) {
         let mut guard = self.status.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard);
-        guard.role = match guard.state {
+        let role = match guard.state {
             RelayState::Streaming => "active",
             RelayState::Standby => "standby",
             _ => "none",
         };
+        if role != guard.role {
+            self.metrics.set_role(role);
+            if role == "standby" {
+                // Another relay streams the slot: its lag is that relay's.
+                guard.lag_bytes = 0;
+                guard.lag_seconds = 0.0;
+                self.metrics.lag_bytes.set(0);
+                self.metrics.lag_seconds.set(0.0);
+            }
+        }
+        guard.role = role;
     }
 
     /// The address the HTTP server is bound to, once it is.

@@ -20,6 +20,10 @@ pub const SLOT_RETAINED_WAL_BYTES: &str = "relay_slot_retained_wal_bytes";
 pub const COMMIT_TO_ACK_SECONDS: &str = "relay_commit_to_ack_seconds";
 pub const HEARTBEATS: &str = "relay_heartbeats";
 pub const DUPLICATES_SKIPPED: &str = "relay_duplicates_skipped";
+pub const ROLE: &str = "relay_role";
+
+/// The values of `relay_role`'s `role` label.
+pub const ROLES: [&str; 2] = ["active", "standby"];
 
 /// 0.5 ms, 1 ms, 2 ms, … 32.8 s: resolves milliseconds and still sees a
 /// backlog measured in tens of seconds.
@@ -30,6 +34,11 @@ pub fn commit_to_ack_buckets() -> impl Iterator<Item = f64> {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicLabel {
     pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabel {
+    pub role: String,
 }
 
 /// Every metric the relay exports.
@@ -48,6 +57,8 @@ pub struct Metrics {
     pub commit_to_ack_seconds: Histogram,
     pub heartbeats: Counter,
     pub duplicates_skipped: Counter,
+    /// 1 for the relay's role (`active`, `standby`), 0 for the other.
+    pub role: Family<RoleLabel, Gauge>,
 }
 
 impl Metrics {
@@ -113,8 +124,18 @@ impl Metrics {
             "Replayed records skipped because their partition already held them (exactly-once)",
             duplicates_skipped.clone(),
         );
+        let role = Family::<RoleLabel, Gauge>::default();
+        for r in ROLES {
+            role.get_or_create(&RoleLabel { role: r.to_owned() }).set(0);
+        }
+        registry.register(
+            ROLE,
+            "1 for this relay's role: active (it streams the slot) or standby (another relay does); both 0 while it connects",
+            role.clone(),
+        );
         Metrics {
             registry,
+            role,
             duplicates_skipped,
             commit_to_ack_seconds,
             heartbeats,
@@ -125,6 +146,16 @@ impl Metrics {
             lag_seconds,
             connected,
             slot_retained_wal_bytes,
+        }
+    }
+
+    /// Sets `relay_role` to `role` ("active", "standby", or another
+    /// value for neither).
+    pub fn set_role(&self, role: &str) {
+        for r in ROLES {
+            self.role
+                .get_or_create(&RoleLabel { role: r.to_owned() })
+                .set(i64::from(r == role));
         }
     }
 

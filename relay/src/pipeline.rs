@@ -1064,9 +1064,16 @@ async fn sample_lag(cfg: Config, shared: Arc<Shared>, stop: CancellationToken) {
                     row.get::<_, Option<String>>(0).and_then(|s| s.parse().ok());
                 let restart: Option<Lsn> =
                     row.get::<_, Option<String>>(1).and_then(|s| s.parse().ok());
-                let confirmed = shared.snapshot().confirmed_lsn;
+                let snapshot = shared.snapshot();
+                let confirmed = snapshot.confirmed_lsn;
                 if let Some(current) = current {
-                    let lag = current.bytes_since(confirmed);
+                    // A standby has no lag of its own: the relay streaming
+                    // the slot reports it.
+                    let lag = if snapshot.state == RelayState::Standby {
+                        0
+                    } else {
+                        current.bytes_since(confirmed)
+                    };
                     let retained = restart.map_or(0, |r| current.bytes_since(r));
                     shared.metrics.lag_bytes.set(lag as i64);
                     shared.metrics.slot_retained_wal_bytes.set(retained as i64);

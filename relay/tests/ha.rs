@@ -36,6 +36,28 @@ async fn a_standby_takes_over_within_seconds_when_the_active_relay_dies() -> any
     };
     assert_eq!(status(active.addr).await?["role"], "active");
     assert_eq!(status(standby.addr).await?["role"], "standby");
+    // The role in /metrics; a standby has no lag of its own.
+    let metric = |addr, line: &'static str| async move {
+        let body = http_get(addr, "/metrics").await?;
+        anyhow::Ok(body.lines().any(|l| l == line))
+    };
+    assert!(metric(active.addr, r#"relay_role{role="active"} 1"#).await?);
+    assert!(metric(active.addr, r#"relay_role{role="standby"} 0"#).await?);
+    assert!(metric(standby.addr, r#"relay_role{role="standby"} 1"#).await?);
+    assert!(metric(standby.addr, r#"relay_role{role="active"} 0"#).await?);
+    assert!(metric(standby.addr, "relay_connected 0").await?);
+    // After at least one lag sample of the standby (--lag-sample-interval).
+    wait_for(
+        "the standby's lag sample",
+        Duration::from_secs(10),
+        || async {
+            let body = http_get(standby.addr, "/status").await?;
+            let s: serde_json::Value = serde_json::from_str(&body)?;
+            Ok((s["retained_wal_bytes"].as_u64().unwrap_or(0) > 0).then_some(()))
+        },
+    )
+    .await?;
+    assert!(metric(standby.addr, "relay_lag_bytes 0").await?);
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer = spawn_writer(db.url.clone(), stop.clone());
@@ -49,6 +71,8 @@ async fn a_standby_takes_over_within_seconds_when_the_active_relay_dies() -> any
     let took = died.elapsed();
     assert!(took < Duration::from_secs(10), "takeover took {took:?}");
     assert_eq!(status(standby.addr).await?["role"], "active");
+    assert!(metric(standby.addr, r#"relay_role{role="active"} 1"#).await?);
+    assert!(metric(standby.addr, r#"relay_role{role="standby"} 0"#).await?);
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     writer.await??;
