@@ -107,6 +107,13 @@ impl Shared {
         };
         if role != guard.role {
             self.metrics.set_role(role);
+            if role == "standby" {
+                // Another relay streams the slot: its lag is that relay's.
+                guard.lag_bytes = 0;
+                guard.lag_seconds = 0.0;
+                self.metrics.lag_bytes.set(0);
+                self.metrics.lag_seconds.set(0.0);
+            }
         }
         guard.role = role;
     }

@@ -1065,14 +1065,14 @@ async fn sample_lag(cfg: Config, shared: Arc<Shared>, stop: CancellationToken) {
                 let restart: Option<Lsn> =
                     row.get::<_, Option<String>>(1).and_then(|s| s.parse().ok());
                 let snapshot = shared.snapshot();
-                let standby = snapshot.state == RelayState::Standby;
+                let confirmed = snapshot.confirmed_lsn;
                 if let Some(current) = current {
-                    // A standby has no lag of its own (the relay streaming
-                    // the slot reports it), in bytes or in seconds.
-                    let lag = if standby {
+                    // A standby has no lag of its own: the relay streaming
+                    // the slot reports it.
+                    let lag = if snapshot.state == RelayState::Standby {
                         0
                     } else {
-                        current.bytes_since(snapshot.confirmed_lsn)
+                        current.bytes_since(confirmed)
                     };
                     let retained = restart.map_or(0, |r| current.bytes_since(r));
                     shared.metrics.lag_bytes.set(lag as i64);
@@ -1097,14 +1097,8 @@ async fn sample_lag(cfg: Config, shared: Arc<Shared>, stop: CancellationToken) {
                     } else if last_retained_error.take().is_some() {
                         tracing::info!(slot = %cfg.slot, retained_bytes = retained, "retained WAL back below --max-retained-wal");
                     }
-                    if standby {
-                        shared.metrics.lag_seconds.set(0.0);
-                    }
                     shared.update(|s| {
                         s.lag_bytes = lag;
-                        if standby {
-                            s.lag_seconds = 0.0;
-                        }
                         s.retained_wal_bytes = retained;
                         s.health_problem = problem;
                     });
