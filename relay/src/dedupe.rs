@@ -40,7 +40,7 @@
 //! the end of a partition comes before any record, reading restarts further
 //! back ([`step_back`]: 64, 4096, … offsets from the end, down to the low
 //! watermark), so the last *committed* record is found; a partition with
-//! none is empty for this purpose. `relay/tests/transactions.rs` runs this
+//! none is empty for this purpose. `relay/tests/relay/transactions.rs` runs this
 //! on Apache Kafka with 100 aborted records and a marker at the end of each
 //! partition (librdkafka's mock cluster writes no markers and ignores the
 //! isolation level).

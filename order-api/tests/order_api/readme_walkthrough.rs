@@ -1,9 +1,8 @@
 //! The README's order-api curl walk-through, run verbatim with bash against
 //! a fresh in-process service, so the README cannot rot.
 
-mod common;
 
-use common::Api;
+use crate::common::Api;
 use serde_json::Value;
 
 /// The first `sh` block of README.md's "## order-api" section that uses

@@ -7,11 +7,10 @@
 //! counts and orders of magnitude (a 1 s stall must show as ~1 s, not as
 //! milliseconds), never tight timings.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{loadgen_config, Behaviour, FakeApi};
+use crate::common::{loadgen_config, Behaviour, FakeApi};
 use loadgen::config::Mode;
 use tokio_util::sync::CancellationToken;
 
@@ -22,11 +21,11 @@ const STALL: Behaviour = Behaviour::Stall {
 
 #[tokio::test]
 async fn a_stalled_server_cannot_hide_its_latency() -> anyhow::Result<()> {
-    common::init_tracing();
+    crate::common::init_tracing();
     let api = FakeApi::start(STALL).await;
     let mut cfg = loadgen_config(Mode::Http, &api.url, 100.0, Duration::from_secs(3));
     cfg.max_in_flight = 1000;
-    let png = common::out_dir().join("stall.png");
+    let png = crate::common::out_dir().join("stall.png");
     cfg.png = Some(png.clone());
     let report = loadgen::run(cfg, CancellationToken::new()).await?;
     println!("{report}\nplot: {}", png.display());
@@ -64,7 +63,7 @@ async fn a_stalled_server_cannot_hide_its_latency() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn under_the_cap_a_late_start_still_counts_from_its_intended_time() -> anyhow::Result<()> {
-    common::init_tracing();
+    crate::common::init_tracing();
     let api = FakeApi::start(STALL).await;
     let mut cfg = loadgen_config(Mode::Http, &api.url, 100.0, Duration::from_secs(3));
     cfg.max_in_flight = 2;
@@ -101,7 +100,7 @@ async fn under_the_cap_a_late_start_still_counts_from_its_intended_time() -> any
 
 #[tokio::test]
 async fn error_answers_are_counted_by_status() -> anyhow::Result<()> {
-    common::init_tracing();
+    crate::common::init_tracing();
     let api = FakeApi::start(Behaviour::Fail(500)).await;
     let cfg = loadgen_config(Mode::Http, &api.url, 50.0, Duration::from_secs(1));
     let report = loadgen::run(cfg, CancellationToken::new()).await?;
@@ -115,7 +114,7 @@ async fn error_answers_are_counted_by_status() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_refused_connection_is_an_error_not_a_crash() -> anyhow::Result<()> {
-    common::init_tracing();
+    crate::common::init_tracing();
     // A port nobody listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -132,7 +131,7 @@ async fn a_refused_connection_is_an_error_not_a_crash() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn shutdown_stops_the_schedule_and_still_reports() -> anyhow::Result<()> {
-    common::init_tracing();
+    crate::common::init_tracing();
     let api = FakeApi::start(Behaviour::Stall {
         from: Duration::from_secs(3600),
         len: Duration::ZERO,

@@ -2,11 +2,10 @@
 //! that advance an idle slot, `/healthz` turning unhealthy when the slot
 //! retains too much WAL, the commit→ack histogram, and `relay slot`.
 
-mod common;
 
 use std::time::Duration;
 
-use common::{current_wal_lsn, http_get, insert_event, relay_config, slot_confirmed, start};
+use crate::common::{current_wal_lsn, http_get, insert_event, relay_config, slot_confirmed, start};
 use devstack::cluster::PgCluster;
 use devstack::kafka::TopicReader;
 use devstack::testing::{create_topic, kafka_bootstrap, unique_name, wait_for, TestDb};
@@ -19,7 +18,7 @@ fn metric(body: &str, name: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-async fn scrape(relay: &common::Running) -> anyhow::Result<String> {
+async fn scrape(relay: &crate::common::Running) -> anyhow::Result<String> {
     let addr = relay.shared.http_addr().expect("http listening");
     http_get(addr, "/metrics").await
 }

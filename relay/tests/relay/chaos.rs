@@ -27,14 +27,13 @@
 //! `CHAOS_MAX_PAUSE_MS` (between a writer's transactions), the random seed
 //! from `CHAOS_SEED` (printed, so a failing run can be repeated).
 
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{event_id, lsn_seq, relay_args, RelayProcess};
+use crate::common::{event_id, lsn_seq, relay_args, RelayProcess};
 use devstack::cluster::PgCluster;
 use devstack::kafka::TopicReader;
 use devstack::kafka_cluster::KafkaCluster;
@@ -462,7 +461,7 @@ async fn chaos(setup: Setup) -> anyhow::Result<()> {
         .collect();
     let rolled_back = written.lock().unwrap().rolled_back.clone();
     let read_committed = setup.kafka_transactions;
-    let records = common::read_until_all_isolated(
+    let records = crate::common::read_until_all_isolated(
         &broker.bootstrap(),
         topic,
         &table,

@@ -2,14 +2,13 @@
 //! seconds when the active one dies; and the lease makes a relay cut off from
 //! Postgres stop producing before anyone could take its slot.
 
-mod common;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     assert_commit_order, event_id, http_get, insert_event, outbox_ids, read_until_all, relay_args,
     relay_config, spawn_writer, start, RelayProcess,
 };

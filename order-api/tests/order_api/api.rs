@@ -1,11 +1,10 @@
 //! Every route and every error class of order-api, against the real
 //! Postgres of the test stack (one fresh database per test).
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{new_order, Api};
+use crate::common::{new_order, Api};
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -353,7 +352,7 @@ async fn malformed_json_wrong_type_and_oversized_bodies() {
                 .send()
                 .await
                 .expect("request");
-            let p = common::Reply::read(resp).await.problem(400);
+            let p = crate::common::Reply::read(resp).await.problem(400);
             assert_eq!(
                 p["type"], "urn:order-api:problem:malformed-json",
                 "{body:?}"
@@ -368,7 +367,7 @@ async fn malformed_json_wrong_type_and_oversized_bodies() {
             .send()
             .await
             .expect("request");
-        common::Reply::read(resp).await.problem(400);
+        crate::common::Reply::read(resp).await.problem(400);
 
         for ct in [
             Some("text/plain"),
@@ -379,7 +378,7 @@ async fn malformed_json_wrong_type_and_oversized_bodies() {
             if let Some(ct) = ct {
                 req = req.header("content-type", ct);
             }
-            let r = common::Reply::read(req.send().await.expect("request")).await;
+            let r = crate::common::Reply::read(req.send().await.expect("request")).await;
             r.problem(415);
         }
         let big = json!({"user_id": 1, "email": "a@b.c", "currency": "EUR",
@@ -410,14 +409,14 @@ async fn unsupported_methods_are_405() {
         .send()
         .await
         .expect("request");
-    common::Reply::read(resp).await.problem(405);
+    crate::common::Reply::read(resp).await.problem(405);
     let resp = api
         .http
         .put(api.url("/orders"))
         .send()
         .await
         .expect("request");
-    common::Reply::read(resp).await.problem(405);
+    crate::common::Reply::read(resp).await.problem(405);
     api.stop().await;
 }
 
@@ -638,7 +637,7 @@ async fn shutdown_lets_in_flight_requests_finish() {
         let http = api.http.clone();
         let url = api.url(&format!("/orders/{id}/status"));
         tokio::spawn(async move {
-            common::Reply::read(
+            crate::common::Reply::read(
                 http.post(url)
                     .json(&json!({"status": "PAID"}))
                     .send()

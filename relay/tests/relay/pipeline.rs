@@ -1,11 +1,10 @@
 //! The relay end to end on the real test stack: Postgres (logical
 //! replication) → relay → Apache Kafka, read back from the topic.
 
-mod common;
 
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     current_wal_lsn, event_id, http_get, insert_event, lsn_seq, relay_config, slot_confirmed, start,
 };
 use devstack::kafka::TopicReader;

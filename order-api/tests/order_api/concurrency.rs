@@ -1,9 +1,8 @@
 //! Concurrent writes: status changes of one order serialise on its row
 //! lock; retries of one Idempotency-Key make one order.
 
-mod common;
 
-use common::{new_order, Api, Reply};
+use crate::common::{new_order, Api, Reply};
 use futures_util::future::join_all;
 use serde_json::json;
 

@@ -28,13 +28,12 @@
 //! isolation level and does not fence on a second InitProducerId, so those
 //! tests read with read_uncommitted and see aborted copies.
 
-mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     assert_commit_order, current_wal_lsn, event_id, free_port, http_get, insert_batch, outbox_ids,
     relay_args, relay_config, slot_confirmed, start, RelayProcess,
 };

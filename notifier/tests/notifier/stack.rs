@@ -2,12 +2,11 @@
 //! (a fresh migrated database per test), real SMTP server (aiosmtpd writing
 //! a Maildir). Each test has its own topic, group and recipient domain.
 
-mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use devstack::kafka::TopicReader;
 use devstack::testing::{create_topic, kafka_bootstrap, unique_name, wait_for, TestDb};
 use serde_json::json;

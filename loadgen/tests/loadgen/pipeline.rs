@@ -7,11 +7,10 @@
 //! record (nothing unmatched, nothing duplicated), every stage counted each
 //! of them once, and the JSON and PNG outputs are there and well-formed.
 
-mod common;
 
 use std::time::Duration;
 
-use common::Pipeline;
+use crate::common::Pipeline;
 use loadgen::config::Mode;
 use loadgen::report::Report;
 use serde_json::Value;
@@ -82,7 +81,7 @@ fn check_png(path: &std::path::Path) {
 #[tokio::test]
 async fn http_mode_matches_every_order_event() -> anyhow::Result<()> {
     let p = Pipeline::start(false).await?;
-    let out = common::out_dir();
+    let out = crate::common::out_dir();
     let mut cfg = p.loadgen(Mode::Http, 50.0, Duration::from_secs(3));
     cfg.status_change_ratio = 0.5;
     cfg.warmup = Duration::from_secs(1);
@@ -148,7 +147,7 @@ fn assert_all_matched_measured(report: &Report) {
 #[tokio::test]
 async fn sql_mode_matches_every_outbox_row_by_event_id() -> anyhow::Result<()> {
     let p = Pipeline::start(false).await?;
-    let out = common::out_dir();
+    let out = crate::common::out_dir();
     let mut cfg = p.loadgen(Mode::Sql, 100.0, Duration::from_secs(2));
     cfg.sql_connections = 4;
     cfg.json = Some(out.join("sql.json"));

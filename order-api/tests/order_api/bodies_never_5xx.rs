@@ -1,9 +1,8 @@
 //! Property: no body, however malformed, makes POST /orders or
 //! POST /orders/{id}/status answer 5xx; every error is problem+json.
 
-mod common;
 
-use common::{Api, Reply};
+use crate::common::{Api, Reply};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use serde_json::{Map, Number, Value};

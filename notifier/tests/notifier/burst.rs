@@ -19,7 +19,6 @@
 //! inbox rows and emails are missing and the sampler finds committed
 //! offsets past unhandled records.
 
-mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -29,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use common::{unique_domain, FakeSmtp};
+use crate::common::{unique_domain, FakeSmtp};
 use devstack::kafka::TopicReader;
 use devstack::testing::{create_topic, kafka_bootstrap, unique_name, wait_for, TestDb};
 use tokio_util::sync::CancellationToken;
@@ -165,7 +164,7 @@ async fn inbox_count(client: &tokio_postgres::Client) -> anyhow::Result<i64> {
 }
 
 fn committed_offsets(group: &str, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-    common::committed_offsets(group, topic, 0..PARTITIONS)
+    crate::common::committed_offsets(group, topic, 0..PARTITIONS)
 }
 
 /// What the sampler found: how many samples it took, and every committed

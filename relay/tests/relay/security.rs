@@ -7,12 +7,11 @@
 //! certificate its CA did not sign, it then confirms
 //! nothing, and no secret reaches its logs, `/status` or `/metrics`.
 
-mod common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use devstack::testing::{
     assert_no_secret, assert_no_secret_in_command_line, create_topic, kafka_bootstrap, Captured,
     KafkaSasl, TestDb,

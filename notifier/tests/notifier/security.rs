@@ -6,11 +6,10 @@
 //! topic, group or dead-letter topic it has no ACL for, stops it with a clear error and a non-zero exit; and no secret
 //! reaches its logs or `/metrics`.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use devstack::kafka::TopicReader;
 use devstack::testing::{
     assert_no_secret, create_topic, kafka_bootstrap, unique_name, wait_for, Captured, KafkaSasl,

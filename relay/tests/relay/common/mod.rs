@@ -1,6 +1,5 @@
 //! What the relay's integration tests share: a relay started in-process on a
 //! test database, outbox inserts, and reading the records' headers back.
-#![allow(dead_code)] // each test file uses a different subset
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,11 +2,10 @@
 //! request gets the first response and writes nothing; the same key with a
 //! different request is 422; keys expire.
 
-mod common;
 
 use std::time::Duration;
 
-use common::{new_order, Api, Reply};
+use crate::common::{new_order, Api, Reply};
 use serde_json::Value;
 
 async fn post_with_key(api: &Api, key: &str, body: &str) -> Reply {

@@ -3,14 +3,13 @@
 //! Each test checks what an operator would: every row of the outbox table is
 //! in the topic, and the slot never confirmed past what Kafka acknowledged.
 
-mod common;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     assert_commit_order, current_wal_lsn, event_id, insert_batch, insert_event, outbox_ids,
     read_until_all, relay_args, relay_config, slot_confirmed, spawn_writer, start, RelayProcess,
 };

@@ -2,7 +2,6 @@
 //! in-process through `run_with`, and readers for what a user would check —
 //! the emails in a Maildir, committed offsets, `/metrics`.
 
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,6 @@
 //! real pipeline started in-process on a fresh test database and topic —
 //! order-api, relay and notifier as libraries.
 
-#![allow(dead_code)] // each test file uses a different subset
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

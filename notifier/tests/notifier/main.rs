@@ -1,0 +1,10 @@
+//! The notifier's integration tests, one binary (`cargo nextest run -p
+//! notifier --test notifier`), against the test stack's Postgres, Apache
+//! Kafka and SMTP sink: `stack` the behaviours one by one, `burst` the
+//! 20,000-event bursts, `security` the SASL_SSL listener.
+
+mod common;
+
+mod burst;
+mod security;
+mod stack;

@@ -1,0 +1,17 @@
+//! The relay's integration tests, one binary (`cargo nextest run -p relay
+//! --test relay`): each module is one area, `common` what they share.
+//! Most run against the test stack (`scripts/test --stack-only`, then
+//! `source .run/test/env`); `chaos` and parts of `faults` and `transactions`
+//! start private Postgres and Kafka clusters.
+
+mod common;
+
+mod chaos;
+mod exactly_once;
+mod faults;
+mod ha;
+mod observability;
+mod pipeline;
+mod replication;
+mod security;
+mod transactions;
