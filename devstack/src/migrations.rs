@@ -7,7 +7,6 @@
 //! edited — matching the rule that migrations are never edited once landed.
 
 use anyhow::Context;
-use tokio_postgres::NoTls;
 
 refinery::embed_migrations!("../migrations");
 
@@ -21,18 +20,16 @@ pub struct Applied {
 /// Applies every migration not yet recorded in `database_url`, in order.
 /// Returns the ones applied by this call (empty when already up to date).
 pub async fn apply(database_url: &str) -> anyhow::Result<Vec<Applied>> {
-    let (mut client, connection) = tokio_postgres::connect(database_url, NoTls)
+    let params = pgconn::ConnectParams::from_url(database_url)
+        .context("the database URL")?
+        .or_application_name("devstack");
+    let mut client = pgconn::connect(&params)
         .await
         .context("connecting to Postgres to apply migrations")?;
-    let conn_task = tokio::spawn(connection);
     let report = migrations::runner()
         .run_async(&mut client)
         .await
         .context("applying migrations")?;
-    drop(client);
-    // The connection future ends when the client is dropped; its error, if
-    // any, is already reflected in the runner's result.
-    let _ = conn_task.await;
     Ok(report
         .applied_migrations()
         .iter()

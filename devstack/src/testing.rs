@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, Config};
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
@@ -29,6 +29,19 @@ fn env(name: &str) -> String {
 /// Superuser URL of the test cluster's maintenance database.
 pub fn admin_url() -> String {
     env("TEST_DATABASE_URL")
+}
+
+/// The CA that signed the test cluster's TLS certificate (SAN 127.0.0.1 and
+/// localhost), for `sslmode=verify-full&sslrootcert=…`.
+pub fn pg_ca() -> String {
+    env("TEST_PG_CA")
+}
+
+/// `url` (a test database's) with TLS required and the server's certificate
+/// checked against [`pg_ca`], name included.
+pub fn verify_full_url(url: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}sslmode=verify-full&sslrootcert={}", pg_ca())
 }
 
 /// Bootstrap servers of the test broker.
@@ -48,16 +61,15 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{:x}_{nanos:x}_{n}", std::process::id())
 }
 
-/// Connects with tokio-postgres and drives the connection in the background.
+/// Connects (pgconn: TLS as the URL's sslmode says) and drives the
+/// connection in the background.
 pub async fn connect(url: &str) -> anyhow::Result<Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
+    let params = pgconn::ConnectParams::from_url(url)
+        .with_context(|| format!("connection settings of {}", redact(url)))?
+        .or_application_name("devstack");
+    pgconn::connect(&params)
         .await
-        .with_context(|| format!("connecting to {}", redact(url)))?;
-    tokio::spawn(async move {
-        // A closed connection surfaces as errors on the client's calls.
-        let _ = conn.await;
-    });
-    Ok(client)
+        .with_context(|| format!("connecting to {}", redact(url)))
 }
 
 /// `url` with its password replaced, for messages.

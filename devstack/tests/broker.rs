@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use devstack::kafka::TopicReader;
 use devstack::testing::{create_topic, kafka_bootstrap, unique_name};
+use outbox_record::header;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -32,11 +33,11 @@ async fn idempotent_keyed_records_with_headers_round_trip() -> anyhow::Result<()
         let payload = format!("{{\"n\":{i}}}");
         let headers = OwnedHeaders::new()
             .insert(Header {
-                key: "event_id",
+                key: header::EVENT_ID,
                 value: Some(i.to_string().as_bytes()),
             })
             .insert(Header {
-                key: "lsn",
+                key: header::LSN,
                 value: Some("0/16B374D8".as_bytes()),
             });
         let delivery = producer
@@ -67,8 +68,11 @@ async fn idempotent_keyed_records_with_headers_round_trip() -> anyhow::Result<()
             sent_partition[&key], r.partition,
             "read from the partition it was written to"
         );
-        assert_eq!(r.header("lsn"), Some("0/16B374D8"));
-        let n: u32 = r.header("event_id").expect("event_id header").parse()?;
+        assert_eq!(r.header(header::LSN), Some("0/16B374D8"));
+        let n: u32 = r
+            .header(header::EVENT_ID)
+            .expect("event_id header")
+            .parse()?;
         let value: serde_json::Value = serde_json::from_str(r.value.as_deref().unwrap_or(""))?;
         assert_eq!(value["n"], n);
         // Per key, records come back in the order they were produced.

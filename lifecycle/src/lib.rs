@@ -3,7 +3,14 @@
 //! cancellation token that every task owning state watches; logging set up
 //! the same way (`RUST_LOG`, text or JSON, on stderr); error chains for
 //! messages; durations on the command line; and Kafka client properties
-//! (`--kafka-property KEY=VALUE`, `--kafka-properties-file PATH`).
+//! (`--kafka-property KEY=VALUE`, `--kafka-properties-file PATH`); with the
+//! `kafka` feature, the Kafka errors every client treats alike ([`kafka`]);
+//! with `http`, the HTTP server task and `/metrics` ([`http`]).
+
+#[cfg(feature = "http")]
+pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -50,23 +57,42 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
-/// Parses `250ms`, `5s`, `2m` (a bare number means seconds): the form of
-/// the relay's and the notifier's duration options.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 5s, 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => n
-            .checked_mul(60)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("duration {s:?} is too long")),
-        _ => Err(format!("invalid duration {s:?}: unit must be ms, s or m")),
+/// Bounded exponential backoff with jitter: the one retry policy of every
+/// binary (the relay's reconnects, the notifier's retries of a record).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The wait before retry number `attempt` (1-based), without jitter.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
+        self.initial.saturating_mul(factor).min(self.max)
     }
+
+    /// [`Backoff::delay`] scaled by a random factor in [0.5, 1.0), so
+    /// instances that failed together do not retry in lockstep.
+    pub fn jittered(&self, attempt: u32) -> Duration {
+        self.delay(attempt)
+            .mul_f64(rand::random_range(0.5..1.0))
+            .max(Duration::from_millis(1))
+    }
+}
+
+/// Parses a duration option of any binary: humantime's grammar (`250ms`,
+/// `5s`, `2m`, `24h`, `1h 30m`, …) or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("duration {s:?} is too long"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?} ({e}): expected e.g. 250ms, 5s, 2m, 24h"))
 }
 
 /// The body of a service binary's `main`: a multi-thread runtime, `run`
@@ -213,6 +239,41 @@ pub fn kafka_properties(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_is_bounded() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+        };
+        assert_eq!(b.delay(1), Duration::from_millis(100));
+        assert_eq!(b.delay(3), Duration::from_millis(400));
+        assert_eq!(b.delay(10), Duration::from_secs(5));
+        assert_eq!(b.delay(u32::MAX), Duration::from_secs(5));
+        for attempt in 1..40 {
+            let j = b.jittered(attempt);
+            assert!(j <= b.max && j >= Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn durations_in_humantime_or_bare_seconds() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        for bad in [
+            "",
+            "5 parsecs",
+            "-1s",
+            "99999999999999999999",
+            "99999999999999999999h",
+        ] {
+            let err = parse_duration(bad).expect_err(bad);
+            assert!(err.contains("duration"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn properties_file_lines() {

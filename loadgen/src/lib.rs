@@ -63,7 +63,7 @@ pub enum Error {
     #[error("cannot set up the Kafka consumer")]
     Kafka(#[source] matcher::ConsumerError),
     #[error("cannot connect to the database for --notifier-inbox")]
-    Notifier(#[source] tokio_postgres::Error),
+    Notifier(#[source] pgconn::ConnectError),
     #[error("a loadgen task failed")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -493,13 +493,9 @@ async fn connect_target(config: &Config, plan: &Plan) -> Result<Target, Error> {
     }
 }
 
-async fn connect_db(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        // A closed connection surfaces as errors on the client's calls.
-        let _ = conn.await;
-    });
-    Ok(client)
+async fn connect_db(url: &str) -> Result<tokio_postgres::Client, pgconn::ConnectError> {
+    let params = pgconn::ConnectParams::from_url(url)?.or_application_name("loadgen");
+    pgconn::connect(&params).await
 }
 
 /// One request: send, time it from its intended start, register the

@@ -34,7 +34,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
+
+use outbox_record::event::{ORDER_CREATED, ORDER_STATUS_CHANGED};
+use outbox_record::Meta;
 
 use crate::config::Mode;
 
@@ -207,8 +210,8 @@ pub fn key_of(mode: Mode, event_id: Option<i64>, value: Option<&[u8]>) -> Result
             }
             .ok_or(Skip::OtherEvent)?;
             let status = match row["event_type"].as_str() {
-                Some("OrderCreated") => Some(OrderStatus::Created),
-                Some("OrderStatusChanged") => {
+                Some(ORDER_CREATED) => Some(OrderStatus::Created),
+                Some(ORDER_STATUS_CHANGED) => {
                     row["payload"]["to"].as_str().and_then(OrderStatus::parse)
                 }
                 _ => None,
@@ -217,13 +220,6 @@ pub fn key_of(mode: Mode, event_id: Option<i64>, value: Option<&[u8]>) -> Result
             Ok(Key::Order(order_id, status))
         }
     }
-}
-
-/// Parses a `commit_ts` header (RFC 3339) to µs since the epoch.
-pub fn parse_commit_ts(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.timestamp_micros())
 }
 
 /// The wall clock in µs since the epoch.
@@ -264,21 +260,20 @@ pub fn assign_at_end(
     topic: &str,
     properties: &[(String, String)],
 ) -> Result<StreamConsumer, ConsumerError> {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", bootstrap)
-        .set("client.id", "loadgen")
+    let settings = [
+        ("client.id", "loadgen".to_owned()),
         // No group membership (partitions are assigned); librdkafka still
         // wants an id, and nothing is ever committed under it.
-        .set("group.id", format!("loadgen-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "5")
-        .set("fetch.min.bytes", "1");
-    for (k, v) in properties {
-        cfg.set(k, v);
-    }
-    let consumer: StreamConsumer = cfg.create().map_err(ConsumerError::Create)?;
+        ("group.id", format!("loadgen-{}", std::process::id())),
+        ("enable.auto.commit", "false".to_owned()),
+        ("enable.auto.offset.store", "false".to_owned()),
+        ("enable.partition.eof", "false".to_owned()),
+        ("fetch.wait.max.ms", "5".to_owned()),
+        ("fetch.min.bytes", "1".to_owned()),
+    ];
+    let consumer: StreamConsumer = lifecycle::kafka::client_config(bootstrap, settings, properties)
+        .create()
+        .map_err(ConsumerError::Create)?;
     let metadata = consumer
         .fetch_metadata(Some(topic), METADATA_TIMEOUT)
         .map_err(|source| ConsumerError::Metadata {
@@ -323,18 +318,12 @@ pub fn assign_at_end(
 pub fn arrived_of(msg: &BorrowedMessage<'_>) -> Arrived {
     let at = Instant::now();
     let wall_us = wall_micros();
-    let mut commit_us = None;
-    let mut event_id = None;
-    if let Some(headers) = msg.headers() {
-        for h in headers.iter() {
-            let text = h.value.and_then(|v| std::str::from_utf8(v).ok());
-            match h.key {
-                "commit_ts" => commit_us = text.and_then(parse_commit_ts),
-                "event_id" => event_id = text.and_then(|t| t.parse().ok()),
-                _ => {}
-            }
-        }
-    }
+    let meta = msg
+        .headers()
+        .map(|hs| Meta::read(hs.iter().map(|h| (h.key, h.value))))
+        .unwrap_or_default();
+    let commit_us = meta.commit_ts.map(|t| t.timestamp_micros());
+    let event_id = meta.event_id;
     let log_append_ms = match msg.timestamp() {
         rdkafka::Timestamp::LogAppendTime(ms) => Some(ms),
         _ => None,
@@ -420,18 +409,5 @@ mod tests {
         );
         assert_eq!(key_of(Mode::Sql, Some(9), None), Ok(Key::Event(9)));
         assert_eq!(key_of(Mode::Sql, None, Some(created)), Err(Skip::NoEventId));
-    }
-
-    #[test]
-    fn commit_ts_has_microseconds() {
-        assert_eq!(
-            parse_commit_ts("1970-01-01T00:00:01.000002Z"),
-            Some(1_000_002)
-        );
-        assert_eq!(
-            parse_commit_ts("2026-01-01T00:00:00.5+01:00"),
-            Some(1_767_222_000_500_000)
-        );
-        assert_eq!(parse_commit_ts("yesterday"), None);
     }
 }

@@ -22,10 +22,9 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use rand::Rng;
 use serde_json::{json, Value};
-use tokio_postgres::NoTls;
 
 use crate::matcher::{Key, OrderStatus};
 
@@ -271,27 +270,19 @@ impl SqlTarget {
         rows_per_txn: usize,
         users: u64,
     ) -> Result<SqlTarget, SqlSetupError> {
-        let mut pg: tokio_postgres::Config = database_url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| SqlSetupError::Url(e.to_string()))?;
-        if pg.get_application_name().is_none() {
-            pg.application_name("loadgen");
-        }
-        if pg.get_connect_timeout().is_none() {
-            pg.connect_timeout(Duration::from_secs(10));
-        }
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+        // TLS as the URL's sslmode says, like every binary (pgconn).
+        let params = pgconn::ConnectParams::from_url(database_url)
+            .map_err(|e| SqlSetupError::Url(e.to_string()))?
+            .or_application_name("loadgen")
+            .or_connect_timeout(Duration::from_secs(10));
+        let pool = pgconn::pool(
+            &params,
+            pgconn::PoolSettings {
+                max_size: connections,
+                timeout: params.connect_timeout,
             },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(connections)
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| SqlSetupError::Pool(e.to_string()))?;
+        )
+        .map_err(|e| SqlSetupError::Pool(e.to_string()))?;
         let mut held = Vec::with_capacity(connections);
         for _ in 0..connections {
             let client = pool.get().await.map_err(SqlSetupError::Connect)?;

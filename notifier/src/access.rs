@@ -16,7 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::ClientContext;
 use tokio_util::sync::CancellationToken;
 
-pub use relay::sink::AccessDenied;
+pub use lifecycle::kafka::AccessDenied;
 
 /// Shared by every Kafka client of one notifier (it is their context).
 #[derive(Clone)]
@@ -59,7 +59,7 @@ impl KafkaAccess {
     /// Forwards a librdkafka log line and records the refusal some of them
     /// are (an untrusted broker certificate, see [`AccessDenied::from_log`]).
     pub fn check_log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        relay::sink::forward_log(level, facility, message);
+        lifecycle::kafka::forward_log(level, facility, message);
         if let Some(denied) = AccessDenied::from_log(level, facility, message) {
             self.deny(denied);
         }

@@ -27,12 +27,9 @@ use rdkafka::{ClientConfig, Message};
 
 use crate::access::KafkaAccess;
 
-pub const REASON: &str = "dlq_reason";
-pub const ERROR_CLASS: &str = "dlq_error_class";
-pub const ORIGINAL_TOPIC: &str = "dlq_original_topic";
-pub const ORIGINAL_PARTITION: &str = "dlq_original_partition";
-pub const ORIGINAL_OFFSET: &str = "dlq_original_offset";
-pub const FAILED_AT: &str = "dlq_failed_at";
+pub use outbox_record::header::dlq::{
+    ERROR_CLASS, FAILED_AT, ORIGINAL_OFFSET, ORIGINAL_PARTITION, ORIGINAL_TOPIC, REASON,
+};
 
 /// Errors producing a dead letter (transient: retried; except refused
 /// access, which is also reported to [`KafkaAccess`] and stops the notifier).

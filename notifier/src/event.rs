@@ -23,8 +23,8 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-pub const ORDER_CREATED: &str = "OrderCreated";
-pub const ORDER_STATUS_CHANGED: &str = "OrderStatusChanged";
+pub use outbox_record::event::{ORDER_CREATED, ORDER_STATUS_CHANGED};
+use outbox_record::header;
 
 /// Which email an event becomes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,10 +132,7 @@ impl MalformedEvent {
 
 /// The `commit_ts` header (RFC 3339), if present and valid.
 pub fn commit_ts(header: Option<&[u8]>) -> Option<DateTime<Utc>> {
-    let text = std::str::from_utf8(header?).ok()?;
-    DateTime::parse_from_rfc3339(text.trim())
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+    header::parse_commit_ts(std::str::from_utf8(header?).ok()?)
 }
 
 /// Decodes one record. `header(name)` returns the first header called `name`.
@@ -153,7 +150,7 @@ pub fn decode<'a>(
     let json: Value = serde_json::from_slice(value).map_err(MalformedEvent::Json)?;
     let row = unwrap_envelope(json)?;
 
-    let event_type = header_text("event_type")
+    let event_type = header_text(header::EVENT_TYPE)
         .or_else(|| row.get("event_type").and_then(text))
         .ok_or(MalformedEvent::MissingEventType)?;
     let notification = match event_type.as_str() {
@@ -166,7 +163,7 @@ pub fn decode<'a>(
             })
         }
     };
-    let event_id = header_text("event_id")
+    let event_id = header_text(header::EVENT_ID)
         .and_then(|s| s.parse::<i64>().ok())
         .or_else(|| row.get("id").and_then(integer))
         .ok_or(MalformedEvent::MissingEventId)?;
@@ -365,7 +362,7 @@ mod tests {
     #[test]
     fn order_created_becomes_received() {
         let value = row("OrderCreated", order_payload());
-        let d = decode(Some(&value), headers(&[("event_id", "17")])).unwrap();
+        let d = decode(Some(&value), headers(&[(header::EVENT_ID, "17")])).unwrap();
         let Decoded::Notify(ev) = d else {
             panic!("{d:?}")
         };
@@ -382,11 +379,12 @@ mod tests {
         let value = row("OrderCreated", order_payload());
         let d = decode(
             Some(&value),
-            headers(&[("event_id", "99"), ("event_type", "Whatever")]),
+            headers(&[(header::EVENT_ID, "99"), (header::EVENT_TYPE, "Whatever")]),
         )
         .unwrap();
         assert!(matches!(d, Decoded::Skip { ref event_type, .. } if event_type == "Whatever"));
-        let Decoded::Notify(ev) = decode(Some(&value), headers(&[("event_id", "99")])).unwrap()
+        let Decoded::Notify(ev) =
+            decode(Some(&value), headers(&[(header::EVENT_ID, "99")])).unwrap()
         else {
             panic!()
         };
@@ -468,7 +466,7 @@ mod tests {
             b"{\"event_type\": \"OrderCreated\", \"id\": 1, \"payload\": {\"order_id\": 1, \"email\": \"x@y\", \"items\": 3}}",
         ];
         for j in junk {
-            assert!(decode(Some(j), headers(&[("event_id", "\u{0}")])).is_err());
+            assert!(decode(Some(j), headers(&[(header::EVENT_ID, "\u{0}")])).is_err());
         }
     }
 }

@@ -47,8 +47,8 @@
 //! (same `dlq_original_*` headers), so dead letters are at least once.
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use outbox_record::header;
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
@@ -61,28 +61,7 @@ use crate::inbox::{Claim, Inbox, InboxEntry, InboxError};
 use crate::mailer::{MailError, MailSink, Mailer};
 use crate::metrics::Outcome;
 
-/// Bounded exponential backoff.
-#[derive(Clone, Copy, Debug)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// The wait before retry number `attempt` (1-based), without jitter.
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
-        self.initial.saturating_mul(factor).min(self.max)
-    }
-
-    /// [`Backoff::delay`] scaled by a random factor in [0.5, 1.0), so
-    /// instances that failed together do not retry in lockstep.
-    pub fn jittered(&self, attempt: u32) -> Duration {
-        self.delay(attempt)
-            .mul_f64(rand::random_range(0.5..1.0))
-            .max(Duration::from_millis(1))
-    }
-}
+pub use lifecycle::Backoff;
 
 /// A failure worth retrying on the same record.
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +109,7 @@ impl Handler {
         let event_type = match &decoded {
             Ok(Decoded::Notify(ev)) => Some(ev.event_type.clone()),
             Ok(Decoded::Skip { event_type, .. }) => Some(event_type.clone()),
-            Err(_) => first_header(msg, "event_type")
+            Err(_) => first_header(msg, header::EVENT_TYPE)
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .map(str::to_owned),
         };
@@ -141,7 +120,7 @@ impl Handler {
                 Ok(outcome) => {
                     self.shared.metrics.record(event_type.as_deref(), outcome);
                     if outcome != Outcome::duplicate {
-                        if let Some(ts) = event::commit_ts(first_header(msg, "commit_ts")) {
+                        if let Some(ts) = event::commit_ts(first_header(msg, header::COMMIT_TS)) {
                             let age = chrono::Utc::now() - ts;
                             self.shared
                                 .metrics
@@ -272,25 +251,4 @@ async fn dead_letter(
         "record sent to the dead-letter topic"
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_is_bounded() {
-        let b = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(5),
-        };
-        assert_eq!(b.delay(1), Duration::from_millis(100));
-        assert_eq!(b.delay(3), Duration::from_millis(400));
-        assert_eq!(b.delay(10), Duration::from_secs(5));
-        assert_eq!(b.delay(u32::MAX), Duration::from_secs(5));
-        for attempt in 1..40 {
-            let j = b.jittered(attempt);
-            assert!(j <= b.max && j >= Duration::from_millis(1));
-        }
-    }
 }

@@ -20,7 +20,7 @@
 //! Only sent emails are recorded: a record that went to the dead-letter
 //! topic is not, so an operator can fix it and replay it into the topic.
 
-use relay::replication::{ConnectParams, ReplicationError, DEFAULT_APPLICATION_NAME};
+use pgconn::{ConnectError, ConnectParams};
 use tokio_postgres::{Client, Statement, Transaction};
 
 /// What identifies a handled event in the inbox.
@@ -38,9 +38,9 @@ pub struct InboxEntry<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
     #[error("invalid database URL")]
-    Config(#[source] ReplicationError),
+    Config(#[source] ConnectError),
     #[error("connecting to the inbox database")]
-    Connect(#[source] ReplicationError),
+    Connect(#[source] ConnectError),
     #[error("inbox query failed")]
     Query(#[source] tokio_postgres::Error),
     #[error("table notifier_inbox is missing: apply migrations/V4__notifier_inbox.sql")]
@@ -62,7 +62,7 @@ struct Connected {
 
 /// A lazily (re)connecting handle on the inbox table.
 ///
-/// Connections are made like the relay's SQL connections (`relay::sql`):
+/// Connections are made with `pgconn`, like every binary's:
 /// TLS per the URL's `sslmode` with libpq's meaning (`prefer`, `require`,
 /// `verify-ca`, `verify-full`, `sslrootcert`), application name `notifier`.
 pub struct Inbox {
@@ -98,10 +98,9 @@ impl InboxClaim<'_> {
 impl Inbox {
     /// Parses the URL; no connection is made until first use.
     pub fn new(url: &str) -> Result<Inbox, InboxError> {
-        let mut params = ConnectParams::from_url(url).map_err(InboxError::Config)?;
-        if params.application_name == DEFAULT_APPLICATION_NAME {
-            params.application_name = "notifier".to_owned();
-        }
+        let params = ConnectParams::from_url(url)
+            .map_err(InboxError::Config)?
+            .or_application_name("notifier");
         Ok(Inbox { params, conn: None })
     }
 
@@ -163,9 +162,7 @@ fn classify(e: tokio_postgres::Error) -> InboxError {
 }
 
 async fn connect(params: &ConnectParams) -> Result<Connected, InboxError> {
-    let client = relay::sql::connect(params)
-        .await
-        .map_err(InboxError::Connect)?;
+    let client = pgconn::connect(params).await.map_err(InboxError::Connect)?;
     let claim = client
         .prepare(
             "INSERT INTO notifier_inbox \

@@ -125,10 +125,12 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        lifecycle::http::encode(&self.registry)
+    }
+
+    /// What `/metrics` answers.
+    pub fn response(&self) -> axum::response::Response {
+        lifecycle::http::metrics_response(&self.registry)
     }
 }
 

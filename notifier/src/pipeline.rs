@@ -136,18 +136,11 @@ pub async fn run_with(
         })?;
     shared.set_http_addr(listener.local_addr().ok());
     let http_stop = shutdown.child_token();
-    let http = tokio::spawn({
-        let app = crate::http::router(shared.clone());
-        let stop = http_stop.clone();
-        async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-            {
-                tracing::error!(error = %e, "http server failed");
-            }
-        }
-    });
+    let http = lifecycle::http::spawn(
+        listener,
+        crate::http::router(shared.clone()),
+        http_stop.clone(),
+    );
 
     let result = consume(&cfg, &shared, &shutdown).await;
     if let Err(e) = &result {
@@ -264,40 +257,38 @@ type NotifierConsumer = StreamConsumer<NotifierContext>;
 
 /// Client settings shared by the consumer, the DLQ producer and the admin client.
 fn base_client_config(cfg: &Config) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.kafka_bootstrap_servers)
-        .set("client.id", "notifier");
-    for (k, v) in &cfg.kafka_properties() {
-        c.set(k, v);
-    }
-    c
+    lifecycle::kafka::client_config(
+        &cfg.kafka_bootstrap_servers,
+        [("client.id", "notifier".to_owned())],
+        &cfg.kafka_properties(),
+    )
 }
 
 fn consumer_config(cfg: &Config) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.kafka_bootstrap_servers)
-        .set("client.id", "notifier")
-        .set("group.id", &cfg.group)
-        .set("enable.auto.commit", "true")
-        .set(
+    let settings = [
+        ("client.id", "notifier".to_owned()),
+        ("group.id", cfg.group.clone()),
+        ("enable.auto.commit", "true".to_owned()),
+        (
             "auto.commit.interval.ms",
             cfg.commit_interval.as_millis().max(1).to_string(),
-        )
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        .set("queued.min.messages", PREFETCH_RECORDS)
+        ),
+        ("enable.auto.offset.store", "false".to_owned()),
+        ("auto.offset.reset", "earliest".to_owned()),
+        ("enable.partition.eof", "false".to_owned()),
+        ("queued.min.messages", PREFETCH_RECORDS.to_owned()),
         // A full partition queue is checked again this soon (default 1 s).
-        .set("fetch.queue.backoff.ms", "20")
-        .set(
+        ("fetch.queue.backoff.ms", "20".to_owned()),
+        (
             "fetch.wait.max.ms",
             cfg.fetch_max_wait.as_millis().clamp(0, 300_000).to_string(),
-        );
-    // Extra properties last, so an operator can override the above.
-    for (k, v) in &cfg.kafka_properties() {
-        c.set(k, v);
-    }
-    c
+        ),
+    ];
+    lifecycle::kafka::client_config(
+        &cfg.kafka_bootstrap_servers,
+        settings,
+        &cfg.kafka_properties(),
+    )
 }
 
 /// What every worker's handler is made of.

@@ -79,28 +79,7 @@ impl Config {
     }
 }
 
-/// Parses `250ms`, `5s`, `2m`, `24h` (a bare number means seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 5s, 2m, 24h"))?;
-    let secs = |mult: u64| {
-        n.checked_mul(mult)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("duration {s:?} is too long"))
-    };
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => secs(1),
-        "m" => secs(60),
-        "h" => secs(3600),
-        _ => Err(format!(
-            "invalid duration {s:?}: unit must be ms, s, m or h"
-        )),
-    }
-}
+pub use lifecycle::parse_duration;
 
 #[cfg(test)]
 mod tests {
@@ -113,15 +92,6 @@ mod tests {
         assert_eq!(cfg.listen, "127.0.0.1:8080".parse().expect("addr"));
         assert_eq!(cfg.idempotency_ttl, Duration::from_secs(86400));
         assert_eq!(cfg.body_limit, 65536);
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5400)));
-        assert!(parse_duration("5d").is_err());
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("99999999999999999999h").is_err());
     }
 
     #[test]

@@ -395,13 +395,7 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
 
 /// `GET /metrics`: Prometheus text.
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
+    state.metrics.response()
 }
 
 /// `GET /openapi.json`

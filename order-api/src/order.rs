@@ -12,8 +12,9 @@
 //! its content: invalid input is a 422 naming the field, never a 500.
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use outbox_record::event::OrderPayload;
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 /// Bounds from the contract (issue 4).
 pub const MAX_ITEMS: usize = 100;
@@ -75,13 +76,8 @@ impl std::fmt::Display for Status {
     }
 }
 
-/// One line of an order.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Item {
-    pub sku: String,
-    pub quantity: i64,
-    pub unit_price_cents: i64,
-}
+/// One line of an order (the record contract's type: the payload carries it).
+pub use outbox_record::event::Item;
 
 /// A validated `POST /orders` body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -418,7 +414,7 @@ pub struct Order {
     pub user_id: i64,
     pub email: String,
     pub status: Status,
-    pub items: Value,
+    pub items: Vec<Item>,
     pub total_cents: i64,
     pub currency: String,
     #[serde(serialize_with = "rfc3339")]
@@ -431,37 +427,35 @@ fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Er
     s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Micros, true))
 }
 
-/// The outbox event types.
-pub const ORDER_CREATED: &str = "OrderCreated";
-pub const ORDER_STATUS_CHANGED: &str = "OrderStatusChanged";
-/// `outbox.aggregate_type` of order events.
-pub const AGGREGATE_TYPE: &str = "order";
+/// The outbox event types and aggregate type (the record contract's).
+pub use outbox_record::event::{
+    ORDER_AGGREGATE as AGGREGATE_TYPE, ORDER_CREATED, ORDER_STATUS_CHANGED,
+};
 
 impl Order {
     /// The outbox payload: everything a consumer needs without calling back.
     pub fn event_payload(&self, change: Option<(Status, Status)>) -> Value {
-        let mut payload = json!({
-            "order_id": self.id,
-            "user_id": self.user_id,
-            "email": self.email,
-            "status": self.status,
-            "items": self.items,
-            "total_cents": self.total_cents,
-            "currency": self.currency,
-            "created_at": self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-            "updated_at": self.updated_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-        });
-        if let (Some((from, to)), Some(obj)) = (change, payload.as_object_mut()) {
-            obj.insert("from".into(), json!(from));
-            obj.insert("to".into(), json!(to));
-        }
-        payload
+        let payload = OrderPayload {
+            order_id: self.id,
+            user_id: self.user_id,
+            email: self.email.clone(),
+            status: self.status.as_str().to_owned(),
+            items: self.items.clone(),
+            total_cents: self.total_cents,
+            currency: self.currency.clone(),
+            created_at: self.created_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            updated_at: self.updated_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            from: change.map(|(from, _)| from.as_str().to_owned()),
+            to: change.map(|(_, to)| to.as_str().to_owned()),
+        };
+        serde_json::to_value(payload).unwrap_or_default()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn valid() -> Value {
         json!({"user_id": 42, "email": "a@b.c", "currency": "EUR",

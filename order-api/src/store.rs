@@ -22,15 +22,18 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use futures_util::future::{join, join3};
+use pgconn::{ConnectParams, PoolSettings};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::Row;
 
-use crate::order::{NewOrder, Order, Status, AGGREGATE_TYPE, ORDER_CREATED, ORDER_STATUS_CHANGED};
+use crate::order::{
+    Item, NewOrder, Order, Status, AGGREGATE_TYPE, ORDER_CREATED, ORDER_STATUS_CHANGED,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -95,37 +98,19 @@ pub struct PoolConfig {
 /// service starts (and `/readyz` says why it is not ready) with the
 /// database down.
 pub fn pool(database_url: &str, cfg: &PoolConfig) -> Result<Pool, StoreError> {
-    let mut pg: tokio_postgres::Config = database_url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| StoreError::Config(e.to_string()))?;
-    if matches!(pg.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
-        // Said plainly at startup rather than as 503s on every request.
-        return Err(StoreError::Config(
-            "sslmode=require is not supported by order-api yet (use sslmode=prefer or disable)"
-                .into(),
-        ));
-    }
-    if pg.get_connect_timeout().is_none() {
-        pg.connect_timeout(cfg.timeout);
-    }
-    if pg.get_application_name().is_none() {
-        pg.application_name("order-api");
-    }
-    let manager = Manager::from_config(
-        pg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+    // TLS as the URL's sslmode says (verify-full included), like every binary.
+    let params = ConnectParams::from_url(database_url)
+        .map_err(|e| StoreError::Config(e.to_string()))?
+        .or_application_name("order-api")
+        .or_connect_timeout(cfg.timeout);
+    pgconn::pool(
+        &params,
+        PoolSettings {
+            max_size: cfg.max_size,
+            timeout: cfg.timeout,
         },
-    );
-    Pool::builder(manager)
-        .max_size(cfg.max_size.max(1))
-        .wait_timeout(Some(cfg.timeout))
-        .create_timeout(Some(cfg.timeout))
-        .recycle_timeout(Some(cfg.timeout))
-        .runtime(Runtime::Tokio1)
-        .build()
-        .map_err(|e| StoreError::Config(e.to_string()))
+    )
+    .map_err(|e| StoreError::Config(e.to_string()))
 }
 
 const INSERT_EVENT: &str =
@@ -143,7 +128,8 @@ fn order_from_row(row: &Row) -> Result<Order, StoreError> {
         email: row.try_get("email")?,
         // The column's CHECK constraint admits only the five names.
         status: Status::parse(&status).unwrap_or(Status::Created),
-        items: row.try_get("items")?,
+        // Stored from validated `Item`s; anything else is a database error.
+        items: row.try_get::<_, Json<Vec<Item>>>("items")?.0,
         total_cents: row.try_get("total_cents")?,
         currency: row.try_get("currency")?,
         created_at: row.try_get("created_at")?,

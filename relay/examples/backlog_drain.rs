@@ -72,6 +72,7 @@ use devstack::bench::{
 };
 use devstack::kafka::{Record, TopicReader};
 use devstack::testing::{connect, redact, unique_name};
+use outbox_record::header;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, ThreadedProducer};
@@ -750,8 +751,11 @@ async fn read_back(bootstrap: &str, topic: &str, n: usize) -> anyhow::Result<Arc
         );
     }
     let position = |r: &Record| {
-        let lsn = r.header("lsn").and_then(parse_lsn).unwrap_or(0);
-        let seq: u64 = r.header("seq").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let lsn = r.header(header::LSN).and_then(parse_lsn).unwrap_or(0);
+        let seq: u64 = r
+            .header(header::SEQ)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         (lsn, seq)
     };
     records.sort_by_key(position);
@@ -807,14 +811,14 @@ async fn records_from_db(url: &str, args: &Args) -> anyhow::Result<Arc<Vec<Recor
             key.as_deref().unwrap_or(id.as_str()).as_bytes(),
             args.partitions,
         );
-        let mut headers = vec![("event_id".to_owned(), id)];
+        let mut headers = vec![(header::EVENT_ID.to_owned(), id)];
         if let Some(t) = event_type {
-            headers.push(("event_type".to_owned(), t));
+            headers.push((header::EVENT_TYPE.to_owned(), t));
         }
-        headers.push(("lsn".to_owned(), lsn.clone()));
-        headers.push(("xid".to_owned(), xid));
-        headers.push(("commit_ts".to_owned(), now.clone()));
-        headers.push(("seq".to_owned(), seq.to_string()));
+        headers.push((header::LSN.to_owned(), lsn.clone()));
+        headers.push((header::XID.to_owned(), xid));
+        headers.push((header::COMMIT_TS.to_owned(), now.clone()));
+        headers.push((header::SEQ.to_owned(), seq.to_string()));
         out.push(Record {
             partition,
             offset: 0,

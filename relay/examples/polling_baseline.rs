@@ -70,6 +70,7 @@ use devstack::bench::{
 };
 use devstack::testing::{connect, redact, unique_name};
 use hdrhistogram::Histogram;
+use outbox_record::Meta;
 use rand::Rng;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -578,10 +579,8 @@ fn record_id(msg: &rdkafka::message::BorrowedMessage<'_>) -> Option<i64> {
     {
         return Some(id);
     }
-    msg.headers()?
-        .iter()
-        .find(|h| h.key == "event_id")
-        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+    let headers = msg.headers()?;
+    Meta::read(headers.iter().map(|h| (h.key, h.value))).event_id
 }
 
 fn print_report(

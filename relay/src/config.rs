@@ -311,8 +311,11 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.to_string().contains("KEY=VALUE"), "{err}");
-        assert!(parse_duration("5h").is_err());
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        let err =
+            Config::try_parse_from(["relay", "--database-url", "x", "--max-backoff", "5 parsecs"])
+                .err()
+                .unwrap();
+        assert!(err.to_string().contains("invalid duration"), "{err}");
     }
 
     #[test]

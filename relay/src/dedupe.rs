@@ -80,11 +80,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::lsn::Lsn;
-use crate::sink::KafkaConfig;
-
+use outbox_record::Meta;
 /// A record's place in the stream: commit LSN of its transaction, index in it.
-pub type Position = (Lsn, u64);
+pub use outbox_record::Position;
+
+use crate::sink::KafkaConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DedupeError {
@@ -396,22 +396,13 @@ fn step_back(low: i64, high: i64, start: i64) -> i64 {
 /// The `(lsn, seq)` headers of a record the relay wrote.
 fn position_of<M: Message>(msg: &M) -> Option<Position> {
     let headers = msg.headers()?;
-    let mut lsn = None;
-    let mut seq = None;
-    for h in headers.iter() {
-        let value = || std::str::from_utf8(h.value?).ok();
-        match h.key {
-            "lsn" => lsn = value().and_then(|v| v.parse::<Lsn>().ok()),
-            "seq" => seq = value().and_then(|v| v.parse::<u64>().ok()),
-            _ => {}
-        }
-    }
-    Some((lsn?, seq?))
+    Meta::read(headers.iter().map(|h| (h.key, h.value))).position()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lsn::Lsn;
 
     #[test]
     fn murmur2_matches_kafkas_reference_values() {

@@ -16,6 +16,7 @@
 //! `{"schema":…,"payload":…}` envelope Kafka Connect's JsonConverter wrote
 //! for the JDBC source connector this relay replaces.
 
+use outbox_record::header;
 use serde_json::{json, Value};
 
 use crate::lsn::Lsn;
@@ -165,17 +166,13 @@ pub fn build_record(
         },
     };
     let key = text(row.get(&cfg.key_column));
-    let mut headers = Vec::with_capacity(6);
-    if let Some(id) = text(row.get("id")) {
-        headers.push(("event_id", id));
-    }
-    if let Some(t) = text(row.get("event_type")) {
-        headers.push(("event_type", t));
-    }
-    headers.push(("lsn", txn.commit_lsn.to_string()));
-    headers.push(("xid", txn.xid.to_string()));
-    headers.push(("commit_ts", txn.commit_ts.to_rfc3339_micros()));
-    headers.push(("seq", seq.to_string()));
+    let headers = header::relay_headers(
+        text(row.get("id")),
+        text(row.get("event_type")),
+        (txn.commit_lsn, seq),
+        txn.xid,
+        txn.commit_ts.to_rfc3339_micros(),
+    );
     let value = match cfg.value_format {
         ValueFormat::Json => row.to_json_string().into_bytes(),
         ValueFormat::ConnectJson => connect_json(rel, &row).to_string().into_bytes(),
@@ -369,12 +366,12 @@ mod tests {
                 .find(|(n, _)| *n == k)
                 .map(|(_, v)| v.as_str())
         };
-        assert_eq!(h("event_id"), Some("17"));
-        assert_eq!(h("event_type"), Some("OrderCreated"));
-        assert_eq!(h("lsn"), Some("1/A0"));
-        assert_eq!(h("xid"), Some("777"));
-        assert_eq!(h("commit_ts"), Some("2000-01-01T00:00:01.000005Z"));
-        assert_eq!(h("seq"), Some("3"));
+        assert_eq!(h(header::EVENT_ID), Some("17"));
+        assert_eq!(h(header::EVENT_TYPE), Some("OrderCreated"));
+        assert_eq!(h(header::LSN), Some("1/A0"));
+        assert_eq!(h(header::XID), Some("777"));
+        assert_eq!(h(header::COMMIT_TS), Some("2000-01-01T00:00:01.000005Z"));
+        assert_eq!(h(header::SEQ), Some("3"));
     }
 
     #[test]

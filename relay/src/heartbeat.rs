@@ -25,7 +25,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pgoutput::LogicalDecodingMessage;
 use crate::replication::ConnectParams;
-use crate::sql;
 
 /// The logical decoding message prefix of relay heartbeats.
 pub const PREFIX: &str = "outbox-relay.heartbeat";
@@ -48,7 +47,7 @@ pub async fn run(params: ConnectParams, slot: String, interval: Duration, stop: 
             _ = ticker.tick() => {}
         }
         if client.is_none() {
-            match sql::connect(&params).await {
+            match crate::replication::sql_connect(&params).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     tracing::warn!(error = %e, "heartbeat: cannot connect");

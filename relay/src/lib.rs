@@ -9,7 +9,7 @@
 //!   replication conn)  messages)   row → rec) producer)   Kafka acked all ≤ it)
 //! ```
 
-pub mod lsn;
+pub use outbox_record::lsn;
 pub mod pgoutput;
 pub mod replication;
 
@@ -23,4 +23,4 @@ pub mod metrics;
 pub mod pipeline;
 pub mod sink;
 pub mod slot_admin;
-pub mod sql;
+pub mod topics;

@@ -4,7 +4,6 @@
 use clap::Parser;
 
 use relay::config::{Command, Config, SlotAction};
-use relay::replication::ConnectParams;
 use relay::slot_admin;
 
 fn main() -> std::process::ExitCode {
@@ -17,7 +16,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn slot_command(cfg: &Config, action: SlotAction) -> std::process::ExitCode {
-    let params = match ConnectParams::from_url(&cfg.database_url) {
+    let params = match relay::replication::connect_params(&cfg.database_url) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("relay: {}", relay::pipeline::error_chain(&e));

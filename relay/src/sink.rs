@@ -15,12 +15,11 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -52,130 +51,8 @@ pub enum DeliveryReport {
     Denied(AccessDenied),
 }
 
-/// Kafka refused the client's credentials (authentication) or an operation
-/// (authorization: no ACL allows it). Definite: retrying with the same
-/// settings cannot succeed, so the relay and the notifier stop on it, with
-/// this as the message. librdkafka's own text names neither password nor
-/// anything else secret.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("Kafka {kind} failed: {detail} ({code}); {hint}", kind = self.kind(), hint = self.hint())]
-pub struct AccessDenied {
-    pub code: RDKafkaErrorCode,
-    /// What was refused (librdkafka's reason, or the operation).
-    pub detail: String,
-}
-
-impl AccessDenied {
-    /// `Some` when `code` is an authentication or authorization failure.
-    pub fn new(code: RDKafkaErrorCode, detail: impl Into<String>) -> Option<AccessDenied> {
-        use RDKafkaErrorCode::*;
-        matches!(
-            code,
-            Authentication
-                | SaslAuthenticationFailed
-                | UnsupportedSASLMechanism
-                | IllegalSASLState
-                | TopicAuthorizationFailed
-                | GroupAuthorizationFailed
-                | ClusterAuthorizationFailed
-                | TransactionalIdAuthorizationFailed
-                | DelegationTokenAuthorizationFailed
-        )
-        .then(|| AccessDenied {
-            code,
-            detail: detail.into(),
-        })
-    }
-
-    /// [`AccessDenied::new`] for the code of `error`; also a TLS handshake
-    /// that failed because the broker's certificate is not trusted (`detail`
-    /// is librdkafka's reason then): the configured CA does not sign it,
-    /// which no retry changes (other TLS failures, such as a reset
-    /// handshake, stay transient).
-    pub fn from_error(error: &KafkaError, detail: impl Into<String>) -> Option<AccessDenied> {
-        let code = error.rdkafka_error_code()?;
-        let detail = detail.into();
-        if code == RDKafkaErrorCode::SSL && untrusted_certificate(&detail) {
-            return Some(AccessDenied { code, detail });
-        }
-        AccessDenied::new(code, detail)
-    }
-
-    /// A refusal librdkafka only logs: a broker certificate it could not
-    /// verify is a log line of facility `FAIL` (at error level), with no
-    /// error event; the client just has no broker to talk to.
-    pub fn from_log(level: RDKafkaLogLevel, facility: &str, message: &str) -> Option<AccessDenied> {
-        let error = matches!(
-            level,
-            RDKafkaLogLevel::Emerg
-                | RDKafkaLogLevel::Alert
-                | RDKafkaLogLevel::Critical
-                | RDKafkaLogLevel::Error
-        );
-        (error && facility == "FAIL" && untrusted_certificate(message)).then(|| AccessDenied {
-            code: RDKafkaErrorCode::SSL,
-            detail: message.to_owned(),
-        })
-    }
-
-    pub fn is_authentication(&self) -> bool {
-        use RDKafkaErrorCode::*;
-        matches!(
-            self.code,
-            Authentication
-                | SaslAuthenticationFailed
-                | UnsupportedSASLMechanism
-                | IllegalSASLState
-                | SSL
-        )
-    }
-
-    fn kind(&self) -> &'static str {
-        if self.is_authentication() {
-            "authentication"
-        } else {
-            "authorization"
-        }
-    }
-
-    fn hint(&self) -> &'static str {
-        if self.code == RDKafkaErrorCode::SSL {
-            "the broker's TLS certificate is not signed by a CA the client trusts: check ssl.ca.location"
-        } else if self.is_authentication() {
-            "check security.protocol, sasl.mechanism, sasl.username and sasl.password (--kafka-property)"
-        } else {
-            "the Kafka user lacks the ACL for it; an operator has to grant it"
-        }
-    }
-}
-
-/// Whether librdkafka's reason for a TLS failure is a certificate it could
-/// not verify (OpenSSL's "certificate verify failed").
-fn untrusted_certificate(reason: &str) -> bool {
-    reason.contains("certificate verify failed")
-}
-
-/// librdkafka's log lines, as rdkafka's default `ClientContext::log` writes
-/// them (target `librdkafka`), for contexts that also look at them.
-pub fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
-    match level {
-        RDKafkaLogLevel::Emerg
-        | RDKafkaLogLevel::Alert
-        | RDKafkaLogLevel::Critical
-        | RDKafkaLogLevel::Error => {
-            tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
-        }
-        RDKafkaLogLevel::Warning => {
-            tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}")
-        }
-        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-            tracing::info!(target: "librdkafka", "librdkafka: {facility} {message}")
-        }
-        RDKafkaLogLevel::Debug => {
-            tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}")
-        }
-    }
-}
+use lifecycle::kafka::client_config;
+pub use lifecycle::kafka::{forward_log, AccessDenied};
 
 /// A client context that keeps the first authentication or authorization
 /// failure librdkafka reports. Such failures come as error events, not as
@@ -268,42 +145,37 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// For the admin client and the dedupe reader.
     pub(crate) fn client_config(&self) -> ClientConfig {
-        let mut cfg = ClientConfig::new();
-        cfg.set("bootstrap.servers", &self.bootstrap_servers);
-        for (k, v) in &self.properties {
-            cfg.set(k, v);
-        }
-        cfg
+        client_config(&self.bootstrap_servers, [], &self.properties)
     }
 
     fn producer_config(&self) -> ClientConfig {
-        let mut cfg = ClientConfig::new();
-        cfg.set("bootstrap.servers", &self.bootstrap_servers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all");
+        let mut settings = vec![
+            ("enable.idempotence", "true".to_owned()),
+            ("acks", "all".to_owned()),
+        ];
         match &self.transactional_id {
-            None => {
-                cfg.set("enable.gapless.guarantee", "true")
-                    // Never give up on a record: with idempotence, librdkafka
-                    // keeps retrying in order until the broker takes it.
-                    .set("message.timeout.ms", "0");
-            }
-            Some(id) => {
-                // A record not delivered within the transaction's lifetime
-                // makes the transaction abortable; it is then replayed.
-                cfg.set("transactional.id", id)
-                    .set("transaction.timeout.ms", "60000")
-                    .set("message.timeout.ms", "60000");
-            }
+            None => settings.extend([
+                ("enable.gapless.guarantee", "true".to_owned()),
+                // Never give up on a record: with idempotence, librdkafka
+                // keeps retrying in order until the broker takes it.
+                ("message.timeout.ms", "0".to_owned()),
+            ]),
+            // A record not delivered within the transaction's lifetime
+            // makes the transaction abortable; it is then replayed.
+            Some(id) => settings.extend([
+                ("transactional.id", id.clone()),
+                ("transaction.timeout.ms", "60000".to_owned()),
+                ("message.timeout.ms", "60000".to_owned()),
+            ]),
         }
-        cfg.set("linger.ms", "2")
-            .set("queue.buffering.max.messages", "1000000")
-            .set("queue.buffering.max.kbytes", "1048576");
-        for (k, v) in &self.properties {
-            cfg.set(k, v);
-        }
-        cfg
+        settings.extend([
+            ("linger.ms", "2".to_owned()),
+            ("queue.buffering.max.messages", "1000000".to_owned()),
+            ("queue.buffering.max.kbytes", "1048576".to_owned()),
+        ]);
+        client_config(&self.bootstrap_servers, settings, &self.properties)
     }
 }
 
@@ -566,101 +438,5 @@ impl Sink for KafkaSink {
 
     fn in_flight(&self) -> usize {
         self.in_flight
-    }
-}
-
-/// Creates each topic in `topics` that does not exist yet, through the
-/// Admin API. Topics are looked up in the cluster's metadata first, so a
-/// relay whose Kafka user may write but not create topics works when they
-/// already exist. Refused credentials, and a topic the Kafka user may not
-/// even describe, are [`SinkError::Denied`].
-pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), SinkError> {
-    let lookup: BaseConsumer<AccessWatch> = cfg
-        .client_config()
-        .create_with_context(AccessWatch::default())
-        .map_err(SinkError::Config)?;
-    let lookup = Arc::new(lookup);
-    let mut missing = Vec::new();
-    for topic in topics.iter().collect::<HashSet<_>>() {
-        let client = lookup.clone();
-        let name = topic.clone();
-        // fetch_metadata blocks the calling thread.
-        let exists = tokio::task::spawn_blocking(move || topic_exists(&client, &name))
-            .await
-            .map_err(|_| SinkError::Kafka(KafkaError::Canceled))??;
-        if !exists {
-            missing.push(topic.as_str());
-        }
-    }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let admin: AdminClient<DefaultClientContext> =
-        cfg.client_config().create().map_err(SinkError::Config)?;
-    let new: Vec<NewTopic<'_>> = missing
-        .iter()
-        .map(|t| NewTopic::new(t, cfg.partitions, TopicReplication::Fixed(cfg.replication)))
-        .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = tokio::time::timeout(
-        Duration::from_secs(30),
-        admin.create_topics(new.iter(), &opts),
-    )
-    .await
-    .map_err(|_| SinkError::Kafka(KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut)))?
-    .map_err(SinkError::Kafka)?;
-    for result in results {
-        match result {
-            Ok(topic) => tracing::info!(%topic, partitions = cfg.partitions, "created topic"),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                return Err(
-                    match AccessDenied::new(code, format!("creating topic {topic}")) {
-                        Some(denied) => SinkError::Denied(denied),
-                        None => SinkError::CreateTopic { topic, code },
-                    },
-                )
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Whether `topic` exists (with partitions), from the cluster's metadata,
-/// asked for up to 10 s.
-fn topic_exists(client: &BaseConsumer<AccessWatch>, topic: &str) -> Result<bool, SinkError> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match client.fetch_metadata(Some(topic), Duration::from_millis(500)) {
-            Ok(md) => {
-                let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
-                    return Ok(false);
-                };
-                return match t.error().map(RDKafkaErrorCode::from) {
-                    None => Ok(!t.partitions().is_empty()),
-                    Some(code) => {
-                        match AccessDenied::new(code, format!("describing topic {topic}")) {
-                            Some(denied) => Err(SinkError::Denied(denied)),
-                            None => Ok(false),
-                        }
-                    }
-                };
-            }
-            Err(e) => {
-                // No broker answered in time: serve the client's error
-                // events, where a refused authentication shows.
-                for _ in 0..64 {
-                    if client.poll(Duration::ZERO).is_none() {
-                        break;
-                    }
-                }
-                if let Some(denied) = client.context().denied() {
-                    return Err(SinkError::Denied(denied));
-                }
-                if Instant::now() >= deadline {
-                    return Err(SinkError::Kafka(e));
-                }
-            }
-        }
     }
 }

@@ -11,7 +11,6 @@ use tokio_postgres::Client;
 
 use crate::lsn::Lsn;
 use crate::replication::{ConnectParams, ReplicationError};
-use crate::sql;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlotCommandError {
@@ -50,7 +49,7 @@ pub struct SlotInfo {
 }
 
 pub async fn status(params: &ConnectParams, slot: &str) -> Result<SlotInfo, SlotCommandError> {
-    let client = sql::connect(params)
+    let client = crate::replication::sql_connect(params)
         .await
         .map_err(SlotCommandError::Connect)?;
     fetch(&client, slot)
@@ -64,7 +63,7 @@ pub async fn drop_slot(
     slot: &str,
     yes: bool,
 ) -> Result<SlotInfo, SlotCommandError> {
-    let client = sql::connect(params)
+    let client = crate::replication::sql_connect(params)
         .await
         .map_err(SlotCommandError::Connect)?;
     let info = fetch(&client, slot)

@@ -44,24 +44,12 @@ kafka_tls_init() {
     mkdir -p "$dir"
     chmod 700 "$dir"
     log "generating a CA and the broker's TLS certificate in $dir"
-    (
-        cd "$dir"
-        umask 077
-        if [ ! -s ca.key ] || [ ! -s ca.crt ]; then
-            openssl req -x509 -new -newkey rsa:2048 -nodes -sha256 -days 3650 \
-                -subj "/CN=outbox-relay local Kafka CA" -keyout ca.key -out ca.crt \
-                -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
-        fi
-        openssl req -new -newkey rsa:2048 -nodes -subj /CN=localhost -keyout broker.key -out broker.csr
-        printf '%s\n' basicConstraints=CA:FALSE keyUsage=critical,digitalSignature,keyEncipherment \
-            extendedKeyUsage=serverAuth subjectAltName=IP:127.0.0.1,DNS:localhost >broker.ext
-        openssl x509 -req -sha256 -days 3650 -in broker.csr -CA ca.crt -CAkey ca.key \
-            -CAcreateserial -extfile broker.ext -out broker.crt
-        # Kafka's PEM keystore: the (unencrypted PKCS#8) key, then the chain.
-        cat broker.key broker.crt ca.crt >broker.pem.tmp && mv broker.pem.tmp broker.pem
-        rm -f broker.csr broker.ext
-        chmod 644 ca.crt broker.crt
-    ) >"$RUN_DIR/kafka/tls.log" 2>&1 || { cat "$RUN_DIR/kafka/tls.log" >&2; die "generating Kafka's TLS certificates failed"; }
+    {
+        tls_ca_and_cert "$dir" broker "outbox-relay local Kafka CA" &&
+            # Kafka's PEM keystore: the (unencrypted PKCS#8) key, then the chain.
+            (umask 077 && cat "$dir/broker.key" "$dir/broker.crt" "$dir/ca.crt" >"$dir/broker.pem.tmp") &&
+            mv "$dir/broker.pem.tmp" "$dir/broker.pem"
+    } >"$RUN_DIR/kafka/tls.log" 2>&1 || { cat "$RUN_DIR/kafka/tls.log" >&2; die "generating Kafka's TLS certificates failed"; }
     # Clients need to read the CA certificate (not its key).
     chmod 711 "$dir"
 }

@@ -173,11 +173,6 @@ pg_init() {
         --auth-local=trust --auth-host=scram-sha-256 >"$RUN_DIR/initdb.log" 2>&1 \
         || { rm -f "$pwfile"; cat "$RUN_DIR/initdb.log" >&2; die "initdb failed"; }
     rm -f "$pwfile"
-    # A self-signed certificate so clients can use sslmode=require.
-    openssl req -new -x509 -days 3650 -nodes -subj /CN=localhost \
-        -keyout "$data/server.key" -out "$data/server.crt" >/dev/null 2>&1
-    chmod 600 "$data/server.key"
-    [ "$(id -u)" -ne 0 ] || chown postgres: "$data/server.key" "$data/server.crt"
     as_pg tee -a "$data/postgresql.conf" >/dev/null <<CONF
 
 # --- outbox-relay stack ---
@@ -210,8 +205,52 @@ CONF
 
 pg_ready() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; }
 
+pg_ca() { echo "$RUN_DIR/pg-tls/ca.crt"; }
+
+# tls_ca_and_cert DIR NAME CA_CN: in DIR, a CA (ca.key, ca.crt; kept if
+# there) and NAME.key/NAME.crt signed by it for a server on this machine
+# (SAN 127.0.0.1 and localhost). Prints openssl's chatter; callers log it.
+tls_ca_and_cert() {
+    local dir=$1 name=$2 ca_cn=$3
+    (
+        cd "$dir"
+        umask 077
+        if [ ! -s ca.key ] || [ ! -s ca.crt ]; then
+            openssl req -x509 -new -newkey rsa:2048 -nodes -sha256 -days 3650 \
+                -subj "/CN=$ca_cn" -keyout ca.key -out ca.crt \
+                -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+        fi
+        openssl req -new -newkey rsa:2048 -nodes -subj /CN=localhost -keyout "$name.key" -out "$name.csr"
+        printf '%s\n' basicConstraints=CA:FALSE keyUsage=critical,digitalSignature,keyEncipherment \
+            extendedKeyUsage=serverAuth subjectAltName=IP:127.0.0.1,DNS:localhost >"$name.ext"
+        openssl x509 -req -sha256 -days 3650 -in "$name.csr" -CA ca.crt -CAkey ca.key \
+            -CAcreateserial -extfile "$name.ext" -out "$name.crt"
+        rm -f "$name.csr" "$name.ext"
+        chmod 644 ca.crt "$name.crt"
+    )
+}
+
+# Postgres's TLS certificate, signed by a CA made once per run directory
+# (SAN localhost and 127.0.0.1), so clients can use sslmode=verify-full with
+# sslrootcert=$(pg_ca). A data directory from before the CA gets a new
+# certificate too.
+pg_tls_init() {
+    local data=$RUN_DIR/pg dir=$RUN_DIR/pg-tls
+    [ -s "$dir/ca.crt" ] && [ -s "$data/server.crt" ] && return 0
+    mkdir -p "$dir"
+    chmod 700 "$dir"
+    log "generating a CA and Postgres's TLS certificate in $dir"
+    tls_ca_and_cert "$dir" server "outbox-relay local Postgres CA" >"$RUN_DIR/pg-tls.log" 2>&1 || { cat "$RUN_DIR/pg-tls.log" >&2; die "generating Postgres's TLS certificates failed"; }
+    # Clients need to read the CA certificate (not its key).
+    chmod 711 "$dir"
+    install -m 600 "$dir/server.key" "$data/server.key"
+    install -m 644 "$dir/server.crt" "$data/server.crt"
+    [ "$(id -u)" -ne 0 ] || chown postgres: "$data/server.key" "$data/server.crt"
+}
+
 pg_start() {
     pg_init
+    pg_tls_init
     if pg_ready; then
         log "postgres already running on port $PG_PORT"
         return 0

@@ -7,7 +7,6 @@
 //! counts and orders of magnitude (a 1 s stall must show as ~1 s, not as
 //! milliseconds), never tight timings.
 
-
 use std::time::{Duration, Instant};
 
 use crate::common::{loadgen_config, Behaviour, FakeApi};

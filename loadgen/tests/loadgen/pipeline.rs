@@ -7,7 +7,6 @@
 //! record (nothing unmatched, nothing duplicated), every stage counted each
 //! of them once, and the JSON and PNG outputs are there and well-formed.
 
-
 use std::time::Duration;
 
 use crate::common::Pipeline;

@@ -19,18 +19,18 @@
 //! inbox rows and emails are missing and the sampler finds committed
 //! offsets past unhandled records.
 
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::{unique_domain, FakeSmtp};
 use anyhow::Context;
 use clap::Parser;
-use crate::common::{unique_domain, FakeSmtp};
 use devstack::kafka::TopicReader;
 use devstack::testing::{create_topic, kafka_bootstrap, unique_name, wait_for, TestDb};
+use outbox_record::header;
 use tokio_util::sync::CancellationToken;
 
 const EVENTS: i64 = 20_000;
@@ -337,7 +337,7 @@ async fn burst(disruptions: &[Disruption]) -> anyhow::Result<Outcome> {
     let mut ids = Vec::new();
     while let Some(r) = reader.next(Duration::from_secs(2)).await? {
         per_partition.entry(r.partition).or_default().push(r.offset);
-        ids.push(r.header("event_id").unwrap_or("").parse::<i64>()?);
+        ids.push(r.header(header::EVENT_ID).unwrap_or("").parse::<i64>()?);
     }
     ids.sort_unstable();
     ids.dedup();

@@ -6,7 +6,6 @@
 //! topic, group or dead-letter topic it has no ACL for, stops it with a clear error and a non-zero exit; and no secret
 //! reaches its logs or `/metrics`.
 
-
 use std::time::Duration;
 
 use crate::common::*;
@@ -15,6 +14,7 @@ use devstack::testing::{
     assert_no_secret, create_topic, kafka_bootstrap, unique_name, wait_for, Captured, KafkaSasl,
     TestDb,
 };
+use outbox_record::header;
 
 /// How long a refused notifier may take to give up.
 const EXIT_WAIT: Duration = Duration::from_secs(60);
@@ -90,7 +90,10 @@ async fn the_notifier_emails_and_dead_letters_through_sasl_ssl() -> anyhow::Resu
         .send_raw(
             "42",
             b"{this is not json",
-            &[("event_id", "2"), ("event_type", "OrderCreated")],
+            &[
+                (header::EVENT_ID, "2"),
+                (header::EVENT_TYPE, "OrderCreated"),
+            ],
         )
         .await?;
 
@@ -125,7 +128,7 @@ async fn the_notifier_emails_and_dead_letters_through_sasl_ssl() -> anyhow::Resu
         .read_at_least(1, Duration::from_secs(30), Duration::from_millis(500))
         .await?;
     assert_eq!(dead.len(), 1, "{dead:#?}");
-    assert_eq!(dead[0].header("event_id"), Some("2"));
+    assert_eq!(dead[0].header(header::EVENT_ID), Some("2"));
 
     let metrics =
         wait_for("metrics", Duration::from_secs(10), || async {
@@ -258,7 +261,10 @@ async fn a_dead_letter_topic_without_acl_stops_the_notifier_naming_the_failed_au
         .send_raw(
             "42",
             b"{this is not json",
-            &[("event_id", "1"), ("event_type", "OrderCreated")],
+            &[
+                (header::EVENT_ID, "1"),
+                (header::EVENT_TYPE, "OrderCreated"),
+            ],
         )
         .await?;
     let (notifier, _) = spawn_notifier(

@@ -2,13 +2,13 @@
 //! (a fresh migrated database per test), real SMTP server (aiosmtpd writing
 //! a Maildir). Each test has its own topic, group and recipient domain.
 
-
 use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::common::*;
 use devstack::kafka::TopicReader;
 use devstack::testing::{create_topic, kafka_bootstrap, unique_name, wait_for, TestDb};
+use outbox_record::header;
 use serde_json::json;
 
 const EMAIL_WAIT: Duration = Duration::from_secs(30);
@@ -174,7 +174,10 @@ async fn a_malformed_record_goes_to_the_dlq_and_the_next_is_emailed() -> anyhow:
         .send_raw(
             "42",
             b"{this is not json",
-            &[("event_id", "1"), ("event_type", "OrderCreated")],
+            &[
+                (header::EVENT_ID, "1"),
+                (header::EVENT_TYPE, "OrderCreated"),
+            ],
         )
         .await?;
     let mut no_email = order_payload(12, "x@y.test", "CREATED");
@@ -199,29 +202,42 @@ async fn a_malformed_record_goes_to_the_dlq_and_the_next_is_emailed() -> anyhow:
     assert_eq!(first.key.as_deref(), Some("42"));
     assert!(
         first
-            .header("dlq_reason")
+            .header(header::dlq::REASON)
             .unwrap_or("")
             .contains("not JSON"),
         "{first:?}"
     );
-    assert_eq!(first.header("dlq_error_class"), Some("malformed_record"));
-    assert_eq!(first.header("dlq_original_topic"), Some(topic.as_str()));
     assert_eq!(
-        first.header("dlq_original_partition"),
+        first.header(header::dlq::ERROR_CLASS),
+        Some("malformed_record")
+    );
+    assert_eq!(
+        first.header(header::dlq::ORIGINAL_TOPIC),
+        Some(topic.as_str())
+    );
+    assert_eq!(
+        first.header(header::dlq::ORIGINAL_PARTITION),
         Some(p1.to_string().as_str())
     );
     assert_eq!(
-        first.header("dlq_original_offset"),
+        first.header(header::dlq::ORIGINAL_OFFSET),
         Some(o1.to_string().as_str())
     );
-    assert_eq!(first.header("event_id"), Some("1"), "original headers kept");
+    assert_eq!(
+        first.header(header::EVENT_ID),
+        Some("1"),
+        "original headers kept"
+    );
     let second = &dead[1];
     assert!(
-        second.header("dlq_reason").unwrap_or("").contains("email"),
+        second
+            .header(header::dlq::REASON)
+            .unwrap_or("")
+            .contains("email"),
         "{second:?}"
     );
     assert_eq!(
-        second.header("dlq_original_offset"),
+        second.header(header::dlq::ORIGINAL_OFFSET),
         Some(o2.to_string().as_str())
     );
 
@@ -461,13 +477,19 @@ async fn a_permanent_smtp_rejection_goes_to_the_dlq() -> anyhow::Result<()> {
         .await?;
     assert_eq!(dead.len(), 2, "{dead:#?}");
     for (record, offset) in dead.iter().zip([o1, o2]) {
-        assert_eq!(record.header("dlq_error_class"), Some("smtp_rejected"));
+        assert_eq!(
+            record.header(header::dlq::ERROR_CLASS),
+            Some("smtp_rejected")
+        );
         assert!(
-            record.header("dlq_reason").unwrap_or("").contains("550"),
+            record
+                .header(header::dlq::REASON)
+                .unwrap_or("")
+                .contains("550"),
             "{record:?}"
         );
         assert_eq!(
-            record.header("dlq_original_offset"),
+            record.header(header::dlq::ORIGINAL_OFFSET),
             Some(offset.to_string().as_str())
         );
     }

@@ -1,7 +1,6 @@
 //! Every route and every error class of order-api, against the real
 //! Postgres of the test stack (one fresh database per test).
 
-
 use std::time::{Duration, Instant};
 
 use crate::common::{new_order, Api};
@@ -495,6 +494,47 @@ async fn database_down_is_503_with_retry_after_not_a_hang() {
     );
     let health = api.get("/healthz").await;
     assert_eq!(health.status, 200);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_postgres_that_requires_verified_tls_is_served() {
+    let api = Api::start_with(|c| {
+        c.database_url = devstack::testing::verify_full_url(&c.database_url);
+    })
+    .await;
+    let created = api.post_json("/orders", &new_order(7)).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let admin = devstack::testing::connect(&devstack::testing::admin_url())
+        .await
+        .expect("admin");
+    let row = admin
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
+             JOIN pg_stat_ssl s USING (pid) WHERE a.datname = $1 AND a.application_name = 'order-api'",
+            &[&api.db.name],
+        )
+        .await
+        .expect("pg_stat_ssl");
+    let (connections, encrypted): (i64, i64) = (row.get(0), row.get(1));
+    assert!(connections >= 1, "no order-api connection");
+    assert_eq!(encrypted, connections, "every connection encrypted");
+    api.stop().await;
+
+    // Postgres's certificate checked against a CA that did not sign it:
+    // nothing is written, and the service says it is not ready.
+    let other_ca = devstack::testing::another_ca().expect("CA");
+    let api = Api::start_with(|c| {
+        c.database_url = format!(
+            "{}?sslmode=verify-full&sslrootcert={other_ca}",
+            c.database_url
+        );
+        c.pool_timeout = Duration::from_secs(2);
+    })
+    .await;
+    api.post_json("/orders", &new_order(8)).await.problem(503);
+    api.get("/readyz").await.problem(503);
+    assert_eq!(api.count("orders").await, 0);
     api.stop().await;
 }
 

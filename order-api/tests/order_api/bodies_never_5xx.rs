@@ -1,7 +1,6 @@
 //! Property: no body, however malformed, makes POST /orders or
 //! POST /orders/{id}/status answer 5xx; every error is problem+json.
 
-
 use crate::common::{Api, Reply};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};

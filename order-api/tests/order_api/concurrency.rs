@@ -1,7 +1,6 @@
 //! Concurrent writes: status changes of one order serialise on its row
 //! lock; retries of one Idempotency-Key make one order.
 
-
 use crate::common::{new_order, Api, Reply};
 use futures_util::future::join_all;
 use serde_json::json;

@@ -2,7 +2,6 @@
 //! request gets the first response and writes nothing; the same key with a
 //! different request is 422; keys expire.
 
-
 use std::time::Duration;
 
 use crate::common::{new_order, Api, Reply};

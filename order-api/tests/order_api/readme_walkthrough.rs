@@ -1,7 +1,6 @@
 //! The README's order-api curl walk-through, run verbatim with bash against
 //! a fresh in-process service, so the README cannot rot.
 
-
 use crate::common::Api;
 use serde_json::Value;
 

@@ -1,9 +1,8 @@
-//! Opening a replication connection: socket, optional TLS (SSLRequest),
+//! Opening a replication connection: socket and TLS (`transport`),
 //! StartupMessage with `replication=database`, authentication (trust,
 //! cleartext, MD5, SCRAM-SHA-256), and the simple-query replication
 //! commands run before streaming.
 
-use std::collections::HashMap;
 use std::fmt;
 
 use bytes::BytesMut;
@@ -12,19 +11,18 @@ use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_postgres::fallible_iterator::FallibleIterator;
 use tokio_util::codec::Framed;
 use tracing::{debug, warn};
 
 use super::codec::{Backend, BoxedIo, PgCodec};
 use super::error::{ReplicationError, ServerError};
-use super::params::{ConnectParams, SslMode};
+use super::names::{quote_ident, quote_literal, validate_publication_name, validate_slot_name};
 use super::stream::ReplicationStream;
-use super::tls;
+use super::transport::{open_socket, open_tls};
 use super::SystemInfo;
 use crate::lsn::Lsn;
+use pgconn::{ConnectParams, SslMode};
 
 /// SQLSTATE object_in_use: START_REPLICATION on a slot another process streams.
 const OBJECT_IN_USE: &str = "55006";
@@ -39,7 +37,6 @@ pub struct ReplicationConnection {
     dbname: String,
     tls: bool,
     backend_pid: i32,
-    server_params: HashMap<String, String>,
 }
 
 impl fmt::Debug for ReplicationConnection {
@@ -90,7 +87,6 @@ impl ReplicationConnection {
             dbname: params.dbname.clone(),
             tls,
             backend_pid: 0,
-            server_params: HashMap::new(),
         };
         conn.startup(params).await?;
         debug!(addr = %params.addr(), tls, pid = conn.backend_pid, "replication connection ready");
@@ -110,7 +106,7 @@ impl ReplicationConnection {
         self.authenticate(params).await?;
         loop {
             match self.next().await? {
-                Backend::Message(Message::ParameterStatus(body)) => self.note_parameter(&body)?,
+                Backend::Message(Message::ParameterStatus(_)) => {}
                 Backend::Message(Message::BackendKeyData(body)) => {
                     self.backend_pid = body.process_id();
                 }
@@ -212,11 +208,6 @@ impl ReplicationConnection {
         })
     }
 
-    /// The server process id (`pg_stat_replication.pid`).
-    pub fn backend_pid(&self) -> i32 {
-        self.backend_pid
-    }
-
     /// The database the connection replicates from.
     pub fn dbname(&self) -> &str {
         &self.dbname
@@ -225,11 +216,6 @@ impl ReplicationConnection {
     /// Whether the connection is encrypted.
     pub fn is_tls(&self) -> bool {
         self.tls
-    }
-
-    /// A parameter the server reported (`server_version`, `TimeZone`, ...).
-    pub fn server_parameter(&self, name: &str) -> Option<&str> {
-        self.server_params.get(name).map(String::as_str)
     }
 
     /// `IDENTIFY_SYSTEM`: cluster id, timeline, current WAL position, database.
@@ -358,7 +344,7 @@ impl ReplicationConnection {
                     error = Some(server_error(context, body.fields()));
                 }
                 Backend::Message(Message::NoticeResponse(body)) => log_notice(body.fields()),
-                Backend::Message(Message::ParameterStatus(body)) => self.note_parameter(&body)?,
+                Backend::Message(Message::ParameterStatus(_)) => {}
                 Backend::Message(Message::ReadyForQuery(_)) => {
                     return match error {
                         Some(err) => Err(err),
@@ -369,16 +355,6 @@ impl ReplicationConnection {
                 _ => return Err(unexpected(context)),
             }
         }
-    }
-
-    fn note_parameter(
-        &mut self,
-        body: &postgres_protocol::message::backend::ParameterStatusBody,
-    ) -> Result<(), ReplicationError> {
-        let name = body.name().map_err(ReplicationError::from_io)?;
-        let value = body.value().map_err(ReplicationError::from_io)?;
-        self.server_params.insert(name.to_owned(), value.to_owned());
-        Ok(())
     }
 
     async fn send(
@@ -401,79 +377,6 @@ impl ReplicationConnection {
             Some(Err(err)) => Err(ReplicationError::from_io(err)),
             None => Err(ReplicationError::ConnectionLost),
         }
-    }
-}
-
-async fn open_socket(params: &ConnectParams) -> Result<BoxedIo, ReplicationError> {
-    let connect_err = |source| ReplicationError::Connect {
-        addr: params.addr(),
-        source,
-    };
-    if params.is_unix_socket() {
-        #[cfg(unix)]
-        {
-            let socket = tokio::net::UnixStream::connect(params.socket_path())
-                .await
-                .map_err(connect_err)?;
-            return Ok(Box::new(socket));
-        }
-        #[cfg(not(unix))]
-        return Err(ReplicationError::Config(
-            "Unix sockets are not supported on this platform".into(),
-        ));
-    }
-    let socket = TcpStream::connect((params.host.as_str(), params.port))
-        .await
-        .map_err(connect_err)?;
-    socket.set_nodelay(true).map_err(connect_err)?;
-    Ok(Box::new(socket))
-}
-
-/// Opens the socket and asks for TLS. Returns the stream and whether it is
-/// encrypted (`prefer` continues in plain text when the server says no).
-async fn open_tls(params: &ConnectParams) -> Result<(BoxedIo, bool), ReplicationError> {
-    if params.is_unix_socket() {
-        if params.ssl_mode == SslMode::Prefer {
-            return Ok((open_socket(params).await?, false));
-        }
-        return Err(ReplicationError::Config(format!(
-            "sslmode={} needs TCP; TLS is not available over a Unix socket",
-            params.ssl_mode
-        )));
-    }
-    let (connector, name) = tls::connector(params)?;
-    let addr = params.addr();
-    let mut socket = TcpStream::connect((params.host.as_str(), params.port))
-        .await
-        .map_err(|source| ReplicationError::Connect {
-            addr: addr.clone(),
-            source,
-        })?;
-    let _ = socket.set_nodelay(true);
-    let mut request = BytesMut::new();
-    frontend::ssl_request(&mut request);
-    socket
-        .write_all(&request)
-        .await
-        .map_err(ReplicationError::Io)?;
-    // Exactly one byte: anything the server sent after it (it must not)
-    // stays unread rather than being mistaken for TLS-protected data.
-    match socket.read_u8().await.map_err(ReplicationError::from_io)? {
-        b'S' => {
-            let stream = connector
-                .connect(name, socket)
-                .await
-                .map_err(|source| ReplicationError::Tls { addr, source })?;
-            Ok((Box::new(stream), true))
-        }
-        b'N' if params.ssl_mode == SslMode::Prefer => Ok((Box::new(socket), false)),
-        b'N' => Err(ReplicationError::TlsRefused {
-            addr,
-            mode: params.ssl_mode,
-        }),
-        other => Err(ReplicationError::Protocol(format!(
-            "unexpected answer {other:#04x} to SSLRequest"
-        ))),
     }
 }
 
@@ -531,76 +434,4 @@ fn unexpected(context: &str) -> ReplicationError {
 fn parse_lsn(text: &str) -> Result<Lsn, ReplicationError> {
     text.parse()
         .map_err(|_| ReplicationError::Protocol(format!("invalid LSN {text:?} from server")))
-}
-
-/// Postgres accepts slot names of lower-case letters, digits and `_`, up to 63 bytes.
-pub(crate) fn validate_slot_name(name: &str) -> Result<(), ReplicationError> {
-    let invalid = |reason| ReplicationError::InvalidName {
-        kind: "replication slot",
-        name: name.to_owned(),
-        reason,
-    };
-    if name.is_empty() || name.len() > 63 {
-        return Err(invalid("must be 1 to 63 bytes long"));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-    {
-        return Err(invalid(
-            "may contain only lower-case letters, digits and underscores",
-        ));
-    }
-    Ok(())
-}
-
-/// Publication names are identifiers: non-empty, at most 63 bytes (longer
-/// ones would be truncated silently), no NUL.
-pub(crate) fn validate_publication_name(name: &str) -> Result<(), ReplicationError> {
-    let invalid = |reason| ReplicationError::InvalidName {
-        kind: "publication",
-        name: name.to_owned(),
-        reason,
-    };
-    if name.is_empty() || name.len() > 63 {
-        return Err(invalid("must be 1 to 63 bytes long"));
-    }
-    if name.contains('\0') {
-        return Err(invalid("may not contain NUL"));
-    }
-    Ok(())
-}
-
-/// `"name"` with inner quotes doubled: an identifier in SQL and in
-/// replication commands.
-pub(crate) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `'text'` with inner quotes doubled (standard-conforming strings; the
-/// replication command lexer knows no backslash escapes either).
-pub(crate) fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quotes_identifiers_and_literals() {
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal(&quote_ident("it's")), "'\"it''s\"'");
-    }
-
-    #[test]
-    fn validates_names() {
-        assert!(validate_slot_name("outbox_relay_1").is_ok());
-        for bad in ["", "Upper", "a-b", "a\"b", &"x".repeat(64)] {
-            let err = validate_slot_name(bad).unwrap_err();
-            assert!(!err.is_transient());
-        }
-        assert!(validate_publication_name("Outbox Pub \"1\"").is_ok());
-        assert!(validate_publication_name("a\0b").is_err());
-    }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
-use super::params::SslMode;
+use pgconn::{is_certificate_rejection, ConnectError, SslMode};
 
 /// An error reported by the server (the fields of an `ErrorResponse`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,18 +29,6 @@ pub struct ServerError {
     /// Optional suggestion.
     pub hint: Option<String>,
 }
-
-/// SQLSTATEs that will not go away by retrying; everything else is transient.
-const DEFINITE_SQLSTATES: &[&str] = &[
-    "28000", // invalid_authorization_specification (no pg_hba.conf entry, ...)
-    "28P01", // invalid_password
-    "42501", // insufficient_privilege
-    "3D000", // invalid_catalog_name: the database does not exist
-    "42601", // syntax_error
-    "42602", // invalid_name
-    "22023", // invalid_parameter_value (bad slot name, unsupported proto_version)
-    "55000", // object_not_in_prerequisite_state (wal_level < logical, slot invalidated)
-];
 
 impl ServerError {
     /// Reads the fields of an `ErrorResponse` or `NoticeResponse` body.
@@ -89,7 +77,7 @@ impl ServerError {
     /// prerequisite-state errors (28000, 28P01, 42501, 3D000, 42601, 42602,
     /// 22023, 55000); true for everything else.
     pub fn is_transient(&self) -> bool {
-        !DEFINITE_SQLSTATES.contains(&self.code.as_str())
+        pgconn::sqlstate_is_transient(&self.code)
     }
 }
 
@@ -208,6 +196,11 @@ pub enum ReplicationError {
     #[error("table {0} does not exist")]
     TableMissing(String),
 
+    /// Opening the ordinary SQL connection failed without a server error:
+    /// definite when the server's certificate was rejected, transient otherwise.
+    #[error("sql connect")]
+    SqlConnect(#[source] ConnectError),
+
     /// A query on the ordinary SQL connection failed without a server error
     /// (connection closed, I/O). Transient.
     #[error("{context}: SQL connection failed")]
@@ -232,6 +225,7 @@ impl ReplicationError {
             | ReplicationError::DatabaseMismatch { .. }
             | ReplicationError::TableMissing(_) => false,
             ReplicationError::Tls { source, .. } => !is_certificate_rejection(source),
+            ReplicationError::SqlConnect(e) => e.is_transient(),
             ReplicationError::Server { error, .. } => error.is_transient(),
             ReplicationError::Connect { .. }
             | ReplicationError::ConnectTimeout { .. }
@@ -287,18 +281,18 @@ impl ReplicationError {
     }
 }
 
-/// Whether a TLS handshake error is the server's certificate being rejected
-/// (retrying will not help) rather than a network failure.
-fn is_certificate_rejection(err: &io::Error) -> bool {
-    matches!(
-        err.get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>()),
-        Some(
-            rustls::Error::InvalidCertificate(_)
-                | rustls::Error::NoCertificatesPresented
-                | rustls::Error::UnsupportedNameType
-        )
-    )
+impl From<ConnectError> for ReplicationError {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::Config(msg) => ReplicationError::Config(msg),
+            ConnectError::RootCert { path, reason } => ReplicationError::RootCert { path, reason },
+            // A server error keeps its SQLSTATE (and its classification).
+            ConnectError::Postgres { source, .. } if source.as_db_error().is_some() => {
+                ReplicationError::from_sql("sql connect", source)
+            }
+            other => ReplicationError::SqlConnect(other),
+        }
+    }
 }
 
 #[cfg(test)]

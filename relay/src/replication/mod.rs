@@ -41,19 +41,35 @@
 mod codec;
 mod conn;
 mod error;
-mod params;
+mod names;
 mod slot;
 mod stream;
-mod tls;
+mod transport;
 
 pub use conn::{ReplicationConnection, TextRow};
 pub use error::{ReplicationError, ServerError};
-pub use params::{ConnectParams, SslMode, DEFAULT_APPLICATION_NAME, DEFAULT_CONNECT_TIMEOUT};
+pub use pgconn::{ConnectParams, SslMode, DEFAULT_CONNECT_TIMEOUT};
 pub use slot::{ensure_publication, prepare_slot, slot_state, PreparedSlot, SlotInfo, PLUGIN};
 pub use stream::{ReplicationMessage, ReplicationStream};
-pub use tls::client_config as tls_client_config;
 
 use crate::lsn::Lsn;
+
+/// The relay's `application_name` unless the URL names one: visible in
+/// `pg_stat_replication`.
+pub const DEFAULT_APPLICATION_NAME: &str = "relay";
+
+/// The relay's connection settings from `--database-url`.
+pub fn connect_params(url: &str) -> Result<ConnectParams, ReplicationError> {
+    Ok(ConnectParams::from_url(url)?.or_application_name(DEFAULT_APPLICATION_NAME))
+}
+
+/// An ordinary SQL connection with the replication connection's settings
+/// (slot and publication set-up, lag sampling, heartbeats).
+pub async fn sql_connect(
+    params: &ConnectParams,
+) -> Result<tokio_postgres::Client, ReplicationError> {
+    Ok(pgconn::connect(params).await?)
+}
 
 /// The answer to `IDENTIFY_SYSTEM`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -9,10 +9,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
-use super::conn::{
-    quote_ident, validate_publication_name, validate_slot_name, ReplicationConnection,
-};
+use super::conn::ReplicationConnection;
 use super::error::ReplicationError;
+use super::names::{quote_ident, validate_publication_name, validate_slot_name};
 use crate::lsn::Lsn;
 
 /// The output plugin the relay decodes.

@@ -125,11 +125,6 @@ impl ReplicationStream {
         ReplicationStream { framed, slot }
     }
 
-    /// The slot being streamed.
-    pub fn slot(&self) -> &str {
-        &self.slot
-    }
-
     /// Next XLogData or keepalive.
     ///
     /// Cancel-safe: partial messages stay in the read buffer inside

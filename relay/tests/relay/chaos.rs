@@ -27,7 +27,6 @@
 //! `CHAOS_MAX_PAUSE_MS` (between a writer's transactions), the random seed
 //! from `CHAOS_SEED` (printed, so a failing run can be repeated).
 
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +37,7 @@ use devstack::cluster::PgCluster;
 use devstack::kafka::TopicReader;
 use devstack::kafka_cluster::KafkaCluster;
 use devstack::proxy::Proxy;
+use outbox_record::header;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -558,7 +558,7 @@ async fn chaos(setup: Setup) -> anyhow::Result<()> {
                 found.entry(r.partition).or_default().push((
                     r.offset,
                     event_id(r),
-                    r.header("lsn").unwrap_or("").to_owned(),
+                    r.header(header::LSN).unwrap_or("").to_owned(),
                 ));
             }
         }

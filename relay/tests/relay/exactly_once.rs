@@ -2,11 +2,12 @@
 //! in Kafka skips them, per partition, even when the partition's last batch
 //! holds several records.
 
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::common::{event_id, insert_batch, lsn_seq, outbox_ids, read_until_all, relay_config, start};
+use crate::common::{
+    event_id, insert_batch, lsn_seq, outbox_ids, read_until_all, relay_config, start,
+};
 use devstack::testing::{create_topic, kafka_bootstrap, TestDb};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;

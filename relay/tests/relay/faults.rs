@@ -3,7 +3,6 @@
 //! Each test checks what an operator would: every row of the outbox table is
 //! in the topic, and the slot never confirmed past what Kafka acknowledged.
 
-
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -2,7 +2,6 @@
 //! seconds when the active one dies; and the lease makes a relay cut off from
 //! Postgres stop producing before anyone could take its slot.
 
-
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

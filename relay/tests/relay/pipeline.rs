@@ -1,7 +1,6 @@
 //! The relay end to end on the real test stack: Postgres (logical
 //! replication) → relay → Apache Kafka, read back from the topic.
 
-
 use std::time::Duration;
 
 use crate::common::{
@@ -9,6 +8,7 @@ use crate::common::{
 };
 use devstack::kafka::TopicReader;
 use devstack::testing::{create_topic, kafka_bootstrap, wait_for, TestDb};
+use outbox_record::header;
 use relay::lsn::Lsn;
 
 fn config(db: &TestDb, topic: &str) -> relay::config::Config {
@@ -48,7 +48,7 @@ async fn later_id_committed_first_is_produced_first() -> anyhow::Result<()> {
         "jsonb embedded"
     );
     assert_eq!(records[0].key.as_deref(), Some("7"));
-    assert_eq!(records[0].header("event_type"), Some("B"));
+    assert_eq!(records[0].header(header::EVENT_TYPE), Some("B"));
     relay.stop().await
 }
 
@@ -71,7 +71,7 @@ async fn multi_row_transaction_keeps_statement_order() -> anyhow::Result<()> {
     assert_eq!(records.iter().map(event_id).collect::<Vec<_>>(), ids);
     let lsns: Vec<_> = records
         .iter()
-        .map(|r| r.header("lsn").unwrap().to_owned())
+        .map(|r| r.header(header::LSN).unwrap().to_owned())
         .collect();
     assert!(
         lsns.iter().all(|l| *l == lsns[0]),
@@ -81,10 +81,10 @@ async fn multi_row_transaction_keeps_statement_order() -> anyhow::Result<()> {
     assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
     let xids: Vec<_> = records
         .iter()
-        .map(|r| r.header("xid").unwrap().to_owned())
+        .map(|r| r.header(header::XID).unwrap().to_owned())
         .collect();
     assert!(xids.iter().all(|x| *x == xids[0]));
-    let ts = records[0].header("commit_ts").unwrap();
+    let ts = records[0].header(header::COMMIT_TS).unwrap();
     assert!(
         ts.ends_with('Z') && ts.len() == "2026-11-21T10:00:00.123456Z".len(),
         "{ts}"
@@ -123,7 +123,12 @@ async fn only_committed_outbox_inserts_are_produced() -> anyhow::Result<()> {
         .await?;
     let got: Vec<(i64, String)> = records
         .iter()
-        .map(|r| (event_id(r), r.header("event_type").unwrap().to_owned()))
+        .map(|r| {
+            (
+                event_id(r),
+                r.header(header::EVENT_TYPE).unwrap().to_owned(),
+            )
+        })
         .collect();
     assert_eq!(
         got,

@@ -229,6 +229,50 @@ async fn verify_full_rejects_self_signed_certificate_definitely() -> anyhow::Res
 }
 
 #[tokio::test]
+async fn verify_full_with_the_stack_ca_connects_over_tls() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let p = relay::replication::connect_params(&devstack::testing::verify_full_url(&db.url))?;
+    ensure!(p.ssl_mode == SslMode::VerifyFull, "{p:?}");
+    let ssl_of_own_backend = "SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    // The replication connection (the relay's own protocol code) …
+    let mut conn = ReplicationConnection::connect(&p).await?;
+    ensure!(conn.is_tls());
+    let rows = conn.simple_query(ssl_of_own_backend).await?;
+    ensure!(rows == vec![vec![Some("true".to_owned())]], "{rows:?}");
+    conn.close().await?;
+    // … and the SQL connection (pgconn), with the relay's application name.
+    let client = relay::replication::sql_connect(&p).await?;
+    let row = client
+        .query_one(
+            "SELECT s.ssl, a.application_name FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    ensure!(row.get::<_, bool>(0), "not encrypted");
+    ensure!(
+        row.get::<_, String>(1) == "relay",
+        "{:?}",
+        row.get::<_, String>(1)
+    );
+    // A CA that did not sign the certificate: refused, definitely.
+    let other_ca = devstack::testing::another_ca()?;
+    let mut wrong = p.clone();
+    wrong.ssl_root_cert = Some(other_ca.into());
+    let err = ReplicationConnection::connect(&wrong)
+        .await
+        .err()
+        .context("a certificate from another CA was accepted")?;
+    ensure!(!err.is_transient(), "{err}");
+    let err = relay::replication::sql_connect(&wrong)
+        .await
+        .err()
+        .context("the SQL connection accepted another CA's certificate")?;
+    ensure!(!err.is_transient(), "{err:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn streams_inserts_answers_keepalives_and_confirms() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let slot = db.slot_name();

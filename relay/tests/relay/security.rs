@@ -7,7 +7,6 @@
 //! certificate its CA did not sign, it then confirms
 //! nothing, and no secret reaches its logs, `/status` or `/metrics`.
 
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 

@@ -28,7 +28,6 @@
 //! isolation level and does not fence on a second InitProducerId, so those
 //! tests read with read_uncommitted and see aborted copies.
 
-
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,6 +38,7 @@ use crate::common::{
 };
 use devstack::kafka::{Record, TopicReader};
 use devstack::testing::{create_topic, kafka_bootstrap, unique_name, wait_for, TestDb};
+use outbox_record::header;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -184,7 +184,7 @@ async fn read_committed_until(
             );
         }
         if let Some(r) = reader.next(Duration::from_millis(500)).await? {
-            if r.header("event_id").is_some() {
+            if r.header(header::EVENT_ID).is_some() {
                 seen.insert(event_id(&r));
             }
             records.push(r);
@@ -273,7 +273,10 @@ async fn wait_slot_inactive(c: &tokio_postgres::Client, slot: &str) -> anyhow::R
 /// How often each event id occurs in `records`.
 fn copies(records: &[Record]) -> HashMap<i64, usize> {
     let mut n = HashMap::new();
-    for r in records.iter().filter(|r| r.header("event_id").is_some()) {
+    for r in records
+        .iter()
+        .filter(|r| r.header(header::EVENT_ID).is_some())
+    {
         *n.entry(event_id(r)).or_default() += 1;
     }
     n
@@ -602,7 +605,7 @@ async fn a_restart_finds_the_last_committed_record_behind_aborted_ones() -> anyh
             .take(ABORTED)
             .collect();
         assert!(
-            tail.len() == ABORTED && tail.iter().all(|r| r.header("event_id").is_none()),
+            tail.len() == ABORTED && tail.iter().all(|r| r.header(header::EVENT_ID).is_none()),
             "partition {p} ends with the aborted records"
         );
     }
@@ -664,11 +667,11 @@ async fn a_transaction_partly_in_kafka_is_read_again_then_taken_per_partition() 
                 .create()?;
             let headers = rdkafka::message::OwnedHeaders::new()
                 .insert(rdkafka::message::Header {
-                    key: "lsn",
+                    key: header::LSN,
                     value: Some("FF/0"),
                 })
                 .insert(rdkafka::message::Header {
-                    key: "seq",
+                    key: header::SEQ,
                     value: Some("0"),
                 });
             producer
@@ -730,7 +733,7 @@ async fn a_transaction_partly_in_kafka_is_read_again_then_taken_per_partition() 
     let records = read_committed_until(&topic, &expected, Duration::from_secs(60)).await?;
     let mut relayed: Vec<i64> = records
         .iter()
-        .filter(|r| r.header("event_id").is_some())
+        .filter(|r| r.header(header::EVENT_ID).is_some())
         .map(event_id)
         .collect();
     relayed.sort_unstable();

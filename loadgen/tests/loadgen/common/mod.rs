@@ -3,7 +3,6 @@
 //! real pipeline started in-process on a fresh test database and topic —
 //! order-api, relay and notifier as libraries.
 
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -2,7 +2,6 @@
 //! in-process through `run_with`, and readers for what a user would check —
 //! the emails in a Maildir, committed offsets, `/metrics`.
 
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 use devstack::testing::{kafka_bootstrap, unique_name, wait_for};
 use notifier::config::Config;
 use notifier::http::Shared;
+use outbox_record::event::{Item, OrderPayload};
+use outbox_record::{header, Lsn};
 
 /// The shared SMTP sink of the test stack.
 pub fn sink_smtp_url() -> String {
@@ -200,19 +201,17 @@ impl Relay {
             "created_at": "2026-01-01T00:00:00.000000Z",
         })
         .to_string();
-        self.send_raw(
-            &user_id.to_string(),
-            value.as_bytes(),
-            &[
-                ("event_id", &event_id.to_string()),
-                ("event_type", event_type),
-                ("lsn", "0/16B3748"),
-                ("xid", "750"),
-                ("commit_ts", &now_rfc3339()),
-                ("seq", "0"),
-            ],
-        )
-        .await
+        // The headers the relay writes, from the contract crate.
+        let headers = header::relay_headers(
+            Some(event_id.to_string()),
+            Some(event_type.to_owned()),
+            (Lsn(0x16B_3748), 0),
+            750,
+            now_rfc3339(),
+        );
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.send_raw(&user_id.to_string(), value.as_bytes(), &headers)
+            .await
     }
 
     /// Any record; returns its (partition, offset).
@@ -244,25 +243,30 @@ impl Relay {
 }
 
 pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    header::format_commit_ts(chrono::Utc::now())
 }
 
-/// A payload as the order-api writes it.
+/// A payload as the order-api writes it (the contract's `OrderPayload`).
 pub fn order_payload(order_id: i64, email: &str, status: &str) -> Value {
-    json!({
-        "order_id": order_id,
-        "user_id": 42,
-        "email": email,
-        "status": status,
-        "items": [
-            {"sku": "A-1", "quantity": 2, "unit_price_cents": 1999},
-            {"sku": "B-7", "quantity": 1, "unit_price_cents": 500},
-        ],
-        "total_cents": 4498,
-        "currency": "EUR",
-        "created_at": "2026-01-01T00:00:00.000000Z",
-        "updated_at": "2026-01-01T00:00:00.000000Z",
+    let item = |sku: &str, quantity, unit_price_cents| Item {
+        sku: sku.to_owned(),
+        quantity,
+        unit_price_cents,
+    };
+    serde_json::to_value(OrderPayload {
+        order_id,
+        user_id: 42,
+        email: email.to_owned(),
+        status: status.to_owned(),
+        items: vec![item("A-1", 2, 1999), item("B-7", 1, 500)],
+        total_cents: 4498,
+        currency: "EUR".into(),
+        created_at: "2026-01-01T00:00:00.000000Z".into(),
+        updated_at: "2026-01-01T00:00:00.000000Z".into(),
+        from: None,
+        to: None,
     })
+    .expect("payload serialises")
 }
 
 pub fn status_payload(order_id: i64, email: &str, from: &str, to: &str) -> Value {

@@ -1,7 +1,6 @@
 //! Test support: an order-api served in-process on 127.0.0.1:0 against a
 //! fresh, migrated database of the test stack.
 
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 

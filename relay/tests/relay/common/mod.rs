@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use devstack::kafka::{Record, TopicReader};
 use devstack::testing::wait_for;
+use outbox_record::header;
 use relay::config::Config;
 use relay::http::{RelayState, Shared};
 use relay::lsn::Lsn;
@@ -133,12 +134,12 @@ pub async fn insert_batch(
 /// The `lsn` and `seq` headers: a record's position in commit order.
 pub fn lsn_seq(r: &Record) -> (Lsn, u64) {
     let lsn = r
-        .header("lsn")
+        .header(header::LSN)
         .expect("lsn header")
         .parse()
         .expect("lsn parses");
     let seq = r
-        .header("seq")
+        .header(header::SEQ)
         .expect("seq header")
         .parse()
         .expect("seq parses");
@@ -146,7 +147,7 @@ pub fn lsn_seq(r: &Record) -> (Lsn, u64) {
 }
 
 pub fn event_id(r: &Record) -> i64 {
-    r.header("event_id")
+    r.header(header::EVENT_ID)
         .expect("event_id header")
         .parse()
         .expect("numeric id")

@@ -1,5 +1,5 @@
-//! Connection settings of the replication connection, parsed from a
-//! `postgres://` URL or a libpq `key=value` string.
+//! Connection settings, parsed from a `postgres://` URL or a libpq
+//! `key=value` string.
 //!
 //! `tokio_postgres::Config` does the parsing, except for `sslmode` (it
 //! knows no `verify-ca` / `verify-full`) and `sslrootcert` (it rejects the
@@ -13,10 +13,8 @@ use std::time::Duration;
 
 use tokio_postgres::config::Host;
 
-use super::error::ReplicationError;
+use crate::error::ConnectError;
 
-/// Default `application_name`, visible in `pg_stat_replication`.
-pub const DEFAULT_APPLICATION_NAME: &str = "relay";
 /// Default limit for TCP connect + TLS + authentication.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -57,7 +55,7 @@ impl fmt::Display for SslMode {
 }
 
 impl FromStr for SslMode {
-    type Err = ReplicationError;
+    type Err = ConnectError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
@@ -67,14 +65,14 @@ impl FromStr for SslMode {
             "verify-ca" => Ok(SslMode::VerifyCa),
             "verify-full" => Ok(SslMode::VerifyFull),
             // "allow" (plain first, TLS on refusal) is not supported.
-            _ => Err(ReplicationError::Config(format!(
+            _ => Err(ConnectError::Config(format!(
                 "unsupported sslmode {s:?}: expected disable, prefer, require, verify-ca or verify-full"
             ))),
         }
     }
 }
 
-/// Where and how to open a replication connection.
+/// Where and how to connect.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ConnectParams {
     /// Host name or IP address, or an absolute path: the directory of a
@@ -89,9 +87,13 @@ pub struct ConnectParams {
     /// PEM file of trusted root certificates for TLS; the Mozilla roots
     /// (webpki-roots) when absent.
     pub ssl_root_cert: Option<PathBuf>,
+    /// Visible in `pg_stat_activity` and `pg_stat_replication`; empty when
+    /// the URL names none (see [`ConnectParams::or_application_name`]).
     pub application_name: String,
     /// Limit for TCP connect + TLS handshake + authentication.
     pub connect_timeout: Duration,
+    /// Whether the URL set `connect_timeout` (see [`ConnectParams::or_connect_timeout`]).
+    connect_timeout_given: bool,
 }
 
 impl fmt::Debug for ConnectParams {
@@ -113,9 +115,9 @@ impl fmt::Debug for ConnectParams {
 impl ConnectParams {
     /// Parses a `postgres://user:pw@host:port/db?sslmode=..` URL or a libpq
     /// `host=.. user=..` string. Defaults: host `localhost`, port 5432,
-    /// database = user, sslmode `prefer`, application_name `relay`, connect
+    /// database = user, sslmode `prefer`, no application_name, connect
     /// timeout 30 s. Supports one host only.
-    pub fn from_url(url: &str) -> Result<Self, ReplicationError> {
+    pub fn from_url(url: &str) -> Result<Self, ConnectError> {
         let (rest, ssl) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             take_ssl_options_from_url(url)?
         } else {
@@ -126,48 +128,36 @@ impl ConnectParams {
             let cause = std::error::Error::source(&e)
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| e.to_string());
-            ReplicationError::Config(format!("invalid connection string: {cause}"))
+            ConnectError::Config(format!("invalid connection string: {cause}"))
         })?;
         let host = match config.get_hosts() {
             [] => match config.get_hostaddrs() {
                 [] => "localhost".to_owned(),
                 [addr] => addr.to_string(),
-                _ => {
-                    return Err(ReplicationError::Config(
-                        "only one host is supported".into(),
-                    ))
-                }
+                _ => return Err(ConnectError::Config("only one host is supported".into())),
             },
             [Host::Tcp(host)] => host.clone(),
             #[cfg(unix)]
             [Host::Unix(path)] => path
                 .to_str()
-                .ok_or_else(|| ReplicationError::Config("socket path is not UTF-8".into()))?
+                .ok_or_else(|| ConnectError::Config("socket path is not UTF-8".into()))?
                 .to_owned(),
-            _ => {
-                return Err(ReplicationError::Config(
-                    "only one host is supported".into(),
-                ))
-            }
+            _ => return Err(ConnectError::Config("only one host is supported".into())),
         };
         let port = match config.get_ports() {
             [] => 5432,
             [port] => *port,
-            _ => {
-                return Err(ReplicationError::Config(
-                    "only one port is supported".into(),
-                ))
-            }
+            _ => return Err(ConnectError::Config("only one port is supported".into())),
         };
         let user = config
             .get_user()
-            .ok_or_else(|| ReplicationError::Config("no user given".into()))?
+            .ok_or_else(|| ConnectError::Config("no user given".into()))?
             .to_owned();
         let password = config
             .get_password()
             .map(|p| String::from_utf8(p.to_vec()))
             .transpose()
-            .map_err(|_| ReplicationError::Config("password is not UTF-8".into()))?;
+            .map_err(|_| ConnectError::Config("password is not UTF-8".into()))?;
         Ok(ConnectParams {
             host,
             port,
@@ -176,15 +166,29 @@ impl ConnectParams {
             password,
             ssl_mode: ssl.mode.unwrap_or_default(),
             ssl_root_cert: ssl.root_cert.map(PathBuf::from),
-            application_name: config
-                .get_application_name()
-                .unwrap_or(DEFAULT_APPLICATION_NAME)
-                .to_owned(),
+            application_name: config.get_application_name().unwrap_or("").to_owned(),
             connect_timeout: config
                 .get_connect_timeout()
                 .copied()
                 .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            connect_timeout_given: config.get_connect_timeout().is_some(),
         })
+    }
+
+    /// Sets `application_name` to `name` unless the URL named one.
+    pub fn or_application_name(mut self, name: &str) -> Self {
+        if self.application_name.is_empty() {
+            self.application_name = name.to_owned();
+        }
+        self
+    }
+
+    /// Sets the connect timeout to `limit` unless the URL set one.
+    pub fn or_connect_timeout(mut self, limit: Duration) -> Self {
+        if !self.connect_timeout_given {
+            self.connect_timeout = limit;
+        }
+        self
     }
 
     /// Whether `host` names a Unix socket directory.
@@ -204,7 +208,7 @@ impl ConnectParams {
     }
 
     /// Path of the Unix socket, as libpq builds it.
-    pub(crate) fn socket_path(&self) -> String {
+    pub fn socket_path(&self) -> String {
         format!("{}/.s.PGSQL.{}", self.host.trim_end_matches('/'), self.port)
     }
 }
@@ -218,7 +222,7 @@ struct SslOptions {
 
 impl SslOptions {
     /// Takes `key = value` if it is one of ours; returns whether it was.
-    fn take(&mut self, key: &str, value: &str) -> Result<bool, ReplicationError> {
+    fn take(&mut self, key: &str, value: &str) -> Result<bool, ConnectError> {
         match key {
             "sslmode" => self.mode = Some(value.parse()?),
             "sslrootcert" => self.root_cert = Some(value.to_owned()),
@@ -229,7 +233,7 @@ impl SslOptions {
 }
 
 /// Removes `sslmode` and `sslrootcert` from the query string of a URL.
-fn take_ssl_options_from_url(url: &str) -> Result<(String, SslOptions), ReplicationError> {
+fn take_ssl_options_from_url(url: &str) -> Result<(String, SslOptions), ConnectError> {
     let mut ssl = SslOptions::default();
     let Some((base, query)) = url.split_once('?') else {
         return Ok((url.to_owned(), ssl));
@@ -251,39 +255,22 @@ fn take_ssl_options_from_url(url: &str) -> Result<(String, SslOptions), Replicat
     Ok((rest, ssl))
 }
 
-fn percent_decode(s: &str) -> Result<String, ReplicationError> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    ReplicationError::Config("invalid percent-encoding in URL".into())
-                })?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out)
-        .map_err(|_| ReplicationError::Config("URL option is not UTF-8 after decoding".into()))
+fn percent_decode(s: &str) -> Result<String, ConnectError> {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|v| v.into_owned())
+        .map_err(|_| ConnectError::Config("URL option is not UTF-8 after decoding".into()))
 }
 
 /// Splits a libpq `key=value` string (values bare or single-quoted, with
 /// backslash escapes), removes our options, and writes the rest back
 /// quoted, so that `tokio_postgres` only ever sees well-formed text.
-fn take_ssl_options_from_key_values(s: &str) -> Result<(String, SslOptions), ReplicationError> {
+fn take_ssl_options_from_key_values(s: &str) -> Result<(String, SslOptions), ConnectError> {
     let mut ssl = SslOptions::default();
     let mut rest = String::new();
     let mut chars = s.char_indices().peekable();
     let bad = |at: usize, what: &str| {
-        ReplicationError::Config(format!("invalid connection string at byte {at}: {what}"))
+        ConnectError::Config(format!("invalid connection string at byte {at}: {what}"))
     };
     loop {
         while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
@@ -355,6 +342,8 @@ mod tests {
         assert_eq!(p.ssl_root_cert, Some(PathBuf::from("/etc/ca.pem")));
         assert_eq!(p.application_name, "r1");
         assert_eq!(p.connect_timeout, Duration::from_secs(5));
+        let p = p.or_connect_timeout(Duration::from_secs(1));
+        assert_eq!(p.connect_timeout, Duration::from_secs(5), "the URL's wins");
     }
 
     #[test]
@@ -368,8 +357,14 @@ mod tests {
         assert_eq!(p.password.as_deref(), Some("it's a \\ pw"));
         assert_eq!(p.dbname, "relay");
         assert_eq!(p.ssl_mode, SslMode::Require);
-        assert_eq!(p.application_name, DEFAULT_APPLICATION_NAME);
+        assert_eq!(p.application_name, "");
+        assert_eq!(
+            p.clone().or_application_name("relay").application_name,
+            "relay"
+        );
         assert_eq!(p.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        let p = p.or_connect_timeout(Duration::from_secs(1));
+        assert_eq!(p.connect_timeout, Duration::from_secs(1));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! TLS for the replication connection (rustls with the ring provider).
+//! TLS for every Postgres connection (rustls with the ring provider).
 //!
 //! Certificate checks follow libpq's `sslmode`:
 //!
@@ -26,8 +26,8 @@ use rustls::{
 };
 use tokio_rustls::TlsConnector;
 
-use super::error::ReplicationError;
-use super::params::{ConnectParams, SslMode};
+use crate::error::ConnectError;
+use crate::params::{ConnectParams, SslMode};
 
 /// How much of the server certificate is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,13 +37,15 @@ enum Check {
     ChainAndName,
 }
 
-/// Builds the connector and the name to present (SNI) and verify.
-pub(crate) fn connector(
+/// Builds the connector and the name to present (SNI) and verify, for a
+/// connection that speaks the protocol itself (the relay's replication
+/// connection).
+pub fn connector(
     params: &ConnectParams,
-) -> Result<(TlsConnector, ServerName<'static>), ReplicationError> {
+) -> Result<(TlsConnector, ServerName<'static>), ConnectError> {
     let config = client_config(params)?;
     let name = ServerName::try_from(params.host.clone()).map_err(|_| {
-        ReplicationError::Config(format!(
+        ConnectError::Config(format!(
             "host {:?} is not a valid TLS server name",
             params.host
         ))
@@ -51,9 +53,8 @@ pub(crate) fn connector(
     Ok((TlsConnector::from(Arc::new(config)), name))
 }
 
-/// The rustls client configuration for `params`' sslmode (also used for the
-/// relay's ordinary SQL connections).
-pub fn client_config(params: &ConnectParams) -> Result<ClientConfig, ReplicationError> {
+/// The rustls client configuration for `params`' sslmode.
+pub fn client_config(params: &ConnectParams) -> Result<ClientConfig, ConnectError> {
     let check = match (params.ssl_mode, &params.ssl_root_cert) {
         (SslMode::VerifyFull, _) => Check::ChainAndName,
         (SslMode::VerifyCa, _) | (SslMode::Require, Some(_)) => Check::Chain,
@@ -62,7 +63,7 @@ pub fn client_config(params: &ConnectParams) -> Result<ClientConfig, Replication
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ReplicationError::Config(format!("TLS setup: {e}")))?;
+        .map_err(|e| ConnectError::Config(format!("TLS setup: {e}")))?;
     let config = match check {
         Check::Nothing => builder
             .dangerous()
@@ -71,7 +72,7 @@ pub fn client_config(params: &ConnectParams) -> Result<ClientConfig, Replication
             let roots = Arc::new(root_store(params)?);
             let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
                 .build()
-                .map_err(|e| ReplicationError::Config(format!("TLS setup: {e}")))?;
+                .map_err(|e| ConnectError::Config(format!("TLS setup: {e}")))?;
             if check == Check::Chain {
                 builder
                     .dangerous()
@@ -85,13 +86,13 @@ pub fn client_config(params: &ConnectParams) -> Result<ClientConfig, Replication
     Ok(config)
 }
 
-fn root_store(params: &ConnectParams) -> Result<RootCertStore, ReplicationError> {
+fn root_store(params: &ConnectParams) -> Result<RootCertStore, ConnectError> {
     let mut roots = RootCertStore::empty();
     let Some(path) = &params.ssl_root_cert else {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         return Ok(roots);
     };
-    let fail = |reason: String| ReplicationError::RootCert {
+    let fail = |reason: String| ConnectError::RootCert {
         path: path.display().to_string(),
         reason,
     };

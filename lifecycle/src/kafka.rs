@@ -1,0 +1,199 @@
+//! What every Kafka client of the project does the same way: its
+//! configuration ([`client_config`]: the role's settings, then the
+//! operator's `--kafka-property`/`--kafka-properties-file` last), refused
+//! credentials or permissions ([`AccessDenied`], definite: the service stops
+//! with it), and librdkafka's log lines forwarded to `tracing`.
+
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::ClientConfig;
+
+/// A client configuration: `bootstrap.servers`, then `settings` (what the
+/// client's role needs: producer, consumer or admin), then the operator's
+/// pass-through `properties`, last, so that an operator can override any of
+/// the above (security settings, timeouts, a `client.id`).
+pub fn client_config<'a>(
+    bootstrap_servers: &str,
+    settings: impl IntoIterator<Item = (&'a str, String)>,
+    properties: &[(String, String)],
+) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", bootstrap_servers);
+    for (k, v) in settings {
+        cfg.set(k, v);
+    }
+    for (k, v) in properties {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+/// Kafka refused the client's credentials (authentication) or an operation
+/// (authorization: no ACL allows it). Definite: retrying with the same
+/// settings cannot succeed, so the relay and the notifier stop on it, with
+/// this as the message. librdkafka's own text names neither password nor
+/// anything else secret.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("Kafka {kind} failed: {detail} ({code}); {hint}", kind = self.kind(), hint = self.hint())]
+pub struct AccessDenied {
+    pub code: RDKafkaErrorCode,
+    /// What was refused (librdkafka's reason, or the operation).
+    pub detail: String,
+}
+
+impl AccessDenied {
+    /// `Some` when `code` is an authentication or authorization failure.
+    pub fn new(code: RDKafkaErrorCode, detail: impl Into<String>) -> Option<AccessDenied> {
+        use RDKafkaErrorCode::*;
+        matches!(
+            code,
+            Authentication
+                | SaslAuthenticationFailed
+                | UnsupportedSASLMechanism
+                | IllegalSASLState
+                | TopicAuthorizationFailed
+                | GroupAuthorizationFailed
+                | ClusterAuthorizationFailed
+                | TransactionalIdAuthorizationFailed
+                | DelegationTokenAuthorizationFailed
+        )
+        .then(|| AccessDenied {
+            code,
+            detail: detail.into(),
+        })
+    }
+
+    /// [`AccessDenied::new`] for the code of `error`; also a TLS handshake
+    /// that failed because the broker's certificate is not trusted (`detail`
+    /// is librdkafka's reason then): the configured CA does not sign it,
+    /// which no retry changes (other TLS failures, such as a reset
+    /// handshake, stay transient).
+    pub fn from_error(error: &KafkaError, detail: impl Into<String>) -> Option<AccessDenied> {
+        let code = error.rdkafka_error_code()?;
+        let detail = detail.into();
+        if code == RDKafkaErrorCode::SSL && untrusted_certificate(&detail) {
+            return Some(AccessDenied { code, detail });
+        }
+        AccessDenied::new(code, detail)
+    }
+
+    /// A refusal librdkafka only logs: a broker certificate it could not
+    /// verify is a log line of facility `FAIL` (at error level), with no
+    /// error event; the client just has no broker to talk to.
+    pub fn from_log(level: RDKafkaLogLevel, facility: &str, message: &str) -> Option<AccessDenied> {
+        let error = matches!(
+            level,
+            RDKafkaLogLevel::Emerg
+                | RDKafkaLogLevel::Alert
+                | RDKafkaLogLevel::Critical
+                | RDKafkaLogLevel::Error
+        );
+        (error && facility == "FAIL" && untrusted_certificate(message)).then(|| AccessDenied {
+            code: RDKafkaErrorCode::SSL,
+            detail: message.to_owned(),
+        })
+    }
+
+    pub fn is_authentication(&self) -> bool {
+        use RDKafkaErrorCode::*;
+        matches!(
+            self.code,
+            Authentication
+                | SaslAuthenticationFailed
+                | UnsupportedSASLMechanism
+                | IllegalSASLState
+                | SSL
+        )
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.is_authentication() {
+            "authentication"
+        } else {
+            "authorization"
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        if self.code == RDKafkaErrorCode::SSL {
+            "the broker's TLS certificate is not signed by a CA the client trusts: check ssl.ca.location"
+        } else if self.is_authentication() {
+            "check security.protocol, sasl.mechanism, sasl.username and sasl.password (--kafka-property)"
+        } else {
+            "the Kafka user lacks the ACL for it; an operator has to grant it"
+        }
+    }
+}
+
+/// Whether librdkafka's reason for a TLS failure is a certificate it could
+/// not verify (OpenSSL's "certificate verify failed").
+fn untrusted_certificate(reason: &str) -> bool {
+    reason.contains("certificate verify failed")
+}
+
+/// librdkafka's log lines, as rdkafka's default `ClientContext::log` writes
+/// them (target `librdkafka`), for contexts that also look at them.
+pub fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        RDKafkaLogLevel::Warning => {
+            tracing::warn!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+        RDKafkaLogLevel::Debug => {
+            tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_properties_come_last() {
+        let cfg = client_config(
+            "b:9092",
+            [
+                ("acks", "all".to_owned()),
+                ("client.id", "relay".to_owned()),
+            ],
+            &[("client.id".to_owned(), "mine".to_owned())],
+        );
+        assert_eq!(cfg.get("bootstrap.servers"), Some("b:9092"));
+        assert_eq!(cfg.get("acks"), Some("all"));
+        assert_eq!(cfg.get("client.id"), Some("mine"));
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_other_errors() {
+        let denied = AccessDenied::new(RDKafkaErrorCode::SaslAuthenticationFailed, "bad password")
+            .expect("authentication failure");
+        assert!(denied.is_authentication());
+        assert!(denied.to_string().contains("sasl.password"), "{denied}");
+        let acl = AccessDenied::new(RDKafkaErrorCode::TopicAuthorizationFailed, "topic t")
+            .expect("authorization failure");
+        assert!(!acl.is_authentication());
+        assert!(acl.to_string().contains("ACL"), "{acl}");
+        assert!(AccessDenied::new(RDKafkaErrorCode::BrokerTransportFailure, "down").is_none());
+    }
+
+    #[test]
+    fn only_a_failed_certificate_check_in_a_fail_log_line_is_a_refusal() {
+        let line = "ssl://127.0.0.1:19094/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed";
+        let denied = AccessDenied::from_log(RDKafkaLogLevel::Error, "FAIL", line)
+            .expect("untrusted certificate");
+        assert!(denied.to_string().contains("ssl.ca.location"), "{denied}");
+        assert!(AccessDenied::from_log(RDKafkaLogLevel::Warning, "FAIL", line).is_none());
+        assert!(
+            AccessDenied::from_log(RDKafkaLogLevel::Error, "FAIL", "Connection refused").is_none()
+        );
+    }
+}

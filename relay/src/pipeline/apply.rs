@@ -1,0 +1,406 @@
+//! The stream loop of a session and what it does with each message: WAL to
+//! records into the sink, delivery reports to the checkpoint, the
+//! confirmable position back to Postgres, and the status published on
+//! `/status`.
+
+use super::*;
+
+impl Session<'_> {
+    pub(super) async fn stream_loop(
+        &mut self,
+        stream: &mut ReplicationStream,
+        sink: &mut KafkaSink,
+        st: &mut StreamState,
+    ) -> Result<(), RelayError> {
+        let mut ticker = tokio::time::interval(self.cfg.status_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Armed (st.confirm_armed) when the confirmable position moved.
+        let confirm_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(confirm_timer);
+        // With --kafka-transactions: commits a Kafka transaction that reached
+        // its age while no Postgres transaction is half-received.
+        let batch_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(batch_timer);
+        let mut batch_armed = false;
+        loop {
+            match &st.kbatch {
+                Some(b) if !batch_armed => {
+                    batch_armed = true;
+                    batch_timer.as_mut().reset(
+                        tokio::time::Instant::from_std(b.started)
+                            + self.cfg.transaction_max_duration,
+                    );
+                }
+                None => batch_armed = false,
+                Some(_) => {}
+            }
+            if !st.confirm_armed && st.cp.confirmed() > st.last_sent {
+                st.confirm_armed = true;
+                confirm_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + CONFIRM_DELAY);
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(()),
+                report = sink.next_report() => {
+                    let Some(report) = report else {
+                        return Err(RelayError::ProducerFatal("delivery reports ended".into()));
+                    };
+                    apply_report(self.shared, &mut st.cp, report, !self.transactional())?;
+                    self.send_held(sink, st)?;
+                }
+                _ = &mut confirm_timer, if st.confirm_armed => {
+                    self.confirm_if_moved(stream, st, false).await?;
+                }
+                _ = &mut batch_timer, if batch_armed && st.open.is_none() => {
+                    self.commit_batch(sink, st).await?;
+                }
+                _ = ticker.tick() => {
+                    if let Some(lease) = self.lease() {
+                        if st.last_contact.elapsed() > lease {
+                            // Possibly cut off from Postgres while Kafka still
+                            // listens: stop writing before another relay can
+                            // take the slot (see --lease).
+                            sink.purge();
+                            return Err(RelayError::LeaseExpired(lease));
+                        }
+                    }
+                    self.confirm_if_moved(stream, st, true).await?;
+                    self.publish_status(sink, st);
+                }
+                msg = stream.recv(), if st.held.is_empty() => {
+                    st.last_contact = Instant::now();
+                    match msg? {
+                        ReplicationMessage::XLogData { wal_end, data, .. } => {
+                            st.received = st.received.max(wal_end);
+                            self.handle_wal(&data, sink, st).await?;
+                            if st.cp.is_idle() {
+                                st.cp.idle_position(wal_end);
+                            }
+                        }
+                        ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
+                            st.received = st.received.max(wal_end);
+                            st.cp.idle_position(wal_end);
+                            if reply_requested {
+                                self.confirm_if_moved(stream, st, true).await?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) async fn handle_wal(
+        &mut self,
+        data: &[u8],
+        sink: &mut KafkaSink,
+        st: &mut StreamState,
+    ) -> Result<(), RelayError> {
+        match pgoutput::decode(data)? {
+            LogicalMessage::Begin(b) => {
+                if st.open.is_some() {
+                    return Err(RelayError::Protocol(
+                        "Begin inside an open transaction".into(),
+                    ));
+                }
+                let id = st.cp.begin(b.commit_ts.unix_micros());
+                st.open = Some(OpenTxn {
+                    id,
+                    info: TxnInfo {
+                        commit_lsn: b.final_lsn,
+                        xid: b.xid,
+                        commit_ts: b.commit_ts,
+                    },
+                    next_seq: 0,
+                    held: 0,
+                    produced: 0,
+                });
+            }
+            LogicalMessage::Commit(c) => {
+                let txn = st
+                    .open
+                    .take()
+                    .ok_or_else(|| RelayError::Protocol("Commit without Begin".into()))?;
+                if txn.next_seq > 0 {
+                    self.shared.metrics.transactions.inc();
+                }
+                st.cp.commit(txn.id, c.end_lsn);
+                if let Some(b) = &st.kbatch {
+                    if b.records >= self.cfg.transaction_max_records
+                        || b.started.elapsed() >= self.cfg.transaction_max_duration
+                    {
+                        self.commit_batch(sink, st).await?;
+                    }
+                }
+            }
+            LogicalMessage::Relation(rel) => {
+                if self.event_cfg.is_outbox(&rel) {
+                    event::check_relation(self.event_cfg, &rel)?;
+                }
+                st.relations.apply(rel);
+            }
+            LogicalMessage::Insert(ins) => {
+                let rel = st.relations.get(ins.relation_oid).ok_or_else(|| {
+                    RelayError::Protocol(format!(
+                        "Insert for relation {} before its Relation message",
+                        ins.relation_oid
+                    ))
+                })?;
+                if !self.event_cfg.is_outbox(rel) {
+                    return Ok(());
+                }
+                let txn = st
+                    .open
+                    .as_mut()
+                    .ok_or_else(|| RelayError::Protocol("Insert outside a transaction".into()))?;
+                let seq = txn.next_seq;
+                let mut record =
+                    event::build_record(self.event_cfg, rel, &ins.new, &txn.info, seq)?;
+                txn.next_seq += 1;
+                let id = txn.id;
+                let position = (txn.info.commit_lsn, seq);
+                if !st.topics.contains_key(&record.topic) {
+                    // A topic routed by column, seen for the first time.
+                    crate::topics::ensure_topics(
+                        self.kafka_cfg,
+                        std::slice::from_ref(&record.topic),
+                    )
+                    .await?;
+                    let state = dedupe::load(self.kafka_cfg, &record.topic, self.exactly_once())
+                        .await
+                        .map_err(dedupe_error)?;
+                    st.topics.insert(record.topic.clone(), state);
+                }
+                let topic = &st.topics[&record.topic];
+                // The relay picks the partition (murmur2 of the key, as Kafka's
+                // Java clients do), so a replayed record lands where it did before.
+                let key = record
+                    .key
+                    .as_deref()
+                    .or_else(|| {
+                        record
+                            .headers
+                            .iter()
+                            .find(|(k, _)| *k == outbox_record::header::EVENT_ID)
+                            .map(|(_, v)| v.as_str())
+                    })
+                    .unwrap_or("");
+                let partition = dedupe::partition_for(key.as_bytes(), topic.partitions);
+                record.partition = Some(partition);
+                let held = self.exactly_once() && topic.holds(partition, position);
+                if let Some(open) = st.open.as_mut() {
+                    if held {
+                        open.held += 1;
+                    } else {
+                        open.produced += 1;
+                    }
+                    // A Kafka transaction holds whole Postgres transactions and
+                    // commits atomically: the partitions' ends cannot show part
+                    // of one. If they seem to, they were read before every
+                    // partition had its transaction marker (acting on it would
+                    // duplicate), or a reader erred (it could lose the rest).
+                    if self.transactional()
+                        && open.held > 0
+                        && open.produced > 0
+                        && self.accept_partial != Some(open.info.commit_lsn)
+                    {
+                        return Err(RelayError::PartialTransaction {
+                            commit_lsn: open.info.commit_lsn,
+                        });
+                    }
+                }
+                if held {
+                    self.shared.metrics.duplicates_skipped.inc();
+                    return Ok(());
+                }
+                if self.transactional() {
+                    if st.kbatch.is_none() {
+                        sink.begin_transaction().map_err(txn_error)?;
+                        st.kbatch = Some(KafkaBatch {
+                            started: Instant::now(),
+                            records: 0,
+                            txns: Vec::new(),
+                            first: position,
+                            last: position,
+                        });
+                    }
+                    if let Some(b) = st.kbatch.as_mut() {
+                        b.add(id, position);
+                    }
+                }
+                st.cp.record_sent(id);
+                st.held.push_back((record, id));
+                self.send_held(sink, st)?;
+            }
+            // Not produced: other changes, origins, types, and logical
+            // messages other than heartbeats (counted; see `heartbeat`).
+            LogicalMessage::Update(_)
+            | LogicalMessage::Delete(_)
+            | LogicalMessage::Truncate(_)
+            | LogicalMessage::Origin(_)
+            | LogicalMessage::Type(_) => {}
+            LogicalMessage::Message(m) => {
+                if heartbeat::is_own(&m, &self.cfg.slot) {
+                    self.shared.metrics.heartbeats.inc();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands held records to the sink in order until it pushes back.
+    pub(super) fn send_held(
+        &self,
+        sink: &mut KafkaSink,
+        st: &mut StreamState,
+    ) -> Result<(), RelayError> {
+        while let Some((record, txn)) = st.held.pop_front() {
+            match sink.try_send(record, txn) {
+                Ok(()) => {}
+                Err(SendError::Full(record)) => {
+                    st.held.push_front((record, txn));
+                    break;
+                }
+                Err(SendError::Refused(e)) => return Err(classify_delivery(e)),
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn confirm_if_moved(
+        &self,
+        stream: &mut ReplicationStream,
+        st: &mut StreamState,
+        force: bool,
+    ) -> Result<(), RelayError> {
+        st.confirm_armed = false;
+        let confirmed = st.cp.confirmed();
+        if force || confirmed > st.last_sent {
+            stream
+                .send_status(confirmed, confirmed, confirmed, false)
+                .await?;
+            st.last_sent = confirmed;
+            self.shared.update(|s| s.confirmed_lsn = confirmed);
+        }
+        Ok(())
+    }
+
+    pub(super) fn publish_status(&self, sink: &KafkaSink, st: &StreamState) {
+        let lag_seconds = st
+            .cp
+            .oldest_pending_commit_micros()
+            .map(|t| (chrono::Utc::now().timestamp_micros() - t).max(0) as f64 / 1e6)
+            .unwrap_or(0.0);
+        self.shared.metrics.lag_seconds.set(lag_seconds);
+        self.shared.update(|s| {
+            s.received_lsn = st.received;
+            s.confirmed_lsn = st.cp.confirmed();
+            s.lag_seconds = lag_seconds;
+            s.pending_transactions = st.cp.pending_transactions();
+            s.in_flight_records = sink.in_flight();
+        });
+    }
+}
+
+pub(super) struct StreamState {
+    pub(super) cp: Checkpoint,
+    pub(super) relations: RelationCache,
+    pub(super) open: Option<OpenTxn>,
+    /// Records not yet accepted by the sink, in stream order.
+    pub(super) held: VecDeque<(OutboxRecord, TxnId)>,
+    /// Partition count and (exactly-once) last position per partition, of
+    /// every topic this session produces to.
+    pub(super) topics: HashMap<String, dedupe::TopicState>,
+    /// Newest position sent to Postgres in a standby status update.
+    pub(super) last_sent: Lsn,
+    /// A status update is due within CONFIRM_DELAY.
+    pub(super) confirm_armed: bool,
+    /// When the server last sent anything (for the lease).
+    pub(super) last_contact: Instant,
+    /// With --kafka-transactions: the open Kafka transaction.
+    pub(super) kbatch: Option<KafkaBatch>,
+    pub(super) received: Lsn,
+}
+
+/// Applies a delivery report. `ack`: a delivered record counts toward
+/// confirmation (false with Kafka transactions, where only the commit does).
+pub(super) fn apply_report(
+    shared: &Shared,
+    cp: &mut Checkpoint,
+    report: DeliveryReport,
+    ack: bool,
+) -> Result<(), RelayError> {
+    match report {
+        DeliveryReport::Delivered { txn, topic, .. } => {
+            shared
+                .metrics
+                .events
+                .get_or_create(&TopicLabel {
+                    topic: topic.to_string(),
+                })
+                .inc();
+            if let Some(commit) = cp.commit_micros(txn) {
+                let age = chrono::Utc::now().timestamp_micros() - commit;
+                shared
+                    .metrics
+                    .commit_to_ack_seconds
+                    .observe(age.max(0) as f64 / 1e6);
+            }
+            if ack {
+                cp.acked(txn);
+            }
+            Ok(())
+        }
+        DeliveryReport::Failed { error, .. } => {
+            shared.metrics.produce_errors.inc();
+            Err(classify_delivery(error))
+        }
+        DeliveryReport::Fatal { reason } => {
+            shared.metrics.produce_errors.inc();
+            Err(RelayError::ProducerFatal(reason))
+        }
+        DeliveryReport::Denied(denied) => {
+            shared.metrics.produce_errors.inc();
+            Err(RelayError::KafkaAccess(denied))
+        }
+    }
+}
+
+/// Reading a topic's end (exactly-once) without the right to: definite.
+pub(super) fn dedupe_error(e: dedupe::DedupeError) -> RelayError {
+    match &e {
+        dedupe::DedupeError::Kafka { topic, source } => {
+            let detail = format!(
+                "reading the ends of topic {topic} for the exactly-once restart \
+                 (READ on the topic, DESCRIBE on group outbox-relay-dedupe)"
+            );
+            match AccessDenied::from_error(source, detail) {
+                Some(denied) => RelayError::KafkaAccess(denied),
+                None => RelayError::Dedupe(e),
+            }
+        }
+        _ => RelayError::Dedupe(e),
+    }
+}
+
+/// Errors a replay cannot fix stop the relay; the rest are retried.
+pub(super) fn classify_delivery(error: KafkaError) -> RelayError {
+    if let Some(denied) = AccessDenied::from_error(&error, "producing a record") {
+        return RelayError::KafkaAccess(denied);
+    }
+    let permanent = matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    );
+    if permanent {
+        RelayError::DeliveryPermanent(error)
+    } else {
+        RelayError::Delivery(error)
+    }
+}

@@ -1,0 +1,222 @@
+//! Pipeline: the relay's event loop, from the replication stream to Kafka
+//! and back to the slot's confirmed position. This file holds the entry
+//! points and the error type; the jobs are in their own files, in the order
+//! a row meets them: `supervisor` (reconnect with backoff), `session` (take
+//! the slot, ready Kafka), `apply` (the stream loop: WAL → records → acks →
+//! confirmation), and beside them `lag` (the lag sampler).
+//!
+//! ```text
+//!            ┌──────────────── supervisor: reconnect with backoff + jitter ───────────────┐
+//!            │                                                                             │
+//!  Postgres ─┴▶ ReplicationStream ─▶ pgoutput::decode ─▶ event::build_record ─▶ KafkaSink ─┐
+//!       ▲                                   │ Begin/Commit                                 │ acks
+//!       │                                   ▼                                              ▼
+//!       └──────────── send_status(confirmed) ◀──────────── Checkpoint ◀────────────────────┘
+//! ```
+//!
+//! One session is one replication connection. Once it holds the slot it
+//! readies Kafka (`Session::prepare_kafka`), answering the walsender with
+//! status updates meanwhile. Its loop is a
+//! `tokio::select!` with this priority (`biased`):
+//! 1. shutdown — stop reading, wait (bounded) for Kafka's acks, confirm, exit;
+//! 2. delivery reports — they move the confirmable position;
+//! 3. the confirmation timer — once the confirmable position moved, a standby
+//!    status update goes out within [`CONFIRM_DELAY`] (coalescing the acks
+//!    of a burst into one update instead of one per transaction);
+//! 4. with `--kafka-transactions`, the batch timer — commit the open Kafka
+//!    transaction once it is `--transaction-max-duration` old and no
+//!    Postgres transaction is half-received (records then count toward
+//!    confirmation only at that commit, not at their acks);
+//! 5. the status timer — a standby status update every `--status-interval`,
+//!    so the server never times the relay out, even when idle (and the
+//!    `--lease` check);
+//! 6. new WAL — read only while the sink accepts records (backpressure: a
+//!    record refused with `Full` is held and retried after the next ack).
+//!
+//! Records are produced as their Insert messages arrive (their headers come
+//! from the Begin message), so memory stays flat whatever a transaction's
+//! size. Session errors are transient (reconnect, replay from the confirmed
+//! position: duplicates possible, loss impossible) or definite (stop with a
+//! message and a non-zero exit). Kafka refusing the relay's credentials or
+//! an operation (no ACL for the topic, the exactly-once reader's group or
+//! the transactional id) is definite: [`RelayError::KafkaAccess`], or
+//! `SinkError::Denied` when found while looking up or creating topics.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::{Checkpoint, TxnId};
+use crate::config::{Config, Delivery};
+use crate::dedupe;
+use crate::event::{self, EventConfig, OutboxRecord, TxnInfo};
+use crate::heartbeat;
+use crate::http::{RelayState, Shared};
+use crate::lsn::Lsn;
+use crate::metrics::TopicLabel;
+use crate::pgoutput::{self, LogicalMessage, RelationCache};
+use crate::replication::{
+    self, ConnectParams, ReplicationConnection, ReplicationError, ReplicationMessage,
+    ReplicationStream,
+};
+use crate::sink::{self, AccessDenied, DeliveryReport, KafkaConfig, KafkaSink, SendError, Sink};
+
+mod apply;
+mod lag;
+mod session;
+mod supervisor;
+
+use apply::*;
+use lag::*;
+use session::*;
+use supervisor::*;
+
+/// How long a moved confirmable position may wait before it is sent to
+/// Postgres: short enough that the slot follows Kafka's acks closely, long
+/// enough that a burst of acks costs one status update, not thousands.
+pub const CONFIRM_DELAY: Duration = Duration::from_millis(10);
+
+/// How many sessions in a row find the same Postgres transaction only partly
+/// in Kafka (with Kafka transactions) before the relay takes that view as it
+/// is.
+const PARTIAL_TRANSACTION_READS: u32 = 3;
+
+/// How often a session answers the walsender while it readies Kafka (at
+/// most; `--status-interval` when shorter).
+const SETUP_STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the relay stopped or a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("replication")]
+    Replication(#[from] replication::ReplicationError),
+    #[error("could not decode a pgoutput message")]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error("could not turn an outbox row into a record")]
+    Event(#[from] event::EventError),
+    #[error("kafka")]
+    Sink(#[from] sink::SinkError),
+    #[error("exactly-once")]
+    Dedupe(#[from] dedupe::DedupeError),
+    #[error("kafka refused a record permanently ({0}); fix the cause (e.g. message.max.bytes) and restart")]
+    DeliveryPermanent(#[source] KafkaError),
+    #[error("kafka did not deliver a record ({0}); replaying from the confirmed position")]
+    Delivery(#[source] KafkaError),
+    #[error("kafka producer failed fatally: {0}; recreating it and replaying from the confirmed position")]
+    ProducerFatal(String),
+    /// Kafka refused the relay's credentials or an operation (no ACL).
+    #[error(transparent)]
+    KafkaAccess(AccessDenied),
+    #[error("unexpected replication stream: {0}")]
+    Protocol(String),
+    #[error("kafka transaction failed; replaying from the confirmed position")]
+    KafkaTransaction(#[source] KafkaError),
+    /// Exactly-once with Kafka transactions: the partitions' last committed
+    /// records hold part of one Postgres transaction.
+    #[error(
+        "the topic's partitions hold only part of the Postgres transaction committed at {commit_lsn}, \
+         which Kafka transactions make impossible: their ends were read before every transaction marker \
+         was written (or the topic was written without transactions, or its partition count changed); \
+         reading them again"
+    )]
+    PartialTransaction { commit_lsn: Lsn },
+    #[error("no message from Postgres for {0:?} (--lease): stopped producing and dropped the queue, so that a relay taking over the slot cannot be overtaken by this one")]
+    LeaseExpired(Duration),
+    #[error("cannot listen for HTTP on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RelayError {
+    /// Transient errors end a session and are retried with backoff; the
+    /// others stop the relay.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RelayError::Replication(e) => e.is_transient(),
+            RelayError::Sink(e) => e.is_transient(),
+            RelayError::Dedupe(e) => e.is_transient(),
+            RelayError::Delivery(_)
+            | RelayError::ProducerFatal(_)
+            | RelayError::LeaseExpired(_)
+            | RelayError::KafkaTransaction(_)
+            | RelayError::PartialTransaction { .. } => true,
+            RelayError::Decode(_)
+            | RelayError::Event(_)
+            | RelayError::DeliveryPermanent(_)
+            | RelayError::KafkaAccess(_)
+            | RelayError::Protocol(_)
+            | RelayError::Listen { .. } => false,
+        }
+    }
+}
+
+pub use lifecycle::error_chain;
+
+/// Runs the relay until `shutdown` is cancelled (Ok) or a definite error.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), RelayError> {
+    let shared = Shared::new(&cfg.slot, &cfg.publication);
+    run_with(cfg, shutdown, shared).await
+}
+
+/// [`run`] with caller-provided shared state (tests read `/status` from it).
+pub async fn run_with(
+    cfg: Config,
+    shutdown: CancellationToken,
+    shared: Arc<Shared>,
+) -> Result<(), RelayError> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| RelayError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    shared.set_http_addr(listener.local_addr().ok());
+    let http_stop = shutdown.child_token();
+    let http = lifecycle::http::spawn(
+        listener,
+        crate::http::router(shared.clone()),
+        http_stop.clone(),
+    );
+    let sampler = tokio::spawn(sample_lag(
+        cfg.clone(),
+        shared.clone(),
+        shutdown.child_token(),
+    ));
+    if !cfg.lease.is_zero()
+        && (cfg.heartbeat_interval.is_zero() || cfg.heartbeat_interval >= cfg.lease)
+    {
+        tracing::warn!(lease = ?cfg.lease, heartbeat_interval = ?cfg.heartbeat_interval,
+            "--lease is off: it needs heartbeats more frequent than the lease");
+    }
+    let heartbeat = match replication::connect_params(&cfg.database_url) {
+        Ok(params) if !cfg.heartbeat_interval.is_zero() => Some(tokio::spawn(heartbeat::run(
+            params,
+            cfg.slot.clone(),
+            cfg.heartbeat_interval,
+            shutdown.child_token(),
+        ))),
+        // A bad URL is reported by the session below.
+        _ => None,
+    };
+
+    let result = supervise(&cfg, &shared, &shutdown).await;
+    if let Err(e) = &result {
+        shared.update(|s| {
+            s.state = RelayState::Failed;
+            s.last_error = Some(error_chain(e));
+        });
+    }
+    http_stop.cancel();
+    sampler.abort();
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
+    let _ = http.await;
+    result
+}
