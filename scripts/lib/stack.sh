@@ -338,8 +338,17 @@ kafka_start() {
     local dir=$RUN_DIR/kafka
     if [ ! -f "$dir/data/meta.properties" ]; then
         log "formatting Kafka storage in $dir/data (KRaft, standalone controller)"
-        local id  # a cluster id: 16 random bytes, base64url without padding
-        id=$("$SYS_PYTHON" -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("="))')
+        # A cluster id: 16 random bytes, base64url without padding, never
+        # starting with '-' (StorageTool would read it as an option; Kafka's
+        # own generator skips those too).
+        local id
+        id=$("$SYS_PYTHON" -c '
+import base64, os
+while True:
+    id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+    if not id.startswith("-"):
+        print(id)
+        break')
         "${KAFKA_JAVA[@]}" kafka.tools.StorageTool format --standalone -t "$id" -c "$dir/server.properties" \
             >"$dir/format.log" 2>&1 || { cat "$dir/format.log" >&2; die "formatting Kafka storage failed"; }
     fi
