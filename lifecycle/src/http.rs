@@ -1,6 +1,8 @@
 //! Serving HTTP the same way in every service: the server task with a
 //! graceful stop, and `/metrics` in the Prometheus text format.
 
+use std::net::SocketAddr;
+
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -29,18 +31,26 @@ pub fn metrics_response(registry: &Registry) -> Response {
         .into_response()
 }
 
-/// Serves `app` on `listener` in a task until `stop` is cancelled, then
-/// lets requests in flight finish. A server error is logged, not returned:
-/// the service's work goes on without its HTTP endpoints.
-pub fn spawn(listener: TcpListener, app: Router, stop: CancellationToken) -> JoinHandle<()> {
-    tokio::spawn(async move {
+/// Binds `addr` and serves `app` there in a task until `stop` is cancelled,
+/// then lets requests in flight finish. Returns the bound address (the port
+/// chosen for `:0`). Only binding can fail here; a later server error is
+/// logged, not returned: the service's work goes on without its endpoints.
+pub async fn serve(
+    addr: SocketAddr,
+    app: Router,
+    stop: CancellationToken,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())
             .await
         {
             tracing::error!(error = %e, "http server failed");
         }
-    })
+    });
+    Ok((bound, task))
 }
 
 #[cfg(test)]
@@ -64,10 +74,10 @@ mod tests {
                 async move { metrics_response(&registry) }
             }),
         );
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let server = spawn(listener, app, stop.clone());
+        let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), app, stop.clone())
+            .await
+            .unwrap();
         let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -37,7 +37,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use outbox_record::event::{ORDER_CREATED, ORDER_STATUS_CHANGED};
-use outbox_record::Meta;
+use outbox_record::header;
 
 use crate::config::Mode;
 
@@ -318,12 +318,16 @@ pub fn assign_at_end(
 pub fn arrived_of(msg: &BorrowedMessage<'_>) -> Arrived {
     let at = Instant::now();
     let wall_us = wall_micros();
-    let meta = msg
-        .headers()
-        .map(|hs| Meta::read(hs.iter().map(|h| (h.key, h.value))))
-        .unwrap_or_default();
-    let commit_us = meta.commit_ts.map(|t| t.timestamp_micros());
-    let event_id = meta.event_id;
+    // Per record: look up only the two headers needed, nothing allocated.
+    let text = |name| {
+        let hs = msg.headers()?;
+        let value = header::find(hs.iter().map(|h| (h.key, h.value)), name)?;
+        std::str::from_utf8(value).ok()
+    };
+    let commit_us = text(header::COMMIT_TS)
+        .and_then(header::parse_commit_ts)
+        .map(|t| t.timestamp_micros());
+    let event_id = text(header::EVENT_ID).and_then(|t| t.trim().parse().ok());
     let log_append_ms = match msg.timestamp() {
         rdkafka::Timestamp::LogAppendTime(ms) => Some(ms),
         _ => None,

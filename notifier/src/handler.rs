@@ -94,7 +94,7 @@ pub use lifecycle::error_chain;
 
 fn first_header<'m>(msg: &'m OwnedMessage, name: &str) -> Option<&'m [u8]> {
     let headers = msg.headers()?;
-    headers.iter().find(|h| h.key == name).and_then(|h| h.value)
+    header::find(headers.iter().map(|h| (h.key, h.value)), name)
 }
 
 impl Handler {

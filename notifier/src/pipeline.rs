@@ -128,19 +128,18 @@ pub async fn run_with(
     shutdown: CancellationToken,
     shared: Arc<Shared>,
 ) -> Result<(), NotifierError> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| NotifierError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
-    shared.set_http_addr(listener.local_addr().ok());
     let http_stop = shutdown.child_token();
-    let http = lifecycle::http::spawn(
-        listener,
+    let (http_addr, http) = lifecycle::http::serve(
+        cfg.listen,
         crate::http::router(shared.clone()),
         http_stop.clone(),
-    );
+    )
+    .await
+    .map_err(|source| NotifierError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    shared.set_http_addr(Some(http_addr));
 
     let result = consume(&cfg, &shared, &shutdown).await;
     if let Err(e) = &result {

@@ -59,14 +59,18 @@ impl ConnectError {
 /// Whether a TLS handshake error is the server's certificate being rejected
 /// (retrying will not help) rather than a network failure.
 pub fn is_certificate_rejection(err: &io::Error) -> bool {
+    err.get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .is_some_and(rejects_certificate)
+}
+
+/// The rustls errors that mean the server's certificate was refused.
+fn rejects_certificate(err: &rustls::Error) -> bool {
     matches!(
-        err.get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>()),
-        Some(
-            rustls::Error::InvalidCertificate(_)
-                | rustls::Error::NoCertificatesPresented
-                | rustls::Error::UnsupportedNameType
-        )
+        err,
+        rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::UnsupportedNameType
     )
 }
 
@@ -74,17 +78,13 @@ pub fn is_certificate_rejection(err: &io::Error) -> bool {
 fn is_rejected_certificate_in(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cause {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            if is_certificate_rejection(io) {
-                return true;
-            }
-        }
-        if let Some(
-            rustls::Error::InvalidCertificate(_)
-            | rustls::Error::NoCertificatesPresented
-            | rustls::Error::UnsupportedNameType,
-        ) = e.downcast_ref::<rustls::Error>()
-        {
+        let rejected = match e.downcast_ref::<io::Error>() {
+            Some(io) => is_certificate_rejection(io),
+            None => e
+                .downcast_ref::<rustls::Error>()
+                .is_some_and(rejects_certificate),
+        };
+        if rejected {
             return true;
         }
         cause = e.source();

@@ -70,7 +70,7 @@ use devstack::bench::{
 };
 use devstack::testing::{connect, redact, unique_name};
 use hdrhistogram::Histogram;
-use outbox_record::Meta;
+use outbox_record::header;
 use rand::Rng;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -580,7 +580,8 @@ fn record_id(msg: &rdkafka::message::BorrowedMessage<'_>) -> Option<i64> {
         return Some(id);
     }
     let headers = msg.headers()?;
-    Meta::read(headers.iter().map(|h| (h.key, h.value))).event_id
+    let id = header::find(headers.iter().map(|h| (h.key, h.value)), header::EVENT_ID)?;
+    std::str::from_utf8(id).ok()?.trim().parse().ok()
 }
 
 fn print_report(

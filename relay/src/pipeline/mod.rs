@@ -170,19 +170,18 @@ pub async fn run_with(
     shutdown: CancellationToken,
     shared: Arc<Shared>,
 ) -> Result<(), RelayError> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| RelayError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
-    shared.set_http_addr(listener.local_addr().ok());
     let http_stop = shutdown.child_token();
-    let http = lifecycle::http::spawn(
-        listener,
+    let (http_addr, http) = lifecycle::http::serve(
+        cfg.listen,
         crate::http::router(shared.clone()),
         http_stop.clone(),
-    );
+    )
+    .await
+    .map_err(|source| RelayError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    shared.set_http_addr(Some(http_addr));
     let sampler = tokio::spawn(sample_lag(
         cfg.clone(),
         shared.clone(),
