@@ -334,7 +334,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 }
 
 /// Producer settings of the relay's sink in its default (non-transactional,
-/// exactly-once) mode, as `relay/src/sink.rs` `KafkaConfig::producer_config`
+/// exactly-once) mode, as `relay/src/sink/client.rs` `KafkaConfig::producer_config`
 /// sets them: idempotent, `acks=all`, gapless, never timing a record out,
 /// `linger.ms=2`, a queue of up to 1M records / 1 GiB, no compression
 /// (librdkafka's default). Keep the two in step.

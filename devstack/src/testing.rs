@@ -151,6 +151,26 @@ impl TestDb {
     }
 }
 
+/// A binary of this workspace built beside the running test
+/// (`target/<profile>/<name>`), for a crate's tests that run another
+/// crate's binary: Cargo sets `CARGO_BIN_EXE_<name>` only for the crate's
+/// own. `cargo nextest run --workspace` (scripts/test) builds them all.
+pub fn workspace_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    // target/<profile>/deps/<test binary>
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .context("the test binary is not under target/<profile>/deps")?;
+    let bin = dir.join(name);
+    anyhow::ensure!(
+        bin.is_file(),
+        "{} is not built: run cargo build --bin {name} first (scripts/test builds every binary)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
 /// Creates a topic with a unique name and returns the name.
 pub async fn create_topic(partitions: i32) -> anyhow::Result<String> {
     let name = unique_name("topic");

@@ -23,7 +23,7 @@
 //! The mock cluster is an in-memory broker speaking the Kafka protocol over
 //! TCP: the relay run against it shows what the relay itself costs, the
 //! run against the stack's broker what the whole path does. The bare
-//! producer is configured like the relay's sink (`relay/src/sink.rs`:
+//! producer is configured like the relay's sink (`relay/src/sink/client.rs`:
 //! idempotent, `acks=all`, `linger.ms=2`, no compression) and sends the very
 //! records the relay produced (read back from the relay's topic on the
 //! stack broker: same keys, values, headers and partitions; without a

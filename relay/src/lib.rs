@@ -16,6 +16,7 @@ pub mod replication;
 pub mod checkpoint;
 pub mod config;
 pub mod dedupe;
+pub mod error;
 pub mod event;
 pub mod heartbeat;
 pub mod http;

@@ -1,5 +1,5 @@
 //! Bursts, end to end on the test stack: 20,000 `OrderCreated` rows
-//! committed in one Postgres transaction → the relay (in this process) →
+//! committed in one Postgres transaction → the relay binary →
 //! a 12-partition topic on Apache Kafka, in multi-record batches → the
 //! notifier binary (a child process, so it can be killed) → an SMTP server
 //! that records every email it accepts.
@@ -27,52 +27,31 @@ use std::time::{Duration, Instant};
 
 use crate::common::{unique_domain, FakeSmtp};
 use anyhow::Context;
-use clap::Parser;
+use devstack::bench::RelayProcess;
 use devstack::kafka::TopicReader;
-use devstack::testing::{create_topic, kafka_bootstrap, unique_name, wait_for, TestDb};
+use devstack::testing::{
+    create_topic, kafka_bootstrap, unique_name, wait_for, workspace_binary, TestDb,
+};
 use outbox_record::header;
-use tokio_util::sync::CancellationToken;
 
 const EVENTS: i64 = 20_000;
 const PARTITIONS: i32 = 12;
 
-/// The relay, streaming the test database's outbox into `topic`.
-async fn start_relay(db: &TestDb, topic: &str, stop: &CancellationToken) -> anyhow::Result<()> {
+/// The relay binary (built beside this test), streaming the test
+/// database's outbox into `topic`; killed when dropped.
+async fn start_relay(db: &TestDb, topic: &str) -> anyhow::Result<RelayProcess> {
+    let bin = workspace_binary("relay")?;
     let slot = db.slot_name();
-    let cfg = relay::config::Config::try_parse_from([
-        "relay",
-        "--database-url",
+    let mut relay = RelayProcess::spawn(
+        &bin,
         &db.url,
-        "--slot",
         &slot,
-        "--topic",
         topic,
-        "--kafka-bootstrap-servers",
         &kafka_bootstrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--status-interval",
-        "200ms",
-    ])?;
-    let shared = relay::http::Shared::new(&cfg.slot, &cfg.publication);
-    tokio::spawn({
-        let (stop, shared) = (stop.clone(), shared.clone());
-        async move {
-            if let Err(e) = relay::pipeline::run_with(cfg, stop, shared).await {
-                eprintln!("relay failed: {e}");
-            }
-        }
-    });
-    wait_for("the relay to stream", Duration::from_secs(60), || async {
-        let st = shared.snapshot();
-        anyhow::ensure!(
-            st.state != relay::http::RelayState::Failed,
-            "relay failed: {:?}",
-            st.last_error
-        );
-        Ok((st.state == relay::http::RelayState::Streaming).then_some(()))
-    })
-    .await
+        &["--status-interval", "200ms"],
+    )?;
+    relay.wait_connected(Duration::from_secs(60)).await?;
+    Ok(relay)
 }
 
 /// 20,000 order events for 997 customers, committed at once.
@@ -247,9 +226,7 @@ async fn burst(disruptions: &[Disruption]) -> anyhow::Result<Outcome> {
     let group = unique_name("burst");
     let domain = unique_domain();
     let smtp = FakeSmtp::start("250 ok", 0).await?;
-    let stop_relay = CancellationToken::new();
-    let _relay_guard = stop_relay.clone().drop_guard();
-    start_relay(&db, &topic, &stop_relay).await?;
+    let mut relay = start_relay(&db, &topic).await?;
 
     let client = db.connect().await?;
     let stop_sampler = Arc::new(AtomicBool::new(false));
@@ -317,6 +294,8 @@ async fn burst(disruptions: &[Disruption]) -> anyhow::Result<Outcome> {
     notifier.terminate().await?;
     stop_sampler.store(true, Ordering::SeqCst);
     let sampled = sampler.await??;
+    relay.check_running()?;
+    relay.kill().await?;
 
     // The inbox: one row per outbox event, nothing else.
     let missing: i64 = client

@@ -1,15 +1,55 @@
-//! The stream loop of a session and what it does with each message: WAL to
+//! The apply loop of a session and what it does with each message: WAL to
 //! records into the sink, delivery reports to the checkpoint, the
 //! confirmable position back to Postgres, and the status published on
-//! `/status`.
+//! `/status`. Generic over where WAL comes from ([`WalSource`]) and where
+//! records go ([`Sink`], whose contract it relies on), so that
+//! `pipeline::tests` can drive it with hand-made pgoutput messages and an
+//! in-memory sink.
+
+use std::future::Future;
+
+use futures_util::future::BoxFuture;
 
 use super::*;
 
-impl Session<'_> {
-    pub(super) async fn stream_loop(
+/// The apply loop's view of Postgres: replication messages in, standby
+/// status updates out.
+pub trait WalSource {
+    /// The next message; cancel-safe.
+    fn recv(&mut self)
+        -> impl Future<Output = Result<ReplicationMessage, ReplicationError>> + Send;
+    /// Tells the server that everything up to `confirmed` is done with.
+    fn send_status(
         &mut self,
-        stream: &mut ReplicationStream,
-        sink: &mut KafkaSink,
+        confirmed: Lsn,
+    ) -> impl Future<Output = Result<(), ReplicationError>> + Send;
+}
+
+impl WalSource for ReplicationStream {
+    async fn recv(&mut self) -> Result<ReplicationMessage, ReplicationError> {
+        ReplicationStream::recv(self).await
+    }
+
+    async fn send_status(&mut self, confirmed: Lsn) -> Result<(), ReplicationError> {
+        ReplicationStream::send_status(self, confirmed, confirmed, confirmed, false).await
+    }
+}
+
+/// An outbox row made a record, waiting for its topic to be ready.
+pub(super) struct PendingInsert {
+    record: OutboxRecord,
+    txn: TxnId,
+    at: dedupe::Position,
+}
+
+/// A topic being readied, and the record that needs it.
+type Preparing<T> = (BoxFuture<'static, Result<T, RelayError>>, PendingInsert);
+
+impl Session<'_> {
+    pub(super) async fn stream_loop<S: Sink, W: WalSource>(
+        &mut self,
+        stream: &mut W,
+        sink: &mut S,
         st: &mut StreamState,
     ) -> Result<(), RelayError> {
         let mut ticker = tokio::time::interval(self.cfg.status_interval);
@@ -22,6 +62,10 @@ impl Session<'_> {
         let batch_timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(batch_timer);
         let mut batch_armed = false;
+        // A topic seen for the first time is readied here, between the
+        // loop's turns, while status updates keep flowing; no new WAL is
+        // read until it is ready.
+        let mut preparing: Option<Preparing<S::Topic>> = None;
         loop {
             match &st.kbatch {
                 Some(b) if !batch_armed => {
@@ -47,7 +91,7 @@ impl Session<'_> {
                     let Some(report) = report else {
                         return Err(RelayError::ProducerFatal("delivery reports ended".into()));
                     };
-                    apply_report(self.shared, &mut st.cp, report, !self.transactional())?;
+                    apply_report(self.shared, &mut st.cp, report, !sink.transactional())?;
                     self.send_held(sink, st)?;
                 }
                 _ = &mut confirm_timer, if st.confirm_armed => {
@@ -55,6 +99,13 @@ impl Session<'_> {
                 }
                 _ = &mut batch_timer, if batch_armed && st.open.is_none() => {
                     self.commit_batch(sink, st).await?;
+                }
+                prepared = async { (&mut preparing.as_mut().expect("guarded").0).await },
+                    if preparing.is_some() =>
+                {
+                    let (_, pending) = preparing.take().expect("guarded");
+                    sink.add_topic(pending.record.topic.clone(), prepared?);
+                    self.admit(pending, sink, st)?;
                 }
                 _ = ticker.tick() => {
                     if let Some(lease) = self.lease() {
@@ -69,12 +120,16 @@ impl Session<'_> {
                     self.confirm_if_moved(stream, st, true).await?;
                     self.publish_status(sink, st);
                 }
-                msg = stream.recv(), if st.held.is_empty() => {
+                msg = stream.recv(), if st.held.is_empty() && preparing.is_none() => {
                     st.last_contact = Instant::now();
                     match msg? {
                         ReplicationMessage::XLogData { wal_end, data, .. } => {
                             st.received = st.received.max(wal_end);
-                            self.handle_wal(&data, sink, st).await?;
+                            if let Some(pending) = self.handle_wal(&data, sink, st).await? {
+                                // A topic routed by column, seen for the
+                                // first time.
+                                preparing = Some((sink.prepare_topic(&pending.record.topic), pending));
+                            }
                             if st.cp.is_idle() {
                                 st.cp.idle_position(wal_end);
                             }
@@ -92,12 +147,14 @@ impl Session<'_> {
         }
     }
 
-    pub(super) async fn handle_wal(
+    /// Applies one pgoutput message. An Insert whose topic the sink does
+    /// not have yet comes back, to be admitted once the topic is ready.
+    pub(super) async fn handle_wal<S: Sink>(
         &mut self,
         data: &[u8],
-        sink: &mut KafkaSink,
+        sink: &mut S,
         st: &mut StreamState,
-    ) -> Result<(), RelayError> {
+    ) -> Result<Option<PendingInsert>, RelayError> {
         match pgoutput::decode(data)? {
             LogicalMessage::Begin(b) => {
                 if st.open.is_some() {
@@ -114,7 +171,7 @@ impl Session<'_> {
                         commit_ts: b.commit_ts,
                     },
                     next_seq: 0,
-                    held: 0,
+                    skipped: 0,
                     produced: 0,
                 });
             }
@@ -149,90 +206,24 @@ impl Session<'_> {
                     ))
                 })?;
                 if !self.event_cfg.is_outbox(rel) {
-                    return Ok(());
+                    return Ok(None);
                 }
                 let txn = st
                     .open
                     .as_mut()
                     .ok_or_else(|| RelayError::Protocol("Insert outside a transaction".into()))?;
                 let seq = txn.next_seq;
-                let mut record =
-                    event::build_record(self.event_cfg, rel, &ins.new, &txn.info, seq)?;
+                let record = event::build_record(self.event_cfg, rel, &ins.new, &txn.info, seq)?;
                 txn.next_seq += 1;
-                let id = txn.id;
-                let position = (txn.info.commit_lsn, seq);
-                if !st.topics.contains_key(&record.topic) {
-                    // A topic routed by column, seen for the first time.
-                    crate::topics::ensure_topics(
-                        self.kafka_cfg,
-                        std::slice::from_ref(&record.topic),
-                    )
-                    .await?;
-                    let state = dedupe::load(self.kafka_cfg, &record.topic, self.exactly_once())
-                        .await
-                        .map_err(dedupe_error)?;
-                    st.topics.insert(record.topic.clone(), state);
+                let pending = PendingInsert {
+                    record,
+                    txn: txn.id,
+                    at: (txn.info.commit_lsn, seq),
+                };
+                if !sink.has_topic(&pending.record.topic) {
+                    return Ok(Some(pending));
                 }
-                let topic = &st.topics[&record.topic];
-                // The relay picks the partition (murmur2 of the key, as Kafka's
-                // Java clients do), so a replayed record lands where it did before.
-                let key = record
-                    .key
-                    .as_deref()
-                    .or_else(|| {
-                        record
-                            .headers
-                            .iter()
-                            .find(|(k, _)| *k == outbox_record::header::EVENT_ID)
-                            .map(|(_, v)| v.as_str())
-                    })
-                    .unwrap_or("");
-                let partition = dedupe::partition_for(key.as_bytes(), topic.partitions);
-                record.partition = Some(partition);
-                let held = self.exactly_once() && topic.holds(partition, position);
-                if let Some(open) = st.open.as_mut() {
-                    if held {
-                        open.held += 1;
-                    } else {
-                        open.produced += 1;
-                    }
-                    // A Kafka transaction holds whole Postgres transactions and
-                    // commits atomically: the partitions' ends cannot show part
-                    // of one. If they seem to, they were read before every
-                    // partition had its transaction marker (acting on it would
-                    // duplicate), or a reader erred (it could lose the rest).
-                    if self.transactional()
-                        && open.held > 0
-                        && open.produced > 0
-                        && self.accept_partial != Some(open.info.commit_lsn)
-                    {
-                        return Err(RelayError::PartialTransaction {
-                            commit_lsn: open.info.commit_lsn,
-                        });
-                    }
-                }
-                if held {
-                    self.shared.metrics.duplicates_skipped.inc();
-                    return Ok(());
-                }
-                if self.transactional() {
-                    if st.kbatch.is_none() {
-                        sink.begin_transaction().map_err(txn_error)?;
-                        st.kbatch = Some(KafkaBatch {
-                            started: Instant::now(),
-                            records: 0,
-                            txns: Vec::new(),
-                            first: position,
-                            last: position,
-                        });
-                    }
-                    if let Some(b) = st.kbatch.as_mut() {
-                        b.add(id, position);
-                    }
-                }
-                st.cp.record_sent(id);
-                st.held.push_back((record, id));
-                self.send_held(sink, st)?;
+                self.admit(pending, sink, st)?;
             }
             // Not produced: other changes, origins, types, and logical
             // messages other than heartbeats (counted; see `heartbeat`).
@@ -247,13 +238,73 @@ impl Session<'_> {
                 }
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Places a record (its partition, and whether that partition already
+    /// holds it) and queues it for the sink, in a Kafka transaction when
+    /// the sink is transactional.
+    fn admit<S: Sink>(
+        &self,
+        pending: PendingInsert,
+        sink: &mut S,
+        st: &mut StreamState,
+    ) -> Result<(), RelayError> {
+        let PendingInsert {
+            mut record,
+            txn,
+            at,
+        } = pending;
+        let duplicate = sink.place(&mut record, at) == Placement::Duplicate;
+        if let Some(open) = st.open.as_mut() {
+            if duplicate {
+                open.skipped += 1;
+            } else {
+                open.produced += 1;
+            }
+            // A Kafka transaction holds whole Postgres transactions and
+            // commits atomically: the partitions' ends cannot show part of
+            // one. If they seem to, they were read before every partition
+            // had its transaction marker (acting on it would duplicate), or
+            // a reader erred (it could lose the rest).
+            if sink.transactional()
+                && open.skipped > 0
+                && open.produced > 0
+                && self.accept_partial != Some(open.info.commit_lsn)
+            {
+                return Err(RelayError::PartialTransaction {
+                    commit_lsn: open.info.commit_lsn,
+                });
+            }
+        }
+        if duplicate {
+            self.shared.metrics.duplicates_skipped.inc();
+            return Ok(());
+        }
+        if sink.transactional() {
+            if st.kbatch.is_none() {
+                sink.begin_transaction()?;
+                st.kbatch = Some(KafkaBatch {
+                    started: Instant::now(),
+                    records: 0,
+                    txns: Vec::new(),
+                    first: at,
+                    last: at,
+                });
+            }
+            if let Some(b) = st.kbatch.as_mut() {
+                b.add(txn, at);
+            }
+        }
+        st.cp.record_sent(txn);
+        st.held.push_back((record, txn));
+        self.send_held(sink, st)
     }
 
     /// Hands held records to the sink in order until it pushes back.
-    pub(super) fn send_held(
+    pub(super) fn send_held<S: Sink>(
         &self,
-        sink: &mut KafkaSink,
+        sink: &mut S,
         st: &mut StreamState,
     ) -> Result<(), RelayError> {
         while let Some((record, txn)) = st.held.pop_front() {
@@ -263,31 +314,29 @@ impl Session<'_> {
                     st.held.push_front((record, txn));
                     break;
                 }
-                Err(SendError::Refused(e)) => return Err(classify_delivery(e)),
+                Err(SendError::Refused(e)) => return Err(e),
             }
         }
         Ok(())
     }
 
-    pub(super) async fn confirm_if_moved(
+    pub(super) async fn confirm_if_moved<W: WalSource>(
         &self,
-        stream: &mut ReplicationStream,
+        stream: &mut W,
         st: &mut StreamState,
         force: bool,
     ) -> Result<(), RelayError> {
         st.confirm_armed = false;
         let confirmed = st.cp.confirmed();
         if force || confirmed > st.last_sent {
-            stream
-                .send_status(confirmed, confirmed, confirmed, false)
-                .await?;
+            stream.send_status(confirmed).await?;
             st.last_sent = confirmed;
             self.shared.update(|s| s.confirmed_lsn = confirmed);
         }
         Ok(())
     }
 
-    pub(super) fn publish_status(&self, sink: &KafkaSink, st: &StreamState) {
+    pub(super) fn publish_status<S: Sink>(&self, sink: &S, st: &StreamState) {
         let lag_seconds = st
             .cp
             .oldest_pending_commit_micros()
@@ -310,9 +359,6 @@ pub(super) struct StreamState {
     pub(super) open: Option<OpenTxn>,
     /// Records not yet accepted by the sink, in stream order.
     pub(super) held: VecDeque<(OutboxRecord, TxnId)>,
-    /// Partition count and (exactly-once) last position per partition, of
-    /// every topic this session produces to.
-    pub(super) topics: HashMap<String, dedupe::TopicState>,
     /// Newest position sent to Postgres in a standby status update.
     pub(super) last_sent: Lsn,
     /// A status update is due within CONFIRM_DELAY.
@@ -333,7 +379,7 @@ pub(super) fn apply_report(
     ack: bool,
 ) -> Result<(), RelayError> {
     match report {
-        DeliveryReport::Delivered { txn, topic, .. } => {
+        DeliveryReport::Delivered { txn, topic } => {
             shared
                 .metrics
                 .events
@@ -353,54 +399,9 @@ pub(super) fn apply_report(
             }
             Ok(())
         }
-        DeliveryReport::Failed { error, .. } => {
+        DeliveryReport::Failed(error) => {
             shared.metrics.produce_errors.inc();
-            Err(classify_delivery(error))
+            Err(error)
         }
-        DeliveryReport::Fatal { reason } => {
-            shared.metrics.produce_errors.inc();
-            Err(RelayError::ProducerFatal(reason))
-        }
-        DeliveryReport::Denied(denied) => {
-            shared.metrics.produce_errors.inc();
-            Err(RelayError::KafkaAccess(denied))
-        }
-    }
-}
-
-/// Reading a topic's end (exactly-once) without the right to: definite.
-pub(super) fn dedupe_error(e: dedupe::DedupeError) -> RelayError {
-    match &e {
-        dedupe::DedupeError::Kafka { topic, source } => {
-            let detail = format!(
-                "reading the ends of topic {topic} for the exactly-once restart \
-                 (READ on the topic, DESCRIBE on group outbox-relay-dedupe)"
-            );
-            match AccessDenied::from_error(source, detail) {
-                Some(denied) => RelayError::KafkaAccess(denied),
-                None => RelayError::Dedupe(e),
-            }
-        }
-        _ => RelayError::Dedupe(e),
-    }
-}
-
-/// Errors a replay cannot fix stop the relay; the rest are retried.
-pub(super) fn classify_delivery(error: KafkaError) -> RelayError {
-    if let Some(denied) = AccessDenied::from_error(&error, "producing a record") {
-        return RelayError::KafkaAccess(denied);
-    }
-    let permanent = matches!(
-        error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidRecord
-        )
-    );
-    if permanent {
-        RelayError::DeliveryPermanent(error)
-    } else {
-        RelayError::Delivery(error)
     }
 }

@@ -2,8 +2,10 @@
 //! and back to the slot's confirmed position. This file holds the entry
 //! points and the error type; the jobs are in their own files, in the order
 //! a row meets them: `supervisor` (reconnect with backoff), `session` (take
-//! the slot, ready Kafka), `apply` (the stream loop: WAL → records → acks →
-//! confirmation), and beside them `lag` (the lag sampler).
+//! the slot, ready Kafka), `apply` (the apply loop: WAL → records → acks →
+//! confirmation; generic over its [`WalSource`] and its [`Sink`], so
+//! `tests` drives it with hand-made pgoutput messages and an in-memory
+//! sink), and beside them `lag` (the lag sampler).
 //!
 //! ```text
 //!            ┌──────────────── supervisor: reconnect with backoff + jitter ───────────────┐
@@ -42,16 +44,16 @@
 //! the transactional id) is definite: [`RelayError::KafkaAccess`], or
 //! `SinkError::Denied` when found while looking up or creating topics.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, TxnId};
 use crate::config::{Config, Delivery};
 use crate::dedupe;
+pub use crate::error::RelayError;
 use crate::event::{self, EventConfig, OutboxRecord, TxnInfo};
 use crate::heartbeat;
 use crate::http::{RelayState, Shared};
@@ -62,13 +64,16 @@ use crate::replication::{
     self, ConnectParams, ReplicationConnection, ReplicationError, ReplicationMessage,
     ReplicationStream,
 };
-use crate::sink::{self, AccessDenied, DeliveryReport, KafkaConfig, KafkaSink, SendError, Sink};
+use crate::sink::{DeliveryReport, KafkaConfig, KafkaSink, Placement, SendError, Sink};
 
 mod apply;
 mod lag;
 mod session;
 mod supervisor;
+#[cfg(test)]
+mod tests;
 
+pub use apply::WalSource;
 use apply::*;
 use lag::*;
 use session::*;
@@ -87,74 +92,6 @@ const PARTIAL_TRANSACTION_READS: u32 = 3;
 /// How often a session answers the walsender while it readies Kafka (at
 /// most; `--status-interval` when shorter).
 const SETUP_STATUS_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Why the relay stopped or a session ended.
-#[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    #[error("replication")]
-    Replication(#[from] replication::ReplicationError),
-    #[error("could not decode a pgoutput message")]
-    Decode(#[from] pgoutput::DecodeError),
-    #[error("could not turn an outbox row into a record")]
-    Event(#[from] event::EventError),
-    #[error("kafka")]
-    Sink(#[from] sink::SinkError),
-    #[error("exactly-once")]
-    Dedupe(#[from] dedupe::DedupeError),
-    #[error("kafka refused a record permanently ({0}); fix the cause (e.g. message.max.bytes) and restart")]
-    DeliveryPermanent(#[source] KafkaError),
-    #[error("kafka did not deliver a record ({0}); replaying from the confirmed position")]
-    Delivery(#[source] KafkaError),
-    #[error("kafka producer failed fatally: {0}; recreating it and replaying from the confirmed position")]
-    ProducerFatal(String),
-    /// Kafka refused the relay's credentials or an operation (no ACL).
-    #[error(transparent)]
-    KafkaAccess(AccessDenied),
-    #[error("unexpected replication stream: {0}")]
-    Protocol(String),
-    #[error("kafka transaction failed; replaying from the confirmed position")]
-    KafkaTransaction(#[source] KafkaError),
-    /// Exactly-once with Kafka transactions: the partitions' last committed
-    /// records hold part of one Postgres transaction.
-    #[error(
-        "the topic's partitions hold only part of the Postgres transaction committed at {commit_lsn}, \
-         which Kafka transactions make impossible: their ends were read before every transaction marker \
-         was written (or the topic was written without transactions, or its partition count changed); \
-         reading them again"
-    )]
-    PartialTransaction { commit_lsn: Lsn },
-    #[error("no message from Postgres for {0:?} (--lease): stopped producing and dropped the queue, so that a relay taking over the slot cannot be overtaken by this one")]
-    LeaseExpired(Duration),
-    #[error("cannot listen for HTTP on {addr}")]
-    Listen {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl RelayError {
-    /// Transient errors end a session and are retried with backoff; the
-    /// others stop the relay.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            RelayError::Replication(e) => e.is_transient(),
-            RelayError::Sink(e) => e.is_transient(),
-            RelayError::Dedupe(e) => e.is_transient(),
-            RelayError::Delivery(_)
-            | RelayError::ProducerFatal(_)
-            | RelayError::LeaseExpired(_)
-            | RelayError::KafkaTransaction(_)
-            | RelayError::PartialTransaction { .. } => true,
-            RelayError::Decode(_)
-            | RelayError::Event(_)
-            | RelayError::DeliveryPermanent(_)
-            | RelayError::KafkaAccess(_)
-            | RelayError::Protocol(_)
-            | RelayError::Listen { .. } => false,
-        }
-    }
-}
 
 pub use lifecycle::error_chain;
 

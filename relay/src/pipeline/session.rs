@@ -27,26 +27,13 @@ impl KafkaBatch {
     }
 }
 
-/// A fenced or otherwise fatal producer is replaced; the rest is retried by
-/// replaying from the confirmed position. Refused access (no ACL for the
-/// transactional id) stops the relay.
-pub(super) fn txn_error(e: KafkaError) -> RelayError {
-    if let Some(denied) = AccessDenied::from_error(&e, format!("Kafka transaction: {e}")) {
-        return RelayError::KafkaAccess(denied);
-    }
-    match &e {
-        KafkaError::Transaction(t) if t.is_fatal() => RelayError::ProducerFatal(e.to_string()),
-        _ => RelayError::KafkaTransaction(e),
-    }
-}
-
 /// The transaction being received (between Begin and Commit).
 pub(super) struct OpenTxn {
     pub(super) id: TxnId,
     pub(super) info: TxnInfo,
     pub(super) next_seq: u64,
     /// Exactly-once: rows found already in Kafka (skipped), rows produced.
-    pub(super) held: u64,
+    pub(super) skipped: u64,
     pub(super) produced: u64,
 }
 
@@ -70,16 +57,12 @@ impl Session<'_> {
         (!lease.is_zero() && !heartbeat.is_zero() && heartbeat < lease).then_some(lease)
     }
 
-    pub(super) fn transactional(&self) -> bool {
-        self.kafka_cfg.transactional_id.is_some()
-    }
-
     /// Commits the open Kafka transaction (at a Postgres transaction
     /// boundary): first hands it every held record, then commits; only then
     /// do its records count toward confirmation.
-    pub(super) async fn commit_batch(
+    pub(super) async fn commit_batch<S: Sink>(
         &mut self,
-        sink: &mut KafkaSink,
+        sink: &mut S,
         st: &mut StreamState,
     ) -> Result<(), RelayError> {
         while !st.held.is_empty() {
@@ -92,24 +75,12 @@ impl Session<'_> {
         let Some(batch) = st.kbatch.take() else {
             return Ok(());
         };
-        let mut attempt = 0;
-        loop {
-            match sink.commit_transaction().await {
-                Ok(()) => break,
-                Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < 3 => attempt += 1,
-                Err(e) => {
-                    self.shared.metrics.produce_errors.inc();
-                    let abortable =
-                        matches!(&e, KafkaError::Transaction(t) if t.txn_requires_abort());
-                    if abortable {
-                        tracing::warn!(error = %e, records = batch.records,
-                            first = ?batch.first, last = ?batch.last,
-                            "kafka transaction must be aborted; replaying it");
-                        let _ = sink.abort_transaction().await;
-                    }
-                    return Err(txn_error(e));
-                }
-            }
+        if let Err(e) = sink.commit_transaction().await {
+            self.shared.metrics.produce_errors.inc();
+            tracing::warn!(error = %error_chain(&e), records = batch.records,
+                first = ?batch.first, last = ?batch.last,
+                "kafka transaction not committed; its records are replayed");
+            return Err(e);
         }
         tracing::debug!(records = batch.records, first = ?batch.first, last = ?batch.last,
             "committed kafka transaction");
@@ -151,10 +122,8 @@ impl Session<'_> {
         tracing::info!(slot = %cfg.slot, system_id = %system.system_id, server_lsn = %system.xlogpos,
             confirmed = %slot_confirmed, "starting replication");
 
-        // Topics exist before the first record is produced.
-        crate::topics::ensure_topics(self.kafka_cfg, &self.event_cfg.static_topics()).await?;
         if sink_slot.is_none() {
-            *sink_slot = Some(KafkaSink::new(self.kafka_cfg)?);
+            *sink_slot = Some(KafkaSink::new(self.kafka_cfg, self.exactly_once())?);
         }
         let sink = sink_slot.as_mut().expect("set just above");
 
@@ -167,7 +136,7 @@ impl Session<'_> {
         // standby status updates keep answering it meanwhile (the position
         // does not move), or it would wait for a reply until
         // wal_sender_timeout, and hold up a fast shutdown that long.
-        let topics = {
+        let ready = {
             let prepare = self.prepare_kafka(sink);
             tokio::pin!(prepare);
             let mut ticker = tokio::time::interval(cfg.status_interval.min(SETUP_STATUS_INTERVAL));
@@ -189,15 +158,15 @@ impl Session<'_> {
                     }
                 }
             };
-            let topics = prepared?;
+            let ready = prepared?;
             if let Some(e) = lost {
                 return Err(e.into());
             }
-            topics
+            ready
         };
-        let Some(topics) = topics else {
+        if !ready {
             return Ok(());
-        };
+        }
 
         self.shared.metrics.connected.set(1);
         self.shared.update(|s| {
@@ -210,7 +179,6 @@ impl Session<'_> {
             relations: RelationCache::new(),
             open: None,
             held: VecDeque::new(),
-            topics,
             last_sent: slot_confirmed,
             confirm_armed: false,
             last_contact: Instant::now(),
@@ -228,14 +196,14 @@ impl Session<'_> {
                     // else abort (the open one is replayed on restart).
                     let committed =
                         state.open.is_none() && self.commit_batch(sink, &mut state).await.is_ok();
-                    if !committed && sink.txn_open {
+                    if !committed && sink.transaction_open() {
                         let _ = sink.abort_transaction().await;
                     }
                     state.kbatch = None;
                 }
                 let shared = self.shared.clone();
                 let cp = &mut state.cp;
-                let ack = !self.transactional();
+                let ack = !sink.transactional();
                 let drained = sink
                     .drain(cfg.shutdown_timeout, |r| {
                         let _ = apply_report(&shared, cp, r, ack);
@@ -263,49 +231,29 @@ impl Session<'_> {
     /// previous session left open (`--kafka-transactions`; the first
     /// session fences older producers with the same `transactional.id`),
     /// waits for the previous session's records still in flight, then
-    /// reads each topic's partitions (and, exactly-once, their last
-    /// positions). `None` when shutdown came first.
-    pub(super) async fn prepare_kafka(
-        &self,
-        sink: &mut KafkaSink,
-    ) -> Result<Option<HashMap<String, dedupe::TopicState>>, RelayError> {
-        if self.transactional() {
-            // A transaction a failed session left open is aborted (its
-            // records are replayed).
-            if sink.txn_open {
-                sink.abort_transaction().await.map_err(txn_error)?;
-                tracing::info!("aborted the Kafka transaction the previous session left open");
-            }
-            if !sink.txn_ready {
-                sink.init_transactions().await.map_err(txn_error)?;
-                tracing::info!(
-                    "initialised Kafka transactions (any producer with this transactional.id is fenced)"
-                );
-            }
-        }
+    /// readies each topic known up front (creates it if need be, reads its
+    /// partitions and, exactly-once, their last positions). False when
+    /// shutdown came first.
+    pub(super) async fn prepare_kafka(&self, sink: &mut KafkaSink) -> Result<bool, RelayError> {
+        sink.start_session().await?;
         // What a previous session left in flight lands (or fails) before
         // the partitions' ends are read, or it could be written twice.
         while sink.in_flight() > 0 {
             tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(None),
+                _ = self.shutdown.cancelled() => return Ok(false),
                 report = sink.next_report() => match report {
-                    Some(DeliveryReport::Fatal { reason }) => return Err(RelayError::ProducerFatal(reason)),
-                    Some(DeliveryReport::Denied(denied)) => return Err(RelayError::KafkaAccess(denied)),
+                    Some(DeliveryReport::Failed(
+                        e @ (RelayError::ProducerFatal(_) | RelayError::KafkaAccess(_)),
+                    )) => return Err(e),
                     None => return Err(RelayError::ProducerFatal("delivery reports ended".into())),
                     Some(_) => {}
                 },
             }
         }
-        let mut topics = HashMap::new();
         for topic in self.event_cfg.static_topics() {
-            let state = dedupe::load(self.kafka_cfg, &topic, self.exactly_once())
-                .await
-                .map_err(dedupe_error)?;
-            if self.exactly_once() {
-                tracing::info!(%topic, partitions = state.partitions, last = ?state.last, "read each partition's last position");
-            }
-            topics.insert(topic, state);
+            let prepared = sink.prepare_topic(&topic).await?;
+            sink.add_topic(topic, prepared);
         }
-        Ok(Some(topics))
+        Ok(true)
     }
 }

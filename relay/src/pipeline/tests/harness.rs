@@ -1,0 +1,459 @@
+//! The harness of the apply loop's tests: a scripted Postgres side
+//! ([`ScriptedWal`], hand-made pgoutput messages from [`Txn`]s), an
+//! in-memory sink that keeps what it "delivered" in order ([`MemorySink`],
+//! with backpressure, failures, transactions and slow topic preparation on
+//! request), and [`run_loop`], one session's apply loop over a script.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use clap::Parser;
+use futures_util::FutureExt;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use super::super::*;
+use crate::event::{TopicRouting, ValueFormat};
+use crate::pgoutput::wire::{Col, Msg};
+
+const OUTBOX_OID: u32 = 16384;
+const OTHER_OID: u32 = 16390;
+
+// ---- the Postgres side ------------------------------------------------
+
+/// Plays back WAL messages, then waits; records every status update, and
+/// ends the session (cancels `shutdown`) once `stop_at` is confirmed.
+pub(super) struct ScriptedWal {
+    pub(super) script: VecDeque<ReplicationMessage>,
+    pub(super) statuses: Vec<(tokio::time::Instant, Lsn)>,
+    pub(super) stop_at: Lsn,
+    pub(super) shutdown: CancellationToken,
+}
+
+impl WalSource for ScriptedWal {
+    async fn recv(&mut self) -> Result<ReplicationMessage, ReplicationError> {
+        match self.script.pop_front() {
+            Some(msg) => Ok(msg),
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn send_status(&mut self, confirmed: Lsn) -> Result<(), ReplicationError> {
+        self.statuses.push((tokio::time::Instant::now(), confirmed));
+        if confirmed >= self.stop_at {
+            self.shutdown.cancel();
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn xlog(data: Vec<u8>, wal_end: u64) -> ReplicationMessage {
+    ReplicationMessage::XLogData {
+        wal_start: Lsn(wal_end),
+        wal_end: Lsn(wal_end),
+        server_time_micros: 0,
+        data: Bytes::from(data),
+    }
+}
+
+/// The outbox table as the relay sees it: id, user_id, event_type, topic,
+/// payload.
+pub(super) fn outbox_relation() -> Vec<u8> {
+    let cols: [(&str, u32); 5] = [
+        ("id", 20),
+        ("user_id", 25),
+        ("event_type", 25),
+        ("topic", 25),
+        ("payload", 3802),
+    ];
+    cols.iter()
+        .fold(
+            Msg::new(b'R')
+                .u32(OUTBOX_OID)
+                .cstr("public")
+                .cstr("outbox")
+                .u8(b'd')
+                .u16(cols.len() as u16),
+            |m, (name, oid)| m.u8(u8::from(*name == "id")).cstr(name).u32(*oid).i32(-1),
+        )
+        .build()
+}
+
+pub(super) fn other_relation() -> Vec<u8> {
+    Msg::new(b'R')
+        .u32(OTHER_OID)
+        .cstr("public")
+        .cstr("orders")
+        .u8(b'd')
+        .u16(1)
+        .u8(1)
+        .cstr("id")
+        .u32(20)
+        .i32(-1)
+        .build()
+}
+
+/// One outbox row: (id, user, topic column).
+pub(super) struct Row(
+    pub(super) u64,
+    pub(super) &'static str,
+    pub(super) Option<&'static str>,
+);
+
+/// A committed Postgres transaction as the walsender sends it.
+pub(super) struct Txn {
+    pub(super) commit_lsn: u64,
+    pub(super) rows: Vec<Row>,
+}
+
+impl Txn {
+    pub(super) fn end_lsn(&self) -> u64 {
+        self.commit_lsn + 0x28
+    }
+
+    pub(super) fn messages(&self, with_noise: bool) -> Vec<ReplicationMessage> {
+        let ts = 848_570_400_000_000 + self.commit_lsn as i64;
+        let mut out = vec![xlog(
+            Msg::new(b'B')
+                .u64(self.commit_lsn)
+                .i64(ts)
+                .u32(1000 + self.commit_lsn as u32)
+                .build(),
+            self.commit_lsn,
+        )];
+        for (i, Row(id, user, topic)) in self.rows.iter().enumerate() {
+            let id = id.to_string();
+            let payload = format!("{{\"n\":{id}}}");
+            let topic = topic.map_or(Col::Null, Col::Text);
+            out.push(xlog(
+                Msg::new(b'I')
+                    .u32(OUTBOX_OID)
+                    .u8(b'N')
+                    .tuple(&[
+                        Col::Text(&id),
+                        Col::Text(user),
+                        Col::Text("OrderCreated"),
+                        topic,
+                        Col::Text(&payload),
+                    ])
+                    .build(),
+                self.commit_lsn,
+            ));
+            if with_noise && i == 0 {
+                // A row of another table in the same transaction: ignored.
+                out.push(xlog(
+                    Msg::new(b'I')
+                        .u32(OTHER_OID)
+                        .u8(b'N')
+                        .tuple(&[Col::Text("7")])
+                        .build(),
+                    self.commit_lsn,
+                ));
+            }
+        }
+        out.push(xlog(
+            Msg::new(b'C')
+                .u8(0)
+                .u64(self.commit_lsn)
+                .u64(self.end_lsn())
+                .i64(ts)
+                .build(),
+            self.end_lsn(),
+        ));
+        out
+    }
+}
+
+/// `n` transactions of `rows` rows each, ids from 1, users cycling a..e.
+pub(super) fn txns(n: u64, rows: u64) -> Vec<Txn> {
+    const USERS: [&str; 5] = ["a", "b", "c", "d", "e"];
+    (0..n)
+        .map(|t| Txn {
+            commit_lsn: 0x1000 * (t + 1),
+            rows: (0..rows)
+                .map(|r| {
+                    let id = t * rows + r + 1;
+                    Row(id, USERS[(id % 5) as usize], None)
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+// ---- the Kafka side ---------------------------------------------------
+
+/// What the in-memory sink was told, in order.
+#[derive(Default)]
+pub(super) struct Log {
+    /// Records visible to a reader (delivered; in a transaction: committed).
+    pub(super) visible: Vec<OutboxRecord>,
+    pub(super) commits: usize,
+    pub(super) aborts: usize,
+    pub(super) prepared: Vec<String>,
+}
+
+pub(super) struct MemoryTopic {
+    pub(super) partitions: i32,
+    pub(super) last: Vec<Option<dedupe::Position>>,
+}
+
+pub(super) struct MemorySink {
+    pub(super) log: Arc<Mutex<Log>>,
+    pub(super) topics: HashMap<String, MemoryTopic>,
+    /// Partitions of a topic readied by `prepare_topic`, and how long that takes.
+    pub(super) new_topic_partitions: i32,
+    pub(super) prepare_takes: Duration,
+    /// Accepted, not yet reported, in order.
+    pub(super) queue: VecDeque<(OutboxRecord, TxnId)>,
+    pub(super) capacity: usize,
+    /// The n-th record accepted (0-based) fails instead of being delivered.
+    pub(super) fail_at: Option<usize>,
+    pub(super) accepted: usize,
+    pub(super) transactional: bool,
+    pub(super) open: Option<Vec<OutboxRecord>>,
+}
+
+impl MemorySink {
+    pub(super) fn new(log: &Arc<Mutex<Log>>) -> MemorySink {
+        MemorySink {
+            log: log.clone(),
+            topics: HashMap::from([(
+                "orders".to_owned(),
+                MemoryTopic {
+                    partitions: 3,
+                    last: vec![None; 3],
+                },
+            )]),
+            new_topic_partitions: 2,
+            prepare_takes: Duration::ZERO,
+            queue: VecDeque::new(),
+            capacity: usize::MAX,
+            fail_at: None,
+            accepted: 0,
+            transactional: false,
+            open: None,
+        }
+    }
+}
+
+impl Sink for MemorySink {
+    type Topic = MemoryTopic;
+
+    fn has_topic(&self, topic: &str) -> bool {
+        self.topics.contains_key(topic)
+    }
+
+    fn prepare_topic(
+        &self,
+        topic: &str,
+    ) -> futures_util::future::BoxFuture<'static, Result<MemoryTopic, RelayError>> {
+        let (log, topic, takes, partitions) = (
+            self.log.clone(),
+            topic.to_owned(),
+            self.prepare_takes,
+            self.new_topic_partitions,
+        );
+        async move {
+            tokio::time::sleep(takes).await;
+            log.lock().unwrap().prepared.push(topic);
+            Ok(MemoryTopic {
+                partitions,
+                last: vec![None; partitions as usize],
+            })
+        }
+        .boxed()
+    }
+
+    fn add_topic(&mut self, topic: String, prepared: MemoryTopic) {
+        self.topics.insert(topic, prepared);
+    }
+
+    fn place(&mut self, record: &mut OutboxRecord, at: dedupe::Position) -> Placement {
+        let topic = &self.topics[&record.topic];
+        let key = record.key.as_deref().unwrap_or("");
+        let p = dedupe::partition_for(key.as_bytes(), topic.partitions);
+        record.partition = Some(p);
+        match topic.last[p as usize] {
+            Some(last) if at <= last => Placement::Duplicate,
+            _ => Placement::Produce,
+        }
+    }
+
+    fn try_send(&mut self, record: OutboxRecord, txn: TxnId) -> Result<(), SendError> {
+        if self.queue.len() >= self.capacity {
+            return Err(SendError::Full(record));
+        }
+        self.queue.push_back((record, txn));
+        Ok(())
+    }
+
+    async fn next_report(&mut self) -> Option<DeliveryReport> {
+        let Some((record, txn)) = self.queue.pop_front() else {
+            return std::future::pending().await;
+        };
+        let n = self.accepted;
+        self.accepted += 1;
+        if self.fail_at == Some(n) {
+            return Some(DeliveryReport::Failed(
+                crate::sink::kafka::classify_delivery(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::RequestTimedOut,
+                )),
+            ));
+        }
+        let topic: Arc<str> = Arc::from(record.topic.as_str());
+        match self.open.as_mut() {
+            Some(open) => open.push(record),
+            None => self.log.lock().unwrap().visible.push(record),
+        }
+        Some(DeliveryReport::Delivered { txn, topic })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn purge(&mut self) {
+        self.queue.clear();
+    }
+
+    fn transactional(&self) -> bool {
+        self.transactional
+    }
+
+    fn transaction_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    fn begin_transaction(&mut self) -> Result<(), RelayError> {
+        assert!(self.open.is_none(), "a transaction is already open");
+        self.open = Some(Vec::new());
+        Ok(())
+    }
+
+    async fn commit_transaction(&mut self) -> Result<(), RelayError> {
+        assert!(self.queue.is_empty(), "committed with records in flight");
+        let records = self.open.take().expect("no open transaction");
+        let mut log = self.log.lock().unwrap();
+        log.visible.extend(records);
+        log.commits += 1;
+        Ok(())
+    }
+
+    async fn abort_transaction(&mut self) -> Result<(), RelayError> {
+        self.open = None;
+        self.log.lock().unwrap().aborts += 1;
+        Ok(())
+    }
+}
+
+// ---- the loop ---------------------------------------------------------
+
+pub(super) struct Run {
+    pub(super) result: Result<(), RelayError>,
+    pub(super) statuses: Vec<(tokio::time::Instant, Lsn)>,
+    pub(super) shared: Arc<Shared>,
+}
+
+pub(super) fn event_config(routing: TopicRouting) -> EventConfig {
+    EventConfig {
+        schema: "public".into(),
+        table: "outbox".into(),
+        key_column: "user_id".into(),
+        routing,
+        value_format: ValueFormat::Json,
+    }
+}
+
+/// Runs one session's apply loop over `messages` until it confirms
+/// `stop_at` or fails.
+pub(super) async fn run_loop(
+    messages: Vec<ReplicationMessage>,
+    stop_at: u64,
+    sink: &mut MemorySink,
+    routing: TopicRouting,
+    extra_args: &[&str],
+) -> Run {
+    let mut args = vec![
+        "relay",
+        "--database-url",
+        "postgres://unused@localhost/db",
+        "--lease",
+        "0s",
+        "--status-interval",
+        "1s",
+    ];
+    args.extend_from_slice(extra_args);
+    let cfg = Config::try_parse_from(args).expect("test arguments parse");
+    let event_cfg = event_config(routing);
+    let kafka_cfg = cfg.kafka_config();
+    let shared = Shared::new(&cfg.slot, &cfg.publication);
+    let shutdown = CancellationToken::new();
+    let mut next_txn: TxnId = 0;
+    let mut session = Session {
+        cfg: &cfg,
+        event_cfg: &event_cfg,
+        kafka_cfg: &kafka_cfg,
+        shared: &shared,
+        shutdown: &shutdown,
+        next_txn: &mut next_txn,
+        accept_partial: None,
+    };
+    let mut wal = ScriptedWal {
+        script: messages.into(),
+        statuses: Vec::new(),
+        stop_at: Lsn(stop_at),
+        shutdown: shutdown.clone(),
+    };
+    let mut st = StreamState {
+        cp: Checkpoint::starting_at(Lsn::ZERO, 0),
+        relations: RelationCache::new(),
+        open: None,
+        held: VecDeque::new(),
+        last_sent: Lsn::ZERO,
+        confirm_armed: false,
+        last_contact: Instant::now(),
+        kbatch: None,
+        received: Lsn::ZERO,
+    };
+    let result = tokio::time::timeout(
+        Duration::from_secs(3600),
+        session.stream_loop(&mut wal, sink, &mut st),
+    )
+    .await
+    .expect("the loop neither confirmed the last transaction nor failed");
+    Run {
+        result,
+        statuses: wal.statuses,
+        shared: shared.clone(),
+    }
+}
+
+pub(super) fn script(txns: &[Txn], noise: bool) -> Vec<ReplicationMessage> {
+    let mut out = vec![xlog(other_relation(), 0), xlog(outbox_relation(), 0)];
+    for t in txns {
+        out.extend(t.messages(noise));
+    }
+    out
+}
+
+pub(super) fn ids(records: &[OutboxRecord]) -> Vec<u64> {
+    records
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+            v["id"].as_u64().expect("id")
+        })
+        .collect()
+}
+
+pub(super) fn header<'a>(r: &'a OutboxRecord, name: &str) -> &'a str {
+    r.headers
+        .iter()
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {name} header"))
+}
+
+pub(super) fn confirmed(statuses: &[(tokio::time::Instant, Lsn)]) -> Lsn {
+    statuses.iter().map(|(_, l)| *l).max().unwrap_or(Lsn::ZERO)
+}

@@ -1,0 +1,463 @@
+//! The Kafka sink: hands records to Kafka, reports per record when Kafka
+//! has acknowledged it, and owns every Kafka decision the apply loop needs:
+//! each topic's partition count and (exactly-once) its partitions' last
+//! positions, the partition of each record, which replayed records a
+//! partition already holds, Kafka transactions, and what a Kafka error means
+//! for the session (`classify_delivery`, `txn_error`, `dedupe_error`).
+//!
+//! ```text
+//!  apply loop ──try_send(record, txn)──▶ librdkafka queue ──▶ broker
+//!      ▲                                                     │ ack (acks=all)
+//!      └────────── next_report(): Delivered{txn} / Failed ◀──┘
+//! ```
+//!
+//! The Kafka producer is idempotent (`enable.idempotence=true`, `acks=all`)
+//! with `enable.gapless.guarantee=true` and no message timeout: a record is
+//! retried until the broker takes it, and anything that could leave a gap in
+//! a partition's sequence is a fatal error instead. So each partition holds,
+//! in order, a prefix of what the relay sent to it (the ground `dedupe`'s
+//! exactly-once argument stands on).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::Message;
+use tokio::sync::mpsc;
+
+use super::{DeliveryReport, KafkaConfig, Placement, SendError, Sink, SinkError};
+use crate::checkpoint::TxnId;
+use crate::dedupe::{self, Position, TopicState};
+use crate::error::RelayError;
+use crate::event::OutboxRecord;
+use lifecycle::kafka::{forward_log, AccessDenied};
+
+/// What librdkafka reported, before `next_report` classifies it.
+#[derive(Debug)]
+enum Report {
+    Delivered {
+        txn: TxnId,
+        bytes: usize,
+        topic: Arc<str>,
+    },
+    Failed {
+        bytes: usize,
+        error: KafkaError,
+    },
+    /// The producer can no longer deliver anything (fatal librdkafka error);
+    /// it has to be recreated and the stream replayed from the confirmed LSN.
+    Fatal {
+        reason: String,
+    },
+    /// Kafka refused the producer's credentials or permissions: definite.
+    Denied(AccessDenied),
+}
+
+/// Bound on each blocking transactional call.
+const TXN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Per-record delivery tag carried through librdkafka as the opaque.
+struct Tag {
+    txn: TxnId,
+    bytes: usize,
+    topic: Arc<str>,
+}
+
+struct ReportingContext {
+    reports: mpsc::UnboundedSender<Report>,
+}
+
+impl ClientContext for ReportingContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        forward_log(level, facility, message);
+        if let Some(denied) = AccessDenied::from_log(level, facility, message) {
+            tracing::error!(error = %denied, "kafka refused the producer");
+            let _ = self.reports.send(Report::Denied(denied));
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(denied) = AccessDenied::from_error(&error, reason) {
+            tracing::error!(error = %denied, "kafka refused the producer");
+            let _ = self.reports.send(Report::Denied(denied));
+            return;
+        }
+        let fatal = matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
+        if fatal {
+            tracing::error!(error = %error, reason, "kafka producer fatal error");
+            let _ = self.reports.send(Report::Fatal {
+                reason: format!("{error}: {reason}"),
+            });
+        } else {
+            tracing::warn!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ProducerContext for ReportingContext {
+    type DeliveryOpaque = Box<Tag>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: Self::DeliveryOpaque) {
+        let report = match result {
+            Ok(_) => Report::Delivered {
+                txn: tag.txn,
+                bytes: tag.bytes,
+                topic: tag.topic,
+            },
+            Err((error, msg)) => {
+                tracing::warn!(error = %error, topic = msg.topic(), partition = msg.partition(), "kafka delivery failed");
+                Report::Failed {
+                    bytes: tag.bytes,
+                    error: error.clone(),
+                }
+            }
+        };
+        // The receiver lives as long as the sink; a send error means the
+        // sink is being dropped and nobody waits for reports any more.
+        let _ = self.reports.send(report);
+    }
+}
+
+/// The rdkafka-backed sink.
+pub struct KafkaSink {
+    producer: Arc<ThreadedProducer<ReportingContext>>,
+    cfg: KafkaConfig,
+    /// Exactly-once: the topics' ends are read, and records they hold skipped.
+    exactly_once: bool,
+    /// Transactional mode: transactions initialised / one is open.
+    txn_ready: bool,
+    txn_open: bool,
+    reports: mpsc::UnboundedReceiver<Report>,
+    in_flight: usize,
+    in_flight_bytes: usize,
+    max_in_flight_bytes: usize,
+    /// Partition count and last positions of each topic of this session.
+    topic_states: HashMap<String, TopicState>,
+    /// Interned topic names, so a delivery tag shares rather than copies.
+    topics: HashSet<Arc<str>>,
+}
+
+impl KafkaSink {
+    pub fn new(cfg: &KafkaConfig, exactly_once: bool) -> Result<KafkaSink, SinkError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let producer = cfg
+            .producer_config()
+            .create_with_context(ReportingContext { reports: tx })
+            .map_err(SinkError::Config)?;
+        Ok(KafkaSink {
+            producer: Arc::new(producer),
+            cfg: cfg.clone(),
+            exactly_once,
+            txn_ready: false,
+            txn_open: false,
+            reports: rx,
+            in_flight: 0,
+            in_flight_bytes: 0,
+            max_in_flight_bytes: cfg.max_in_flight_bytes.max(1),
+            topic_states: HashMap::new(),
+            topics: HashSet::new(),
+        })
+    }
+
+    /// Readies the producer for a new session that holds the slot: aborts
+    /// the transaction a failed session left open (its records are
+    /// replayed), initialises transactions the first time (fencing any
+    /// producer with the same `transactional.id`), and forgets what the
+    /// last session read of the topics: their ends are read again (after
+    /// the caller has drained what is in flight).
+    pub async fn start_session(&mut self) -> Result<(), RelayError> {
+        self.topic_states.clear();
+        if self.cfg.transactional_id.is_none() {
+            return Ok(());
+        }
+        if self.txn_open {
+            self.abort_transaction().await?;
+            tracing::info!("aborted the Kafka transaction the previous session left open");
+        }
+        if !self.txn_ready {
+            self.txn_call(|p| p.init_transactions(TXN_TIMEOUT))
+                .await
+                .map_err(txn_error)?;
+            self.txn_ready = true;
+            tracing::info!(
+                "initialised Kafka transactions (any producer with this transactional.id is fenced)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for everything in flight to be reported,
+    /// handing each report to `on_report`. Returns true when nothing is left.
+    pub async fn drain(
+        &mut self,
+        timeout: Duration,
+        mut on_report: impl FnMut(DeliveryReport),
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.in_flight > 0 {
+            match tokio::time::timeout_at(deadline, self.next_report()).await {
+                Ok(Some(report)) => on_report(report),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.in_flight == 0
+    }
+
+    /// Runs a blocking transactional call on the blocking pool.
+    async fn txn_call(
+        &self,
+        call: impl FnOnce(&ThreadedProducer<ReportingContext>) -> Result<(), KafkaError>
+            + Send
+            + 'static,
+    ) -> Result<(), KafkaError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || call(&producer))
+            .await
+            .unwrap_or(Err(KafkaError::Canceled))
+    }
+}
+
+impl Sink for KafkaSink {
+    type Topic = TopicState;
+
+    fn has_topic(&self, topic: &str) -> bool {
+        self.topic_states.contains_key(topic)
+    }
+
+    fn prepare_topic(&self, topic: &str) -> BoxFuture<'static, Result<TopicState, RelayError>> {
+        let cfg = self.cfg.clone();
+        let topic = topic.to_owned();
+        let exactly_once = self.exactly_once;
+        async move {
+            crate::topics::ensure_topics(&cfg, std::slice::from_ref(&topic)).await?;
+            let state = dedupe::load(&cfg, &topic, exactly_once)
+                .await
+                .map_err(dedupe_error)?;
+            if exactly_once {
+                tracing::info!(%topic, partitions = state.partitions, last = ?state.last,
+                    "read each partition's last position");
+            }
+            Ok(state)
+        }
+        .boxed()
+    }
+
+    fn add_topic(&mut self, topic: String, prepared: TopicState) {
+        self.topic_states.insert(topic, prepared);
+    }
+
+    /// The partition is murmur2 of the key (the `event_id` header when the
+    /// row has no key), as Kafka's Java clients choose it, so a replayed
+    /// record lands where it did before.
+    fn place(&mut self, record: &mut OutboxRecord, at: Position) -> Placement {
+        let Some(topic) = self.topic_states.get(&record.topic) else {
+            // The loop prepares every topic first; the producer's own
+            // partitioner is the answer for a topic it did not.
+            return Placement::Produce;
+        };
+        let key = record
+            .key
+            .as_deref()
+            .or_else(|| {
+                record
+                    .headers
+                    .iter()
+                    .find(|(k, _)| *k == outbox_record::header::EVENT_ID)
+                    .map(|(_, v)| v.as_str())
+            })
+            .unwrap_or("");
+        let partition = dedupe::partition_for(key.as_bytes(), topic.partitions);
+        record.partition = Some(partition);
+        if self.exactly_once && topic.holds(partition, at) {
+            Placement::Duplicate
+        } else {
+            Placement::Produce
+        }
+    }
+
+    fn try_send(&mut self, record: OutboxRecord, txn: TxnId) -> Result<(), SendError> {
+        let bytes = record.size();
+        if self.in_flight > 0 && self.in_flight_bytes + bytes > self.max_in_flight_bytes {
+            return Err(SendError::Full(record));
+        }
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (k, v) in &record.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let topic = match self.topics.get(record.topic.as_str()) {
+            Some(t) => t.clone(),
+            None => {
+                let t: Arc<str> = Arc::from(record.topic.as_str());
+                self.topics.insert(t.clone());
+                t
+            }
+        };
+        let mut base =
+            BaseRecord::with_opaque_to(&record.topic, Box::new(Tag { txn, bytes, topic }))
+                .payload(&record.value)
+                .headers(headers);
+        if let Some(key) = &record.key {
+            base = base.key(key.as_bytes());
+        }
+        if let Some(partition) = record.partition {
+            base = base.partition(partition);
+        }
+        match self.producer.send(base) {
+            Ok(()) => {
+                self.in_flight += 1;
+                self.in_flight_bytes += bytes;
+                Ok(())
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(SendError::Full(record))
+            }
+            Err((e, _)) => Err(SendError::Refused(classify_delivery(e))),
+        }
+    }
+
+    async fn next_report(&mut self) -> Option<DeliveryReport> {
+        let report = self.reports.recv().await?;
+        Some(match report {
+            Report::Delivered { txn, bytes, topic } => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
+                DeliveryReport::Delivered { txn, topic }
+            }
+            Report::Failed { bytes, error } => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
+                DeliveryReport::Failed(classify_delivery(error))
+            }
+            Report::Fatal { reason } => {
+                // A producer that may not do what it must (e.g. no ACL for
+                // idempotent writes) fails fatally: that is refused access.
+                match self
+                    .producer
+                    .client()
+                    .fatal_error()
+                    .and_then(|(code, reason)| AccessDenied::new(code, reason))
+                {
+                    Some(denied) => DeliveryReport::Failed(RelayError::KafkaAccess(denied)),
+                    None => DeliveryReport::Failed(RelayError::ProducerFatal(reason)),
+                }
+            }
+            Report::Denied(denied) => DeliveryReport::Failed(RelayError::KafkaAccess(denied)),
+        })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn purge(&mut self) {
+        use rdkafka::producer::PurgeConfig;
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
+    }
+
+    fn transactional(&self) -> bool {
+        self.cfg.transactional_id.is_some()
+    }
+
+    fn transaction_open(&self) -> bool {
+        self.txn_open
+    }
+
+    fn begin_transaction(&mut self) -> Result<(), RelayError> {
+        self.producer.begin_transaction().map_err(txn_error)?;
+        self.txn_open = true;
+        Ok(())
+    }
+
+    /// Flushes and commits the open transaction, retrying what Kafka calls
+    /// retriable; a transaction that must be aborted is aborted (its
+    /// records are replayed by the next session).
+    async fn commit_transaction(&mut self) -> Result<(), RelayError> {
+        let mut attempt = 0;
+        loop {
+            match self.txn_call(|p| p.commit_transaction(TXN_TIMEOUT)).await {
+                Ok(()) => {
+                    self.txn_open = false;
+                    return Ok(());
+                }
+                Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < 3 => attempt += 1,
+                Err(e) => {
+                    if matches!(&e, KafkaError::Transaction(t) if t.txn_requires_abort()) {
+                        tracing::warn!(error = %e, "kafka transaction must be aborted; replaying it");
+                        let _ = self.abort_transaction().await;
+                    }
+                    return Err(txn_error(e));
+                }
+            }
+        }
+    }
+
+    async fn abort_transaction(&mut self) -> Result<(), RelayError> {
+        self.txn_call(|p| p.abort_transaction(TXN_TIMEOUT))
+            .await
+            .map_err(txn_error)?;
+        self.txn_open = false;
+        Ok(())
+    }
+}
+
+/// Errors a replay cannot fix stop the relay; the rest are retried.
+pub fn classify_delivery(error: KafkaError) -> RelayError {
+    if let Some(denied) = AccessDenied::from_error(&error, "producing a record") {
+        return RelayError::KafkaAccess(denied);
+    }
+    let permanent = matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    );
+    if permanent {
+        RelayError::DeliveryPermanent(error)
+    } else {
+        RelayError::Delivery(error)
+    }
+}
+
+/// A fenced or otherwise fatal producer is replaced; the rest is retried by
+/// replaying from the confirmed position. Refused access (no ACL for the
+/// transactional id) stops the relay.
+pub fn txn_error(e: KafkaError) -> RelayError {
+    if let Some(denied) = AccessDenied::from_error(&e, format!("Kafka transaction: {e}")) {
+        return RelayError::KafkaAccess(denied);
+    }
+    match &e {
+        KafkaError::Transaction(t) if t.is_fatal() => RelayError::ProducerFatal(e.to_string()),
+        _ => RelayError::KafkaTransaction(e),
+    }
+}
+
+/// Reading a topic's end (exactly-once) without the right to: definite.
+pub fn dedupe_error(e: dedupe::DedupeError) -> RelayError {
+    match &e {
+        dedupe::DedupeError::Kafka { topic, source } => {
+            let detail = format!(
+                "reading the ends of topic {topic} for the exactly-once restart \
+                 (READ on the topic, DESCRIBE on group outbox-relay-dedupe)"
+            );
+            match AccessDenied::from_error(source, detail) {
+                Some(denied) => RelayError::KafkaAccess(denied),
+                None => RelayError::Dedupe(e),
+            }
+        }
+        _ => RelayError::Dedupe(e),
+    }
+}
