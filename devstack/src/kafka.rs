@@ -9,11 +9,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// Creates `topic` with `partitions` partitions (replication 1) unless it
@@ -30,22 +27,20 @@ pub async fn create_topic_replicated(
     partitions: i32,
     replication: i32,
 ) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .context("creating Kafka admin client")?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
-    let results = admin
-        .create_topics(
-            [&new],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .with_context(|| format!("creating topic {topic}"))?;
-    for result in results {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => bail!("creating topic {name}: {code}"),
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    let results = lifecycle::kafka::create_topics(
+        &config,
+        &[topic],
+        partitions,
+        replication,
+        Duration::from_secs(10),
+    )
+    .await
+    .with_context(|| format!("creating topic {topic}"))?;
+    for (name, result) in results {
+        if let Err(code) = result {
+            bail!("creating topic {name}: {code}");
         }
     }
     Ok(())

@@ -2,8 +2,13 @@
 //! configuration ([`client_config`]: the role's settings, then the
 //! operator's `--kafka-property`/`--kafka-properties-file` last), refused
 //! credentials or permissions ([`AccessDenied`], definite: the service stops
-//! with it), and librdkafka's log lines forwarded to `tracing`.
+//! with it), topic creation ([`create_topics`]), and librdkafka's log lines
+//! forwarded to `tracing`.
 
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientConfig;
@@ -26,6 +31,53 @@ pub fn client_config<'a>(
         cfg.set(k, v);
     }
     cfg
+}
+
+/// What [`create_topics`] did with one topic.
+pub type TopicCreation = Result<Created, RDKafkaErrorCode>;
+
+/// A topic [`create_topics`] was asked for is there now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// Created by this call.
+    New,
+    /// It existed already (created by someone else, maybe just now).
+    Existed,
+}
+
+/// Creates `topics` with `partitions` partitions of `replication` replicas
+/// each through the Admin API (an admin client from `config`), waiting at
+/// most `timeout` for the cluster. A topic that exists already is
+/// [`Created::Existed`], not an error; each other refusal is returned per
+/// topic (see [`AccessDenied::new`] for the ones that are refused access).
+/// The call fails as a whole when the client cannot be created or the
+/// cluster does not answer within `timeout`.
+pub async fn create_topics(
+    config: &ClientConfig,
+    topics: &[&str],
+    partitions: i32,
+    replication: i32,
+    timeout: Duration,
+) -> Result<Vec<(String, TopicCreation)>, KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
+        .collect();
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    let results = tokio::time::timeout(timeout, admin.create_topics(new.iter(), &opts))
+        .await
+        .map_err(|_| KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut))??;
+    Ok(results
+        .into_iter()
+        .map(|r| match r {
+            Ok(topic) => (topic, Ok(Created::New)),
+            Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => (topic, Ok(Created::Existed)),
+            Err((topic, code)) => (topic, Err(code)),
+        })
+        .collect())
 }
 
 /// Kafka refused the client's credentials (authentication) or an operation

@@ -17,13 +17,13 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message};
+
+use lifecycle::kafka::Created;
 
 use crate::access::KafkaAccess;
 
@@ -113,30 +113,21 @@ impl DeadLetterQueue {
         if self.exists().await || self.access.first().is_some() {
             return;
         }
-        let admin: AdminClient<DefaultClientContext> = match base.create() {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot create Kafka admin client");
-                return;
-            }
-        };
-        let new = NewTopic::new(&self.topic, 1, TopicReplication::Fixed(1));
-        let opts = AdminOptions::new()
-            .operation_timeout(Some(Duration::from_secs(10)))
-            .request_timeout(Some(Duration::from_secs(10)));
-        let created =
-            tokio::time::timeout(Duration::from_secs(15), admin.create_topics([&new], &opts)).await;
-        let Ok(created) = created else {
-            tracing::warn!(topic = %self.topic, "creating the dead-letter topic timed out");
-            return;
-        };
+        let created = lifecycle::kafka::create_topics(
+            base,
+            &[self.topic.as_str()],
+            1,
+            1,
+            Duration::from_secs(15),
+        )
+        .await;
         match created {
             Ok(results) => {
-                for result in results {
+                for (topic, result) in results {
                     match result {
-                        Ok(_) => tracing::info!(topic = %self.topic, "created dead-letter topic"),
-                        Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                        Err((topic, code)) => {
+                        Ok(Created::New) => tracing::info!(%topic, "created dead-letter topic"),
+                        Ok(Created::Existed) => {}
+                        Err(code) => {
                             tracing::warn!(%topic, error = %code, "cannot create dead-letter topic")
                         }
                     }

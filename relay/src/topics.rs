@@ -7,10 +7,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use lifecycle::kafka::Created;
 
 use crate::sink::{AccessDenied, AccessWatch, KafkaConfig, SinkError};
 
@@ -40,25 +40,22 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), S
     if missing.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> =
-        cfg.client_config().create().map_err(SinkError::Config)?;
-    let new: Vec<NewTopic<'_>> = missing
-        .iter()
-        .map(|t| NewTopic::new(t, cfg.partitions, TopicReplication::Fixed(cfg.replication)))
-        .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = tokio::time::timeout(
+    let results = lifecycle::kafka::create_topics(
+        &cfg.client_config(),
+        &missing,
+        cfg.partitions,
+        cfg.replication,
         Duration::from_secs(30),
-        admin.create_topics(new.iter(), &opts),
     )
     .await
-    .map_err(|_| SinkError::Kafka(KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut)))?
     .map_err(SinkError::Kafka)?;
-    for result in results {
+    for (topic, result) in results {
         match result {
-            Ok(topic) => tracing::info!(%topic, partitions = cfg.partitions, "created topic"),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
+            Ok(Created::New) => {
+                tracing::info!(%topic, partitions = cfg.partitions, "created topic")
+            }
+            Ok(Created::Existed) => {}
+            Err(code) => {
                 return Err(
                     match AccessDenied::new(code, format!("creating topic {topic}")) {
                         Some(denied) => SinkError::Denied(denied),

@@ -275,3 +275,34 @@ async fn status_and_metrics_endpoints() -> anyhow::Result<()> {
     assert!(http_get(addr, "/healthz").await?.starts_with("ok"));
     relay.stop().await
 }
+
+/// Topic creation as the relay, the notifier's dead-letter queue and the
+/// test harness do it (`lifecycle::kafka::create_topics`), on Apache Kafka:
+/// a new topic is created with the partitions asked for, an existing one is
+/// reported as such (not an error), and a name Kafka refuses is an error of
+/// that topic alone.
+#[tokio::test]
+async fn topics_are_created_once_and_a_refused_name_fails_alone() -> anyhow::Result<()> {
+    use lifecycle::kafka::{create_topics, Created};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let name = devstack::testing::unique_name("created");
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", kafka_bootstrap());
+    let timeout = Duration::from_secs(20);
+    let first = create_topics(&config, &[&name], 4, 1, timeout).await?;
+    assert_eq!(first, vec![(name.clone(), Ok(Created::New))]);
+
+    let again = create_topics(&config, &[&name, "no spaces allowed"], 4, 1, timeout).await?;
+    let result = |topic: &str| again.iter().find(|(t, _)| t == topic).map(|(_, r)| *r);
+    assert_eq!(result(&name), Some(Ok(Created::Existed)));
+    assert!(
+        matches!(result("no spaces allowed"), Some(Err(_))),
+        "{again:?}"
+    );
+
+    let client: BaseConsumer = config.create()?;
+    let md = client.fetch_metadata(Some(&name), Duration::from_secs(10))?;
+    assert_eq!(md.topics()[0].partitions().len(), 4);
+    Ok(())
+}
