@@ -67,8 +67,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use devstack::bench::{
-    cpu_seconds, peak_rss_kib, relay_like_producer_config, rss_kib, AckCounter, CountingContext,
-    RelayProcess, RssSeries, ScratchDb, ThreadCpu,
+    cpu_seconds, peak_rss_kib, relay_like_producer_config, rss_kib, write_backlog, AckCounter,
+    CountingContext, RelayProcess, RssSeries, ScratchDb, ThreadCpu,
 };
 use devstack::kafka::{Record, TopicReader};
 use devstack::testing::{connect, redact, unique_name};
@@ -575,46 +575,6 @@ fn verdict(relay: f64, recv: Option<f64>, bare: Option<f64>) -> String {
 /// Writes the backlog over up to 4 connections, without waiting for WAL
 /// flush; each connection writes whole transactions of `rows_per_txn` rows
 /// (one connection when a single transaction holds the whole backlog).
-async fn write_backlog(url: &str, events: usize, rows_per_txn: usize) -> anyhow::Result<()> {
-    let rows_per_txn = rows_per_txn.max(1);
-    let txns = events.div_ceil(rows_per_txn);
-    let writers = txns.clamp(1, 4);
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let client = connect(url).await?;
-        // Transactions w, w + writers, …; the last one may be shorter.
-        let mine: Vec<usize> = (w..txns)
-            .step_by(writers)
-            .map(|t| rows_per_txn.min(events - t * rows_per_txn))
-            .collect();
-        tasks.push(tokio::spawn(async move {
-            client.batch_execute("SET synchronous_commit = off").await?;
-            let stmt = client
-                .prepare(
-                    "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload) \
-                     SELECT 'order', (($1::bigint * 10000000) + g)::text, ($1::bigint * 1000 + g % 1000), 'OrderCreated', \
-                     jsonb_build_object('order_id', $1::bigint * 10000000 + g, 'email', 'customer' || g || '@example.com', \
-                       'status', 'CREATED', 'currency', 'EUR', 'total_cents', 3998, \
-                       'items', jsonb_build_array(jsonb_build_object('sku', 'A-1', 'quantity', 2, 'unit_price_cents', 1999))) \
-                     FROM generate_series($2::int, $3::int) g",
-                )
-                .await?;
-            let mut done = 0usize;
-            for n in mine {
-                let first = i32::try_from(done + 1)?;
-                let last = i32::try_from(done + n)?;
-                client.execute(&stmt, &[&(w as i64), &first, &last]).await?;
-                done += n;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(())
-}
-
 async fn run_pg_recvlogical(
     args: &Args,
     db: &Client,

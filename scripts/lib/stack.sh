@@ -72,6 +72,27 @@ ensure_kafka() {
     mv "$tmp" "$KAFKA_LIBS"
 }
 
+# Kafka Connect with Debezium's Postgres connector (the benchmark peer of
+# `scripts/bench vs-debezium`, never used by the product), fetched the same
+# way: versions pinned in kafka/connect/pom.xml.
+DEBEZIUM_VERSION=$(sed -n 's:.*<debezium.version>\(.*\)</debezium.version>.*:\1:p' "$ROOT/kafka/connect/pom.xml")
+DEBEZIUM_LIBS=$CACHE_DIR/connect-$KAFKA_VERSION-debezium-$DEBEZIUM_VERSION/libs
+ensure_debezium() {
+    command -v java >/dev/null || apt_install_missing openjdk-17-jre-headless
+    [ -f "$DEBEZIUM_LIBS/.complete" ] && return 0
+    command -v mvn >/dev/null || apt_install_missing maven
+    log "fetching Kafka Connect $KAFKA_VERSION and Debezium $DEBEZIUM_VERSION jars into $DEBEZIUM_LIBS (first time only)"
+    local tmp=$DEBEZIUM_LIBS.tmp
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    mvn -q -B -f "$ROOT/kafka/connect/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
+        -DoutputDirectory="$tmp" >"$CACHE_DIR/debezium-fetch.log" 2>&1 \
+        || { tail -n 30 "$CACHE_DIR/debezium-fetch.log" >&2; die "fetching the Connect and Debezium jars failed (log: $CACHE_DIR/debezium-fetch.log)"; }
+    touch "$tmp/.complete"
+    rm -rf "$DEBEZIUM_LIBS"
+    mv "$tmp" "$DEBEZIUM_LIBS"
+}
+
 # --- processes -------------------------------------------------------------
 
 pid_file() { echo "$RUN_DIR/pids/$1.pid"; }
