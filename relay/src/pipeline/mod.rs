@@ -80,9 +80,12 @@ use session::*;
 use supervisor::*;
 
 /// How long a moved confirmable position may wait before it is sent to
-/// Postgres: short enough that the slot follows Kafka's acks closely, long
-/// enough that a burst of acks costs one status update, not thousands.
-pub const CONFIRM_DELAY: Duration = Duration::from_millis(10);
+/// Postgres: short enough that the slot follows Kafka's acks closely (and a
+/// restart replays little), long enough that a burst of acks costs one
+/// status update, not thousands. At 10 ms, a catch-up of 100k one-row
+/// transactions cost the relay 7.7 CPU seconds; at 100 ms, 3.6 (BENCHMARKS.md,
+/// "vs Debezium").
+pub const CONFIRM_DELAY: Duration = Duration::from_millis(100);
 
 /// How many sessions in a row find the same Postgres transaction only partly
 /// in Kafka (with Kafka transactions) before the relay takes that view as it
