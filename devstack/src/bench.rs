@@ -333,6 +333,29 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(buf)
 }
 
+/// `pg_recvlogical` (`bin`) streaming `slot` of the database at `url` to
+/// `/dev/null` until `end_lsn` (pgoutput, the stack's `outbox_pub`): the
+/// benchmarks' baseline for how fast Postgres decodes and sends a backlog.
+pub fn spawn_pg_recvlogical(
+    bin: &Path,
+    url: &str,
+    slot: &str,
+    end_lsn: &str,
+) -> anyhow::Result<tokio::process::Child> {
+    tokio::process::Command::new(bin)
+        .args(["--dbname", url, "--slot", slot, "--start", "--no-loop"])
+        .args(["--endpos", end_lsn, "--file", "/dev/null"])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=outbox_pub",
+        ])
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
+}
+
 /// Producer settings of the relay's sink in its default (non-transactional,
 /// exactly-once) mode, as `relay/src/sink/client.rs` `KafkaConfig::producer_config`
 /// sets them: idempotent, `acks=all`, gapless, never timing a record out,

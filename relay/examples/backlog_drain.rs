@@ -583,18 +583,8 @@ async fn run_pg_recvlogical(
     end_lsn: &str,
 ) -> anyhow::Result<Run> {
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(&args.pg_recvlogical)
-        .args(["--dbname", url, "--slot", slot, "--start", "--no-loop"])
-        .args(["--endpos", end_lsn, "--file", "/dev/null"])
-        .args([
-            "-o",
-            "proto_version=1",
-            "-o",
-            "publication_names=outbox_pub",
-        ])
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", args.pg_recvlogical.display()))?;
+    let mut child =
+        devstack::bench::spawn_pg_recvlogical(&args.pg_recvlogical, url, slot, end_lsn)?;
     let pid = child.id().context("pg_recvlogical pid")?;
     let mut sampler = Sampler::default();
     let mut walsender = WalSender::default();

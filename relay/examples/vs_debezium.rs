@@ -10,7 +10,8 @@
 //!
 //! Measured so far: **catch-up** — a backlog written while both systems are
 //! stopped (one-row transactions, then one transaction of as many rows),
-//! then each system started on it in turn: time from its start to its
+//! then `pg_recvlogical` (the baseline: Postgres decoding and sending it,
+//! no Kafka) and each system started on it in turn: time from its start to its
 //! first and to the last record acknowledged in Kafka (the relay's `relay_events_total`; for
 //! Debezium the topic's high watermarks, which count its records: its
 //! producer is not transactional), events/s, CPU seconds and peak RSS of the
@@ -64,6 +65,9 @@ struct Args {
     /// Seconds of the idle measurement.
     #[arg(long, default_value_t = 60)]
     idle_seconds: u64,
+    /// The baseline: Postgres's own client of the same slot kind.
+    #[arg(long, default_value = "/usr/lib/postgresql/15/bin/pg_recvlogical")]
+    pg_recvlogical: PathBuf,
     /// Give up on a run after this long.
     #[arg(long, default_value = "600s", value_parser = lifecycle::parse_duration)]
     timeout: Duration,
@@ -123,14 +127,22 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for rows_per_txn in [1, args.events] {
         let db = ScratchDb::create(&args.database_url, "vsdbz").await?;
-        let slots = [format!("{}_relay", db.name), format!("{}_dbz", db.name)];
+        let slots = [
+            format!("{}_relay", db.name),
+            format!("{}_dbz", db.name),
+            format!("{}_recv", db.name),
+        ];
         let result = catch_up(&args, &db, &slots, rows_per_txn).await;
         db.drop_with_slots(&slots).await;
         rows.extend(result?);
     }
     let idle = {
         let db = ScratchDb::create(&args.database_url, "vsdbz").await?;
-        let slots = [format!("{}_relay", db.name), format!("{}_dbz", db.name)];
+        let slots = [
+            format!("{}_relay", db.name),
+            format!("{}_dbz", db.name),
+            format!("{}_recv", db.name),
+        ];
         let result = idle_cost(&args, &db, &slots).await;
         db.drop_with_slots(&slots).await;
         result?
@@ -186,6 +198,15 @@ async fn main() -> anyhow::Result<()> {
     };
     let rss = peak("debezium") / peak("relay");
     println!();
+    for one_row in [true, false] {
+        if let (Some(r), Some(b)) = (find("relay", one_row), find("recvlogical", one_row)) {
+            println!(
+                "relay / pg_recvlogical ({}): {:.2}",
+                r.shape,
+                b.seconds / r.seconds
+            );
+        }
+    }
     println!(
         "vs-debezium: drain ratio {drain:.2}, p99 ratio at 1000/s n/a (not measured yet), rss ratio {rss:.1}, duplicates after kills relay n/a debezium n/a"
     );
@@ -193,7 +214,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Slots and publications for both systems, before any row is written.
-async fn prepare(args: &Args, db: &ScratchDb, slots: &[String; 2]) -> anyhow::Result<[String; 2]> {
+async fn prepare(args: &Args, db: &ScratchDb, slots: &[String; 3]) -> anyhow::Result<[String; 2]> {
     devstack::migrations::apply(&db.url).await?;
     let client = connect(&db.url).await?;
     client
@@ -217,7 +238,7 @@ async fn prepare(args: &Args, db: &ScratchDb, slots: &[String; 2]) -> anyhow::Re
 async fn catch_up(
     args: &Args,
     db: &ScratchDb,
-    slots: &[String; 2],
+    slots: &[String; 3],
     rows_per_txn: usize,
 ) -> anyhow::Result<Vec<Measured>> {
     let [relay_topic, dbz_topic] = prepare(args, db, slots).await?;
@@ -229,15 +250,24 @@ async fn catch_up(
     };
     println!("backlog written: {shape}");
     let target = args.events as u64;
+    let end_lsn: String = connect(&db.url)
+        .await?
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
 
-    let mut relay = RelayProcess::spawn(
-        &args.relay_bin,
-        &db.url,
-        &slots[0],
-        &relay_topic,
-        &args.kafka_bootstrap_servers,
-        &[],
-    )?;
+    let d = pg_recvlogical(args, &db.url, &slots[2], &end_lsn).await?;
+    println!("pg_recvlogical: {:.2} s", d.seconds);
+    let mut out = vec![Measured {
+        system: "recvlogical",
+        shape: shape.clone(),
+        first_s: d.first_s,
+        seconds: d.seconds,
+        cpu_s: d.cpu_s,
+        peak_rss_kib: d.peak_rss_kib,
+    }];
+
+    let mut relay = spawn_relay(args, db, &slots[0], &relay_topic)?;
     let (addr, counter) = (
         relay.addr,
         format!("relay_events_total{{topic=\"{relay_topic}\"}}"),
@@ -258,14 +288,14 @@ async fn catch_up(
     relay.kill().await?;
     let d = relay_run.context("relay catch-up")?;
     println!("relay:    {:.2} s", d.seconds);
-    let mut out = vec![Measured {
+    out.push(Measured {
         system: "relay",
         shape: shape.clone(),
         first_s: d.first_s,
         seconds: d.seconds,
         cpu_s: d.cpu_s,
         peak_rss_kib: d.peak_rss_kib,
-    }];
+    });
 
     let dir = tempdir(&db.name)?;
     let mut connect = Connect::spawn(args, db, &slots[1], &dir)?;
@@ -295,6 +325,41 @@ async fn catch_up(
         peak_rss_kib: d.peak_rss_kib,
     });
     Ok(out)
+}
+
+/// `pg_recvlogical` streaming the slot to `/dev/null` until `end_lsn`:
+/// how fast Postgres itself decodes and sends this backlog (no Kafka).
+/// Its first record is not observable: `first_s` is its whole time.
+async fn pg_recvlogical(
+    args: &Args,
+    url: &str,
+    slot: &str,
+    end_lsn: &str,
+) -> anyhow::Result<Drained> {
+    let started = Instant::now();
+    let mut child =
+        devstack::bench::spawn_pg_recvlogical(&args.pg_recvlogical, url, slot, end_lsn)?;
+    let pid = child.id().context("pg_recvlogical pid")?;
+    let (mut cpu_s, mut peak) = (0.0, 0);
+    let status = loop {
+        cpu_s = cpu_seconds(pid).unwrap_or(cpu_s);
+        peak = peak_rss_kib(pid).unwrap_or(peak);
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > args.timeout {
+            bail!("pg_recvlogical did not finish within {:?}", args.timeout);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Drained {
+        first_s: seconds,
+        seconds,
+        cpu_s,
+        peak_rss_kib: peak,
+    })
 }
 
 /// What one drain measured.
@@ -348,20 +413,13 @@ where
 async fn idle_cost(
     args: &Args,
     db: &ScratchDb,
-    slots: &[String; 2],
+    slots: &[String; 3],
 ) -> anyhow::Result<Vec<(&'static str, u64, f64)>> {
     let [relay_topic, _] = prepare(args, db, slots).await?;
     let idle = Duration::from_secs(args.idle_seconds);
     let mut out = Vec::new();
 
-    let mut relay = RelayProcess::spawn(
-        &args.relay_bin,
-        &db.url,
-        &slots[0],
-        &relay_topic,
-        &args.kafka_bootstrap_servers,
-        &[],
-    )?;
+    let mut relay = spawn_relay(args, db, &slots[0], &relay_topic)?;
     relay.wait_connected(Duration::from_secs(60)).await?;
     let cpu0 = cpu_seconds(relay.pid).unwrap_or(0.0);
     tokio::time::sleep(idle).await;
@@ -385,6 +443,23 @@ async fn idle_cost(
     ));
     connect.kill().await;
     Ok(out)
+}
+
+/// The release relay on `slot`, into `topic`, with its defaults.
+fn spawn_relay(
+    args: &Args,
+    db: &ScratchDb,
+    slot: &str,
+    topic: &str,
+) -> anyhow::Result<RelayProcess> {
+    RelayProcess::spawn(
+        &args.relay_bin,
+        &db.url,
+        slot,
+        topic,
+        &args.kafka_bootstrap_servers,
+        &[],
+    )
 }
 
 fn tempdir(name: &str) -> anyhow::Result<PathBuf> {

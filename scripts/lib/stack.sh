@@ -57,19 +57,27 @@ ensure_packages() {
 # fetched once with Maven into the cache directory outside the clone and
 # reused by every later run; a Java runtime to run them.
 ensure_kafka() {
+    fetch_jars "$ROOT/kafka/pom.xml" "$KAFKA_LIBS" "Apache Kafka $KAFKA_VERSION" kafka-fetch.log
+}
+
+# fetch_jars POM DEST WHAT LOG: a Java runtime, then (once) every runtime
+# dependency of POM copied into DEST with Maven; DEST/.complete marks a
+# finished copy, so an interrupted one is redone.
+fetch_jars() {
+    local pom=$1 dest=$2 what=$3 logfile=$CACHE_DIR/$4
     command -v java >/dev/null || apt_install_missing openjdk-17-jre-headless
-    [ -f "$KAFKA_LIBS/.complete" ] && return 0
+    [ -f "$dest/.complete" ] && return 0
     command -v mvn >/dev/null || apt_install_missing maven
-    log "fetching Apache Kafka $KAFKA_VERSION jars into $KAFKA_LIBS (first time only, about a minute)"
-    local tmp=$KAFKA_LIBS.tmp
+    log "fetching $what jars into $dest (first time only, about a minute)"
+    local tmp=$dest.tmp
     rm -rf "$tmp"
     mkdir -p "$tmp"
-    mvn -q -B -f "$ROOT/kafka/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
-        -DoutputDirectory="$tmp" >"$CACHE_DIR/kafka-fetch.log" 2>&1 \
-        || { tail -n 30 "$CACHE_DIR/kafka-fetch.log" >&2; die "fetching the Kafka jars failed (log: $CACHE_DIR/kafka-fetch.log)"; }
+    mvn -q -B -f "$pom" dependency:copy-dependencies -DincludeScope=runtime \
+        -DoutputDirectory="$tmp" >"$logfile" 2>&1 \
+        || { tail -n 30 "$logfile" >&2; die "fetching the $what jars failed (log: $logfile)"; }
     touch "$tmp/.complete"
-    rm -rf "$KAFKA_LIBS"
-    mv "$tmp" "$KAFKA_LIBS"
+    rm -rf "$dest"
+    mv "$tmp" "$dest"
 }
 
 # Kafka Connect with Debezium's Postgres connector (the benchmark peer of
@@ -78,19 +86,8 @@ ensure_kafka() {
 DEBEZIUM_VERSION=$(sed -n 's:.*<debezium.version>\(.*\)</debezium.version>.*:\1:p' "$ROOT/kafka/connect/pom.xml")
 DEBEZIUM_LIBS=$CACHE_DIR/connect-$KAFKA_VERSION-debezium-$DEBEZIUM_VERSION/libs
 ensure_debezium() {
-    command -v java >/dev/null || apt_install_missing openjdk-17-jre-headless
-    [ -f "$DEBEZIUM_LIBS/.complete" ] && return 0
-    command -v mvn >/dev/null || apt_install_missing maven
-    log "fetching Kafka Connect $KAFKA_VERSION and Debezium $DEBEZIUM_VERSION jars into $DEBEZIUM_LIBS (first time only)"
-    local tmp=$DEBEZIUM_LIBS.tmp
-    rm -rf "$tmp"
-    mkdir -p "$tmp"
-    mvn -q -B -f "$ROOT/kafka/connect/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
-        -DoutputDirectory="$tmp" >"$CACHE_DIR/debezium-fetch.log" 2>&1 \
-        || { tail -n 30 "$CACHE_DIR/debezium-fetch.log" >&2; die "fetching the Connect and Debezium jars failed (log: $CACHE_DIR/debezium-fetch.log)"; }
-    touch "$tmp/.complete"
-    rm -rf "$DEBEZIUM_LIBS"
-    mv "$tmp" "$DEBEZIUM_LIBS"
+    fetch_jars "$ROOT/kafka/connect/pom.xml" "$DEBEZIUM_LIBS" \
+        "Kafka Connect $KAFKA_VERSION and Debezium $DEBEZIUM_VERSION" debezium-fetch.log
 }
 
 # --- processes -------------------------------------------------------------
