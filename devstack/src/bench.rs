@@ -221,6 +221,21 @@ impl RssSeries {
     }
 }
 
+/// The stack a benchmark program runs against (`scripts/bench` passes the
+/// `scripts/up` stack's through the environment).
+#[derive(clap::Args, Debug, Clone)]
+pub struct StackArgs {
+    /// A superuser URL of the stack's Postgres (a database is created in it).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub kafka_bootstrap_servers: String,
+}
+
 /// The release relay binary, running as a child process with its HTTP
 /// endpoint on a free local port.
 pub struct RelayProcess {

@@ -68,7 +68,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use devstack::bench::{
     cpu_seconds, peak_rss_kib, relay_like_producer_config, rss_kib, write_backlog, AckCounter,
-    CountingContext, RelayProcess, RssSeries, ScratchDb, ThreadCpu,
+    CountingContext, RelayProcess, RssSeries, ScratchDb, StackArgs, ThreadCpu,
 };
 use devstack::kafka::{Record, TopicReader};
 use devstack::testing::{connect, redact, unique_name};
@@ -98,15 +98,8 @@ enum RunKind {
 #[derive(Parser, Debug)]
 #[command(about = "relay vs pg_recvlogical vs a bare producer on the same backlog")]
 struct Args {
-    /// A superuser URL of the stack's Postgres (a database is created in it).
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: String,
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    kafka_bootstrap_servers: String,
+    #[command(flatten)]
+    stack: StackArgs,
     /// Outbox rows in the backlog.
     #[arg(long, default_value_t = 100_000)]
     events: usize,
@@ -240,7 +233,7 @@ impl WalSender {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let db = ScratchDb::create(&args.database_url, "bench").await?;
+    let db = ScratchDb::create(&args.stack.database_url, "bench").await?;
     let result = bench(&args, &db.url, &db.name).await;
     if !args.keep {
         let slots = slot_names(&db.name);
@@ -337,7 +330,7 @@ async fn bench(args: &Args, url: &str, db_name: &str) -> anyhow::Result<()> {
     }
     if runs.contains(&RunKind::Broker) {
         let topic = unique_name("bench-topic");
-        devstack::kafka::create_topic(&args.kafka_bootstrap_servers, &topic, args.partitions)
+        devstack::kafka::create_topic(&args.stack.kafka_bootstrap_servers, &topic, args.partitions)
             .await?;
         let run = run_relay(
             args,
@@ -345,7 +338,7 @@ async fn bench(args: &Args, url: &str, db_name: &str) -> anyhow::Result<()> {
             url,
             &kafka_slot,
             &topic,
-            &args.kafka_bootstrap_servers,
+            &args.stack.kafka_bootstrap_servers,
             "relay → stack broker (acked)",
         )
         .await?;
@@ -355,7 +348,7 @@ async fn bench(args: &Args, url: &str, db_name: &str) -> anyhow::Result<()> {
     let mut records: Option<Arc<Vec<Record>>> = None;
     if runs.contains(&RunKind::BareMock) || runs.contains(&RunKind::BareBroker) {
         let read = match &relay_topic_on_broker {
-            Some(topic) => read_back(&args.kafka_bootstrap_servers, topic, args.events)
+            Some(topic) => read_back(&args.stack.kafka_bootstrap_servers, topic, args.events)
                 .await
                 .map_err(|e| println!("{e:#}; building the records from the table instead"))
                 .ok(),
@@ -382,10 +375,10 @@ async fn bench(args: &Args, url: &str, db_name: &str) -> anyhow::Result<()> {
     }
     if let (Some(records), true) = (&records, runs.contains(&RunKind::BareBroker)) {
         let topic = unique_name("bench-bare");
-        devstack::kafka::create_topic(&args.kafka_bootstrap_servers, &topic, args.partitions)
+        devstack::kafka::create_topic(&args.stack.kafka_bootstrap_servers, &topic, args.partitions)
             .await?;
         let run = run_bare(
-            &args.kafka_bootstrap_servers,
+            &args.stack.kafka_bootstrap_servers,
             &topic,
             records.clone(),
             args.timeout(),

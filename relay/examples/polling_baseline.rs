@@ -66,7 +66,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use devstack::bench::{
-    relay_like_producer_config, AckCounter, CountingContext, RelayProcess, ScratchDb,
+    relay_like_producer_config, AckCounter, CountingContext, RelayProcess, ScratchDb, StackArgs,
 };
 use devstack::testing::{connect, redact, unique_name};
 use hdrhistogram::Histogram;
@@ -102,15 +102,8 @@ enum Broker {
     about = "relay vs a JDBC-source-connector-style polling baseline under concurrent writers"
 )]
 struct Args {
-    /// A superuser URL of the stack's Postgres (a database is created in it).
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: String,
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    kafka_bootstrap_servers: String,
+    #[command(flatten)]
+    stack: StackArgs,
     /// Where both paths produce.
     #[arg(long, value_enum, default_value_t = Broker::Stack)]
     broker: Broker,
@@ -187,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
     if args.writers == 0 || args.rate <= 0.0 || args.batch_max_rows == 0 {
         bail!("--writers, --rate and --batch-max-rows must be positive");
     }
-    let db = ScratchDb::create(&args.database_url, "pollbench").await?;
+    let db = ScratchDb::create(&args.stack.database_url, "pollbench").await?;
     let slot = format!("{}_relay", db.name);
     let result = bench(&args, &db.url, &db.name, &slot).await;
     if !args.keep {
@@ -213,7 +206,7 @@ async fn bench(args: &Args, url: &str, db_name: &str, slot: &str) -> anyhow::Res
     };
     let bootstrap = match &mock {
         Some(m) => m.bootstrap_servers(),
-        None => args.kafka_bootstrap_servers.clone(),
+        None => args.stack.kafka_bootstrap_servers.clone(),
     };
     for topic in &topics {
         match &mock {

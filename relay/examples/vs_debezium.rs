@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use devstack::bench::{cpu_seconds, peak_rss_kib, rss_kib, RelayProcess, ScratchDb};
+use devstack::bench::{cpu_seconds, peak_rss_kib, rss_kib, RelayProcess, ScratchDb, StackArgs};
 use devstack::testing::connect;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
@@ -37,15 +37,8 @@ use rdkafka::ClientConfig;
 #[derive(Parser, Debug)]
 #[command(about = "relay vs Debezium (Kafka Connect) on the same backlog and broker")]
 struct Args {
-    /// A superuser URL of the stack's Postgres (a database is created in it).
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: String,
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    kafka_bootstrap_servers: String,
+    #[command(flatten)]
+    stack: StackArgs,
     /// Outbox rows in each backlog.
     #[arg(long, default_value_t = 100_000)]
     events: usize,
@@ -126,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut rows = Vec::new();
     for rows_per_txn in [1, args.events] {
-        let db = ScratchDb::create(&args.database_url, "vsdbz").await?;
+        let db = ScratchDb::create(&args.stack.database_url, "vsdbz").await?;
         let slots = [
             format!("{}_relay", db.name),
             format!("{}_dbz", db.name),
@@ -137,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
         rows.extend(result?);
     }
     let idle = {
-        let db = ScratchDb::create(&args.database_url, "vsdbz").await?;
+        let db = ScratchDb::create(&args.stack.database_url, "vsdbz").await?;
         let slots = [
             format!("{}_relay", db.name),
             format!("{}_dbz", db.name),
@@ -230,7 +223,8 @@ async fn prepare(args: &Args, db: &ScratchDb, slots: &[String; 3]) -> anyhow::Re
     }
     let topics = [format!("{}-relay", db.name), format!("{}.order", db.name)];
     for t in &topics {
-        devstack::kafka::create_topic(&args.kafka_bootstrap_servers, t, args.partitions).await?;
+        devstack::kafka::create_topic(&args.stack.kafka_bootstrap_servers, t, args.partitions)
+            .await?;
     }
     Ok(topics)
 }
@@ -299,7 +293,7 @@ async fn catch_up(
 
     let dir = tempdir(&db.name)?;
     let mut connect = Connect::spawn(args, db, &slots[1], &dir)?;
-    let watermarks = Watermarks::new(&args.kafka_bootstrap_servers, &dbz_topic)?;
+    let watermarks = Watermarks::new(&args.stack.kafka_bootstrap_servers, &dbz_topic)?;
     let dbz_run = drain(
         &mut connect.child,
         connect.pid,
@@ -457,7 +451,7 @@ fn spawn_relay(
         &db.url,
         slot,
         topic,
-        &args.kafka_bootstrap_servers,
+        &args.stack.kafka_bootstrap_servers,
         &[],
     )
 }
@@ -498,7 +492,7 @@ impl Connect {
              offset.flush.interval.ms={flush}\n\
              listeners=http://127.0.0.1:{rest}\n\
              connector.client.config.override.policy=All\n",
-            bootstrap = args.kafka_bootstrap_servers,
+            bootstrap = args.stack.kafka_bootstrap_servers,
             offsets = dir.join("offsets").display(),
             flush = setting("offset.flush.interval.ms"),
         );

@@ -214,7 +214,14 @@ pub(super) struct MemorySink {
 }
 
 impl MemorySink {
-    pub(super) fn new(log: &Arc<Mutex<Log>>) -> MemorySink {
+    /// A sink and the log it writes, shared so the test reads it after.
+    pub(super) fn with_log() -> (Arc<Mutex<Log>>, MemorySink) {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let sink = MemorySink::new(&log);
+        (log, sink)
+    }
+
+    fn new(log: &Arc<Mutex<Log>>) -> MemorySink {
         MemorySink {
             log: log.clone(),
             topics: HashMap::from([(

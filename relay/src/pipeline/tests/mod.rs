@@ -4,8 +4,6 @@
 //! loop until it confirms the last transaction (or fails), on tokio's
 //! paused clock.
 
-use std::sync::{Arc, Mutex};
-
 use super::*;
 use crate::event::TopicRouting;
 use outbox_record::header;
@@ -13,20 +11,17 @@ use outbox_record::header;
 mod harness;
 use harness::*;
 
+/// Every row to the one topic the sink starts with.
+fn orders() -> TopicRouting {
+    TopicRouting::Fixed("orders".into())
+}
+
 #[tokio::test(start_paused = true)]
 async fn rows_go_out_in_commit_order_and_are_confirmed_after_their_acks() {
     let txns = txns(40, 3);
     let last = txns.last().unwrap().end_lsn();
-    let log = Arc::new(Mutex::new(Log::default()));
-    let mut sink = MemorySink::new(&log);
-    let run = run_loop(
-        script(&txns, true),
-        last,
-        &mut sink,
-        TopicRouting::Fixed("orders".into()),
-        &[],
-    )
-    .await;
+    let (log, mut sink) = MemorySink::with_log();
+    let run = run_loop(script(&txns, true), last, &mut sink, orders(), &[]).await;
     run.result.expect("the loop ends cleanly");
     let log = log.lock().unwrap();
     assert_eq!(ids(&log.visible), (1..=120).collect::<Vec<_>>());
@@ -50,17 +45,9 @@ async fn rows_go_out_in_commit_order_and_are_confirmed_after_their_acks() {
 async fn backpressure_holds_records_without_losing_or_reordering_them() {
     let txns = txns(50, 20);
     let last = txns.last().unwrap().end_lsn();
-    let log = Arc::new(Mutex::new(Log::default()));
-    let mut sink = MemorySink::new(&log);
+    let (log, mut sink) = MemorySink::with_log();
     sink.capacity = 1;
-    let run = run_loop(
-        script(&txns, false),
-        last,
-        &mut sink,
-        TopicRouting::Fixed("orders".into()),
-        &[],
-    )
-    .await;
+    let run = run_loop(script(&txns, false), last, &mut sink, orders(), &[]).await;
     run.result.expect("the loop ends cleanly");
     assert_eq!(
         ids(&log.lock().unwrap().visible),
@@ -73,8 +60,7 @@ async fn backpressure_holds_records_without_losing_or_reordering_them() {
 async fn a_replay_skips_exactly_what_each_partition_already_holds() {
     let txns = txns(4, 3);
     let last = txns.last().unwrap().end_lsn();
-    let log = Arc::new(Mutex::new(Log::default()));
-    let mut sink = MemorySink::new(&log);
+    let (log, mut sink) = MemorySink::with_log();
     // One partition holding everything up to the second row of the second
     // transaction (a crash after those acks, before confirmation).
     sink.topics.insert(
@@ -84,14 +70,7 @@ async fn a_replay_skips_exactly_what_each_partition_already_holds() {
             last: vec![Some((Lsn(txns[1].commit_lsn), 1))],
         },
     );
-    let run = run_loop(
-        script(&txns, false),
-        last,
-        &mut sink,
-        TopicRouting::Fixed("orders".into()),
-        &[],
-    )
-    .await;
+    let run = run_loop(script(&txns, false), last, &mut sink, orders(), &[]).await;
     run.result.expect("the loop ends cleanly");
     assert_eq!(
         ids(&log.lock().unwrap().visible),
@@ -104,14 +83,13 @@ async fn a_replay_skips_exactly_what_each_partition_already_holds() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_delivery_ends_the_session_without_confirming_past_it() {
     let txns = txns(5, 3);
-    let log = Arc::new(Mutex::new(Log::default()));
-    let mut sink = MemorySink::new(&log);
+    let (_log, mut sink) = MemorySink::with_log();
     sink.fail_at = Some(7); // the second row of the third transaction
     let run = run_loop(
         script(&txns, false),
         txns.last().unwrap().end_lsn(),
         &mut sink,
-        TopicRouting::Fixed("orders".into()),
+        orders(),
         &[],
     )
     .await;
@@ -135,8 +113,7 @@ async fn a_new_topic_is_readied_while_status_updates_keep_flowing() {
     txns[1].rows[0].2 = Some("refunds");
     txns[1].rows[1].2 = Some("refunds");
     let last = txns.last().unwrap().end_lsn();
-    let log = Arc::new(Mutex::new(Log::default()));
-    let mut sink = MemorySink::new(&log);
+    let (log, mut sink) = MemorySink::with_log();
     sink.prepare_takes = Duration::from_secs(15);
     let routing = TopicRouting::ByColumn {
         column: "topic".into(),
@@ -176,14 +153,13 @@ async fn a_new_topic_is_readied_while_status_updates_keep_flowing() {
 async fn kafka_transactions_hold_whole_postgres_transactions() {
     let txns = txns(6, 3);
     let last = txns.last().unwrap().end_lsn();
-    let log = Arc::new(Mutex::new(Log::default()));
-    let mut sink = MemorySink::new(&log);
+    let (log, mut sink) = MemorySink::with_log();
     sink.transactional = true;
     let run = run_loop(
         script(&txns, false),
         last,
         &mut sink,
-        TopicRouting::Fixed("orders".into()),
+        orders(),
         &["--transaction-max-records", "4"],
     )
     .await;
@@ -208,8 +184,7 @@ async fn kafka_transactions_hold_whole_postgres_transactions() {
 #[tokio::test(start_paused = true)]
 async fn with_kafka_transactions_a_partly_written_transaction_is_read_again() {
     let txns = txns(2, 3);
-    let log = Arc::new(Mutex::new(Log::default()));
-    let mut sink = MemorySink::new(&log);
+    let (log, mut sink) = MemorySink::with_log();
     sink.transactional = true;
     sink.topics.insert(
         "orders".into(),
@@ -222,7 +197,7 @@ async fn with_kafka_transactions_a_partly_written_transaction_is_read_again() {
         script(&txns, false),
         txns[1].end_lsn(),
         &mut sink,
-        TopicRouting::Fixed("orders".into()),
+        orders(),
         &[],
     )
     .await;
