@@ -141,6 +141,18 @@ pub struct Config {
     #[arg(long, env = "OUTBOX_TOPIC", default_value = "microshop.order-outbox")]
     pub topic: String,
 
+    /// The header that carries the outbox id (sql mode's record key).
+    /// Debezium's Outbox Event Router writes it as `id`.
+    #[arg(long, env = "LOADGEN_EVENT_ID_HEADER", default_value = outbox_record::header::EVENT_ID)]
+    pub event_id_header: String,
+
+    /// The header that carries the commit time (RFC 3339), where
+    /// commit_to_kafka and commit_to_consumed start. A Debezium outbox can
+    /// place its `created_at` column there (the transaction's start, which
+    /// precedes its commit).
+    #[arg(long, env = "LOADGEN_COMMIT_TIME_HEADER", default_value = outbox_record::header::COMMIT_TS)]
+    pub commit_time_header: String,
+
     /// Measure the requests only: no Kafka consumer, no pipeline stages
     /// [default: off].
     #[arg(long, env = "LOADGEN_NO_KAFKA")]
@@ -199,6 +211,8 @@ impl std::fmt::Debug for Config {
             .field("order_api_url", &self.order_api_url)
             .field("kafka_bootstrap_servers", &self.kafka_bootstrap_servers)
             .field("topic", &self.topic)
+            .field("event_id_header", &self.event_id_header)
+            .field("commit_time_header", &self.commit_time_header)
             .finish_non_exhaustive()
     }
 }

@@ -193,9 +193,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Report, 
     }));
     let stop_consumer = CancellationToken::new();
     let consumer_task = consumer.map(|c| {
+        let names = matcher::HeaderNames {
+            event_id: config.event_id_header.clone(),
+            commit_time: config.commit_time_header.clone(),
+        };
         tokio::spawn(consume(
             c,
-            config.mode,
+            (config.mode, names),
             shared.clone(),
             stop_consumer.clone(),
         ))
@@ -534,7 +538,12 @@ async fn send_one(
 }
 
 /// The consumer loop: every record is decoded and offered to the matcher.
-async fn consume(consumer: StreamConsumer, mode: Mode, shared: Shared, stop: CancellationToken) {
+async fn consume(
+    consumer: StreamConsumer,
+    (mode, names): (Mode, matcher::HeaderNames),
+    shared: Shared,
+    stop: CancellationToken,
+) {
     let mut last_error: Option<Instant> = None;
     loop {
         let msg = tokio::select! {
@@ -554,7 +563,7 @@ async fn consume(consumer: StreamConsumer, mode: Mode, shared: Shared, stop: Can
                 continue;
             }
         };
-        let arrived = matcher::arrived_of(&msg);
+        let arrived = matcher::arrived_of(&msg, &names);
         let key = matcher::key_of(mode, arrived.event_id, msg.payload());
         let mut st = lock(&shared);
         st.stats.counters.records_read += 1;

@@ -33,7 +33,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use outbox_record::event::{ORDER_CREATED, ORDER_STATUS_CHANGED};
@@ -108,11 +108,11 @@ pub struct Arrived {
     pub at: Instant,
     /// Wall clock at arrival, µs since the epoch.
     pub wall_us: i64,
-    /// The `commit_ts` header, µs since the epoch.
+    /// The commit-time header (`commit_ts`), µs since the epoch.
     pub commit_us: Option<i64>,
     /// The record's timestamp when it is the broker's (LogAppendTime), ms.
     pub log_append_ms: Option<i64>,
-    /// The `event_id` header.
+    /// The event-id header (`event_id`).
     pub event_id: Option<i64>,
 }
 
@@ -314,20 +314,38 @@ pub fn assign_at_end(
     Ok(consumer)
 }
 
+/// Which headers carry what loadgen reads (`--event-id-header`,
+/// `--commit-time-header`).
+#[derive(Clone, Debug)]
+pub struct HeaderNames {
+    pub event_id: String,
+    pub commit_time: String,
+}
+
+impl Default for HeaderNames {
+    /// The relay's: `event_id` and `commit_ts`.
+    fn default() -> HeaderNames {
+        HeaderNames {
+            event_id: header::EVENT_ID.to_owned(),
+            commit_time: header::COMMIT_TS.to_owned(),
+        }
+    }
+}
+
 /// The time of arrival and the headers loadgen reads from a message.
-pub fn arrived_of(msg: &BorrowedMessage<'_>) -> Arrived {
+pub fn arrived_of<M: Message>(msg: &M, names: &HeaderNames) -> Arrived {
     let at = Instant::now();
     let wall_us = wall_micros();
     // Per record: look up only the two headers needed, nothing allocated.
-    let text = |name| {
+    let text = |name: &str| {
         let hs = msg.headers()?;
         let value = header::find(hs.iter().map(|h| (h.key, h.value)), name)?;
         std::str::from_utf8(value).ok()
     };
-    let commit_us = text(header::COMMIT_TS)
+    let commit_us = text(&names.commit_time)
         .and_then(header::parse_commit_ts)
         .map(|t| t.timestamp_micros());
-    let event_id = text(header::EVENT_ID).and_then(|t| t.trim().parse().ok());
+    let event_id = text(&names.event_id).and_then(|t| t.trim().parse().ok());
     let log_append_ms = match msg.timestamp() {
         rdkafka::Timestamp::LogAppendTime(ms) => Some(ms),
         _ => None,
@@ -389,6 +407,52 @@ mod tests {
         m.prune(now + Duration::from_secs(1));
         assert!(m.expect(Key::Event(3), sent(now)).is_none());
         assert_eq!(m.missing(), 1);
+    }
+
+    fn message(headers: &[(&str, &str)]) -> rdkafka::message::OwnedMessage {
+        let mut hs = rdkafka::message::OwnedHeaders::new();
+        for (k, v) in headers {
+            hs = hs.insert(rdkafka::message::Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        rdkafka::message::OwnedMessage::new(
+            None,
+            None,
+            "t".into(),
+            rdkafka::Timestamp::CreateTime(1),
+            0,
+            0,
+            Some(hs),
+        )
+    }
+
+    #[test]
+    fn headers_are_read_by_the_configured_names() {
+        let relay = message(&[
+            ("event_id", "41"),
+            ("commit_ts", "2026-12-01T05:10:00.000001Z"),
+        ]);
+        let a = arrived_of(&relay, &HeaderNames::default());
+        assert_eq!(a.event_id, Some(41));
+        assert_eq!(a.commit_us, Some(1_796_101_800_000_001));
+        assert_eq!(a.log_append_ms, None);
+
+        // Debezium's Outbox Event Router: the id as `id`, a timestamptz
+        // column placed as a header in ISO-8601.
+        let debezium = message(&[("id", "42"), ("created_at", "2026-12-01T05:10:00.5Z")]);
+        assert_eq!(
+            arrived_of(&debezium, &HeaderNames::default()).event_id,
+            None
+        );
+        let names = HeaderNames {
+            event_id: "id".into(),
+            commit_time: "created_at".into(),
+        };
+        let a = arrived_of(&debezium, &names);
+        assert_eq!(a.event_id, Some(42));
+        assert_eq!(a.commit_us, Some(1_796_101_800_500_000));
     }
 
     #[test]
