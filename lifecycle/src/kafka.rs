@@ -186,6 +186,10 @@ fn untrusted_certificate(reason: &str) -> bool {
 /// librdkafka's log lines, as rdkafka's default `ClientContext::log` writes
 /// them (target `librdkafka`), for contexts that also look at them.
 pub fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    if asked_for(facility, message) {
+        tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}");
+        return;
+    }
     match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
@@ -205,9 +209,33 @@ pub fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
     }
 }
 
+/// Warnings about settings made on purpose, which ask for no action: the
+/// relay sets `enable.gapless.guarantee` (experimental, librdkafka says on
+/// every start) because its exactly-once proof needs it. Logged at debug,
+/// so a clean start logs no warning an operator should learn to ignore.
+fn asked_for(facility: &str, message: &str) -> bool {
+    facility == "CONFWARN" && message.contains("enable.gapless.guarantee is experimental")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_chosen_setting_warning_is_quiet() {
+        assert!(asked_for(
+            "CONFWARN",
+            "[thrd:app]: Configuration property enable.gapless.guarantee is experimental: When set to `true`, …"
+        ));
+        assert!(!asked_for(
+            "CONFWARN",
+            "[thrd:app]: Configuration property queue.buffering.max.ms is deprecated"
+        ));
+        assert!(!asked_for(
+            "FAIL",
+            "enable.gapless.guarantee is experimental"
+        ));
+    }
 
     #[test]
     fn operator_properties_come_last() {

@@ -155,6 +155,13 @@ pub struct Config {
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    /// Async worker threads. The relay's loop is one task: on one thread it
+    /// is never moved between threads, which on a catch-up of one-row
+    /// transactions cost about a quarter of its CPU (BENCHMARKS.md).
+    /// Blocking Kafka calls and librdkafka's own threads are apart from it.
+    #[arg(long, env = "RELAY_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: u16,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }

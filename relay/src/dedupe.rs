@@ -36,7 +36,8 @@
 //! aborted records (of this relay or of a producer it fenced) may precede
 //! them; the reader is `read_committed`, so none of those is visible.
 //! Reading starts one offset below the high watermark and goes on until the
-//! partition stays quiet, and the newest record read is the last one. When
+//! end of the partition is reported after a record (or, failing that, the
+//! partition stays quiet), and the newest record read is the last one. When
 //! the end of a partition comes before any record, reading restarts further
 //! back ([`step_back`]: 64, 4096, … offsets from the end, down to the low
 //! watermark), so the last *committed* record is found; a partition with
@@ -78,6 +79,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use outbox_record::Meta;
@@ -216,8 +218,10 @@ pub async fn load(
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the first record of a non-empty partition.
 const FIRST_RECORD_TIMEOUT: Duration = Duration::from_secs(15);
-/// Once records flow, a partition is read to its end when nothing more
-/// arrives for this long.
+/// Once records flow, a partition is read to its end when its end is
+/// reported after its newest record, or (should that report not come, as
+/// after a seek back to an end already reported) when nothing more arrives
+/// for this long.
 const QUIET: Duration = Duration::from_millis(500);
 
 fn load_blocking(
@@ -229,7 +233,7 @@ fn load_blocking(
         topic: topic.to_owned(),
         source,
     };
-    let consumer: BaseConsumer = client_cfg
+    let consumer: BaseConsumer<EndsContext> = client_cfg
         .set("group.id", "outbox-relay-dedupe")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -237,8 +241,44 @@ fn load_blocking(
         // `step_back`) from one that is slow to answer.
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
-        .create()
+        // The tails are short: an empty fetch at the end should come back
+        // at once, not after the broker's default 500 ms wait for data.
+        .set("fetch.wait.max.ms", "10")
+        .create_with_context(EndsContext)
         .map_err(kafka)?;
+    let result = read_ends(&consumer, topic, read_last);
+    // Closing a consumer takes a while (up to ~100 ms seen here) and
+    // nothing waits on it: the session goes on meanwhile.
+    std::thread::spawn(move || drop(consumer));
+    result
+}
+
+/// The reader's client context: librdkafka also reports each end of a
+/// partition as a client error, which the default context logs at ERROR;
+/// here they are expected, so only other errors are logged.
+struct EndsContext;
+
+impl rdkafka::ClientContext for EndsContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let eof = rdkafka::error::KafkaError::Global(RDKafkaErrorCode::PartitionEOF);
+        if error != eof {
+            tracing::error!(%error, reason, "kafka client error (dedupe reader)");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for EndsContext {}
+
+/// [`load_blocking`]'s work, on its consumer.
+fn read_ends(
+    consumer: &BaseConsumer<EndsContext>,
+    topic: &str,
+    read_last: bool,
+) -> Result<TopicState, DedupeError> {
+    let kafka = |source| DedupeError::Kafka {
+        topic: topic.to_owned(),
+        source,
+    };
     let md = consumer
         .fetch_metadata(Some(topic), METADATA_TIMEOUT)
         .map_err(kafka)?;
@@ -274,6 +314,7 @@ fn load_blocking(
                 high,
                 start,
                 newest: None,
+                at_end: false,
                 empty: false,
             });
         }
@@ -310,27 +351,30 @@ fn load_blocking(
                     }
                 }
                 tail.newest = Some((msg.offset(), pos));
+                tail.at_end = false;
             }
-            // The end came before any record: everything from `start` on is
-            // invisible to a read_committed reader (transaction markers,
-            // aborted records), so look further back.
+            // The end after a record: that partition is read. The end
+            // before any record: everything from `start` on is invisible to
+            // a read_committed reader (transaction markers, aborted
+            // records), so look further back.
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                let Some(tail) = tails.get_mut(p as usize).and_then(Option::as_mut) else {
-                    continue;
-                };
-                if tail.newest.is_some() || tail.empty {
-                    continue;
+                // No `continue` here: the check below must see this end.
+                if let Some(tail) = tails.get_mut(p as usize).and_then(Option::as_mut) {
+                    if tail.newest.is_some() {
+                        tail.at_end = true;
+                    } else if !tail.empty {
+                        progress_at = std::time::Instant::now();
+                        if tail.start <= tail.low {
+                            tail.empty = true;
+                        } else {
+                            tail.start = step_back(tail.low, tail.high, tail.start);
+                            tracing::debug!(%topic, partition = p, offset = tail.start, "nothing visible at the end; reading from further back");
+                            consumer
+                                .seek(topic, p, Offset::Offset(tail.start), METADATA_TIMEOUT)
+                                .map_err(kafka)?;
+                        }
+                    }
                 }
-                progress_at = std::time::Instant::now();
-                if tail.start <= tail.low {
-                    tail.empty = true;
-                    continue;
-                }
-                tail.start = step_back(tail.low, tail.high, tail.start);
-                tracing::debug!(%topic, partition = p, offset = tail.start, "nothing visible at the end; reading from further back");
-                consumer
-                    .seek(topic, p, Offset::Offset(tail.start), METADATA_TIMEOUT)
-                    .map_err(kafka)?;
             }
             Some(Err(e)) => return Err(kafka(e)),
             None => {}
@@ -339,8 +383,9 @@ fn load_blocking(
             .iter()
             .flatten()
             .all(|t| t.newest.is_some() || t.empty);
+        let at_end = tails.iter().flatten().all(|t| t.at_end || t.empty);
         let quiet = last_message_at.is_none_or(|t| t.elapsed() >= QUIET);
-        if (resolved && quiet) || progress_at.elapsed() >= FIRST_RECORD_TIMEOUT {
+        if at_end || (resolved && quiet) || progress_at.elapsed() >= FIRST_RECORD_TIMEOUT {
             break;
         }
     }
@@ -381,6 +426,8 @@ struct Tail {
     start: i64,
     /// Offset and position of the newest record read.
     newest: Option<(i64, Option<Position>)>,
+    /// The end of the partition came after `newest`: nothing newer.
+    at_end: bool,
     /// Read from `low` to the end without a visible record.
     empty: bool,
 }

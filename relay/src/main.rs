@@ -12,7 +12,10 @@ fn main() -> std::process::ExitCode {
     if let Some(Command::Slot { action }) = cfg.command.clone() {
         return lifecycle::block_on("relay", slot_command(&cfg, action));
     }
-    lifecycle::serve("relay", |shutdown| relay::pipeline::run(cfg, shutdown))
+    let workers = Some(usize::from(cfg.worker_threads));
+    lifecycle::serve_with_workers("relay", workers, |shutdown| {
+        relay::pipeline::run(cfg, shutdown)
+    })
 }
 
 async fn slot_command(cfg: &Config, action: SlotAction) -> std::process::ExitCode {

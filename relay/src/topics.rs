@@ -37,6 +37,8 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), S
             missing.push(topic.as_str());
         }
     }
+    // Closing a client takes a while and nothing waits on it.
+    std::thread::spawn(move || drop(lookup));
     if missing.is_empty() {
         return Ok(());
     }

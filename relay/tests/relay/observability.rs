@@ -1,13 +1,17 @@
 //! What an SRE relies on: lag gauges that move with an outage, heartbeats
 //! that advance an idle slot, `/healthz` turning unhealthy when the slot
-//! retains too much WAL, the commit→ack histogram, and `relay slot`.
+//! retains too much WAL, the commit→ack histogram, `relay slot`, and
+//! starts that log nothing an operator would have to learn to ignore.
 
 use std::time::Duration;
 
-use crate::common::{current_wal_lsn, http_get, insert_event, relay_config, slot_confirmed, start};
+use crate::common::{
+    current_wal_lsn, free_port, http_get, insert_event, read_until_all, relay_args, relay_config,
+    slot_confirmed, start,
+};
 use devstack::cluster::PgCluster;
 use devstack::kafka::TopicReader;
-use devstack::testing::{create_topic, kafka_bootstrap, unique_name, wait_for, TestDb};
+use devstack::testing::{create_topic, kafka_bootstrap, unique_name, wait_for, Captured, TestDb};
 use rdkafka::mocking::MockCluster;
 
 /// The value of an unlabelled metric in Prometheus text.
@@ -257,5 +261,54 @@ async fn slot_status_and_drop_commands() -> anyhow::Result<()> {
 
     let (ok, _, err) = relay_cmd(&cmd(&["status"])).await?;
     assert!(!ok && err.contains("does not exist"), "{err}");
+    Ok(())
+}
+
+/// Two starts of the relay binary, the second on a topic that holds the
+/// first one's records (so it reads each partition's end, where librdkafka
+/// reports end-of-partition as an error), each streaming ten events and
+/// stopped by SIGTERM: nothing is logged at WARN or ERROR, and every event
+/// is in the topic once.
+#[tokio::test]
+async fn clean_starts_log_no_warning_or_error() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let client = db.connect().await?;
+    let topic = create_topic(3).await?;
+    let bootstrap = kafka_bootstrap();
+    let mut args = relay_args(&db.url, &db.slot_name(), &topic, &bootstrap, &[]);
+    let listen = args.iter().position(|a| a == "--listen").expect("--listen") + 1;
+    let mut ids = std::collections::BTreeSet::new();
+    let mut logs = String::new();
+    for round in 0..2 {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        args[listen] = addr.to_string();
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"));
+        cmd.args(&args[1..])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1");
+        let mut relay = Captured::spawn(cmd)?;
+        wait_for("the relay to stream", Duration::from_secs(60), || async {
+            let body = http_get(addr, "/status").await.unwrap_or_default();
+            Ok(body.contains(r#""state":"streaming""#).then_some(()))
+        })
+        .await?;
+        for user in 0..10 {
+            ids.insert(insert_event(&client, round * 100 + user, "OrderCreated").await?);
+        }
+        let records = read_until_all(&bootstrap, &topic, &ids, Duration::from_secs(60)).await?;
+        assert_eq!(records.len(), ids.len(), "each event once");
+        let (status, log) = relay.terminate(Duration::from_secs(30)).await?;
+        assert!(status.success(), "{status}: {log}");
+        logs.push_str(&log);
+    }
+    let noisy: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(noisy.is_empty(), "logged at WARN or ERROR: {noisy:#?}");
+    assert!(
+        logs.contains("read each partition's last position"),
+        "{logs}"
+    );
     Ok(())
 }
