@@ -25,9 +25,10 @@ pub const DEBEZIUM_SETTINGS: &[(&str, &str)] = &[
     ("producer.override.batch.size", "262144"),
     ("offset.flush.interval.ms", "1000"),
     // What its docs advise when other tables take most of the writes, so
-    // that its slot's confirmed position keeps moving (topic created by
-    // `prepare`: the stack's broker does not auto-create topics).
+    // that its slot's confirmed position keeps moving: a heartbeat every
+    // 10 s that also writes a row of a captured table (see `setup`).
     ("heartbeat.interval.ms", "10000"),
+    ("heartbeat.action.query", HEARTBEAT_QUERY),
     ("heap (-Xmx)", "1G"),
 ];
 
@@ -41,6 +42,26 @@ pub fn tempdir(name: &str) -> anyhow::Result<PathBuf> {
 
 /// The topic Debezium's heartbeats go to (`topic.prefix` is `vsdbz`).
 pub const HEARTBEAT_TOPIC: &str = "__debezium-heartbeat.vsdbz";
+/// Where the changes of its heartbeat table go (not through the router).
+pub const HEARTBEAT_TABLE_TOPIC: &str = "vsdbz.public.debezium_heartbeat";
+const HEARTBEAT_QUERY: &str = "INSERT INTO debezium_heartbeat (id, ts) VALUES (1, now()) \
+     ON CONFLICT (id) DO UPDATE SET ts = excluded.ts";
+
+/// What Debezium needs in a database besides its slot: its heartbeat
+/// table and its publication (the outbox and that table), and its topics
+/// beside the outbox's (the stack's broker does not create topics on use).
+pub async fn setup(client: &tokio_postgres::Client, bootstrap: &str) -> anyhow::Result<()> {
+    client
+        .batch_execute(
+            "CREATE TABLE debezium_heartbeat (id int PRIMARY KEY, ts timestamptz NOT NULL); \
+             CREATE PUBLICATION debezium_pub FOR TABLE outbox, debezium_heartbeat",
+        )
+        .await?;
+    for topic in [HEARTBEAT_TOPIC, HEARTBEAT_TABLE_TOPIC] {
+        devstack::kafka::create_topic(bootstrap, topic, 1).await?;
+    }
+    Ok(())
+}
 
 /// Kafka Connect standalone with the Debezium connector, as a child process.
 pub struct Connect {
@@ -90,10 +111,14 @@ impl Connect {
              slot.name={slot}\n\
              publication.name=debezium_pub\n\
              publication.autocreate.mode=disabled\n\
-             table.include.list=public.outbox\n\
+             table.include.list=public.outbox,public.debezium_heartbeat\n\
              snapshot.mode=no_data\n\
              transforms=outbox\n\
              transforms.outbox.type=io.debezium.transforms.outbox.EventRouter\n\
+             transforms.outbox.predicate=isOutbox\n\
+             predicates=isOutbox\n\
+             predicates.isOutbox.type=org.apache.kafka.connect.transforms.predicates.TopicNameMatches\n\
+             predicates.isOutbox.pattern=vsdbz.public.outbox\n\
              transforms.outbox.table.field.event.id=id\n\
              transforms.outbox.table.field.event.key=user_id\n\
              transforms.outbox.table.field.event.payload=payload\n\
@@ -114,6 +139,7 @@ impl Connect {
             "producer.override.linger.ms",
             "producer.override.batch.size",
             "heartbeat.interval.ms",
+            "heartbeat.action.query",
         ] {
             connector.push_str(&format!("{key}={}\n", setting(key)));
         }

@@ -72,9 +72,8 @@ async fn one_system(
 ) -> anyhow::Result<Crash> {
     devstack::migrations::apply(&db.url).await?;
     let client = connect(&db.url).await?;
-    client
-        .batch_execute("CREATE PUBLICATION debezium_pub FOR TABLE outbox")
-        .await?;
+    let bootstrap = &args.stack.kafka_bootstrap_servers;
+    crate::connect::setup(&client, bootstrap).await?;
     client
         .execute(
             "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -92,9 +91,7 @@ async fn one_system(
     } else {
         (format!("{}.loadgen", db.name), "id")
     };
-    let bootstrap = &args.stack.kafka_bootstrap_servers;
     devstack::kafka::create_topic(bootstrap, &topic, args.partitions).await?;
-    devstack::kafka::create_topic(bootstrap, crate::connect::HEARTBEAT_TOPIC, 1).await?;
 
     let dir = tempdir(&format!("{}-crash", db.name))?;
     let start = || -> anyhow::Result<System> {

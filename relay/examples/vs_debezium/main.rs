@@ -444,9 +444,7 @@ fn print_crashes(rows: &[crash::Crash]) {
 async fn prepare(args: &Args, db: &ScratchDb, slots: &[String; 3]) -> anyhow::Result<Topics> {
     devstack::migrations::apply(&db.url).await?;
     let client = connect(&db.url).await?;
-    client
-        .batch_execute("CREATE PUBLICATION debezium_pub FOR TABLE outbox")
-        .await?;
+    connect::setup(&client, &args.stack.kafka_bootstrap_servers).await?;
     for slot in slots {
         client
             .execute(
@@ -464,7 +462,6 @@ async fn prepare(args: &Args, db: &ScratchDb, slots: &[String; 3]) -> anyhow::Re
     for t in [&topics.relay, &topics.order, &topics.loadgen] {
         devstack::kafka::create_topic(bootstrap, t, args.partitions).await?;
     }
-    devstack::kafka::create_topic(bootstrap, connect::HEARTBEAT_TOPIC, 1).await?;
     Ok(topics)
 }
 
