@@ -97,6 +97,10 @@ impl Connect {
             offsets = dir.join("offsets").display(),
             flush = setting("offset.flush.interval.ms"),
         );
+        // The relay's own heartbeats are logical decoding messages in the
+        // same database; Debezium would stream them to `vsdbz.message`
+        // (a topic nobody created, which blocks its producer), so they are
+        // excluded by prefix.
         let mut connector = format!(
             "name=outbox-debezium\n\
              connector.class=io.debezium.connector.postgresql.PostgresConnector\n\
@@ -113,6 +117,7 @@ impl Connect {
              publication.autocreate.mode=disabled\n\
              table.include.list=public.outbox,public.debezium_heartbeat\n\
              snapshot.mode=no_data\n\
+             message.prefix.exclude.list=outbox-relay.heartbeat\n\
              transforms=outbox\n\
              transforms.outbox.type=io.debezium.transforms.outbox.EventRouter\n\
              transforms.outbox.predicate=isOutbox\n\
