@@ -94,10 +94,40 @@ ensure_debezium() {
 
 pid_file() { echo "$RUN_DIR/pids/$1.pid"; }
 
+# choose_kafka: the stack's own broker, or the external cluster named by
+# KAFKA_BOOTSTRAP_SERVERS (sets EXTERNAL_KAFKA), and says which. The own
+# broker's address (what .run/env exports) is not an external cluster, even
+# when a shell that sourced .run/env runs scripts/up again.
+choose_kafka() {
+    case "${KAFKA_BOOTSTRAP_SERVERS:-}" in
+        ""|"127.0.0.1:$KAFKA_PORT"|"localhost:$KAFKA_PORT")
+            EXTERNAL_KAFKA=
+            KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_PORT
+            log "Kafka: the stack's own broker on $KAFKA_BOOTSTRAP_SERVERS" ;;
+        *)
+            EXTERNAL_KAFKA=1
+            log "Kafka: the external cluster at $KAFKA_BOOTSTRAP_SERVERS (KAFKA_BOOTSTRAP_SERVERS is set)" ;;
+    esac
+}
+
+# alive PID: the process exists and is not a zombie (a killed process
+# answers `kill -0` until its parent reaps it).
+alive() {
+    local state
+    kill -0 "$1" 2>/dev/null || return 1
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
 is_running() {
     local f; f=$(pid_file "$1")
-    [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+    [ -f "$f" ] && alive "$(cat "$f")"
 }
+
+# Services this run started, and when the last of them became healthy
+# (see confirm_stayed_up).
+STARTED_HERE=()
+LAST_HEALTHY_AT=0
 
 # start NAME CMD...: runs CMD in the background (own process group) with its
 # log under $RUN_DIR/logs, unless NAME is already running.
@@ -111,6 +141,7 @@ start() {
     log "starting $name"
     setsid "$@" >>"$RUN_DIR/logs/$name.log" 2>&1 < /dev/null &
     echo $! >"$(pid_file "$name")"
+    STARTED_HERE+=("$name")
 }
 
 stop() {
@@ -118,9 +149,9 @@ stop() {
     f=$(pid_file "$name")
     [ -f "$f" ] || return 0
     pid=$(cat "$f")
-    if kill -0 "$pid" 2>/dev/null; then
+    if alive "$pid"; then
         kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        for _ in $(seq 1 100); do alive "$pid" || break; sleep 0.1; done
         kill -KILL -- "-$pid" 2>/dev/null || true
     fi
     rm -f "$f"
@@ -144,7 +175,26 @@ wait_healthy() {
         fi
         sleep 0.2
     done
+    LAST_HEALTHY_AT=$(date +%s%3N)
     log "$name healthy"
+}
+
+# confirm_stayed_up [SECONDS]: a service that answered its health check and
+# exited right after (a refused login, say) is not up. Waits until SECONDS
+# (whole, 2 by default) have passed since the last one became healthy, then
+# fails naming any service started by this run that is no longer running.
+confirm_stayed_up() {
+    local settle=${1:-2} name wait
+    [ ${#STARTED_HERE[@]} -gt 0 ] || return 0
+    wait=$((LAST_HEALTHY_AT + settle * 1000 - $(date +%s%3N)))
+    if [ "$wait" -gt 0 ]; then sleep "$((wait / 1000)).$(printf %03d $((wait % 1000)))"; fi
+    for name in "${STARTED_HERE[@]}"; do
+        if ! is_running "$name"; then
+            printf '\n--- last lines of %s ---\n' "$RUN_DIR/logs/$name.log" >&2
+            tail -n 30 "$RUN_DIR/logs/$name.log" >&2 2>/dev/null || true
+            die "$name exited right after it became healthy"
+        fi
+    done
 }
 
 http_ok() { curl -fs -o /dev/null --max-time 2 "$1"; }
