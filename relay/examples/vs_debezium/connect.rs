@@ -3,6 +3,7 @@
 //! ([`DEBEZIUM_SETTINGS`], printed with every run), its start, its
 //! connector's state and its topic's record count.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -63,104 +64,90 @@ pub async fn setup(client: &tokio_postgres::Client, bootstrap: &str) -> anyhow::
     Ok(())
 }
 
-/// Kafka Connect standalone with the Debezium connector, as a child process.
+/// How Connect runs the connector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `ConnectStandalone`, offsets in a file: at-least-once, as Kafka
+    /// Connect runs a source by default.
+    Standalone,
+    /// `ConnectDistributed` with `exactly.once.source.support=enabled`
+    /// (KIP-618): records and offsets in one Kafka transaction per poll,
+    /// the connector configured with `exactly.once.support=required`.
+    ExactlyOnce,
+}
+
+/// Kafka Connect with the Debezium connector, as a child process.
 pub struct Connect {
     pub child: tokio::process::Child,
     pub pid: u32,
     pub started: Instant,
     rest: u16,
+    /// Distributed mode: the connector's configuration, PUT over REST once
+    /// the worker answers (it is then kept in the config topic).
+    pending_config: Option<String>,
 }
 
 impl Connect {
-    pub fn spawn(args: &Args, db: &ScratchDb, slot: &str, dir: &Path) -> anyhow::Result<Connect> {
-        let pg = pgconn::ConnectParams::from_url(&db.url).context("database URL")?;
+    pub fn spawn(
+        args: &Args,
+        db: &ScratchDb,
+        slot: &str,
+        dir: &Path,
+        mode: Mode,
+    ) -> anyhow::Result<Connect> {
         let rest = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let setting = |k: &str| {
-            DEBEZIUM_SETTINGS
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| *v)
-                .expect("listed")
-        };
-        let worker = format!(
+        let mut worker = format!(
             "bootstrap.servers={bootstrap}\n\
              key.converter=org.apache.kafka.connect.storage.StringConverter\n\
              value.converter=org.apache.kafka.connect.json.JsonConverter\n\
              value.converter.schemas.enable=false\n\
-             offset.storage.file.filename={offsets}\n\
              offset.flush.interval.ms={flush}\n\
              listeners=http://127.0.0.1:{rest}\n\
              connector.client.config.override.policy=All\n",
             bootstrap = args.stack.kafka_bootstrap_servers,
-            offsets = dir.join("offsets").display(),
             flush = setting("offset.flush.interval.ms"),
         );
-        // The relay's own heartbeats are logical decoding messages in the
-        // same database; Debezium would stream them to `vsdbz.message`
-        // (a topic nobody created, which blocks its producer), so they are
-        // excluded by prefix.
-        let mut connector = format!(
-            "name=outbox-debezium\n\
-             connector.class=io.debezium.connector.postgresql.PostgresConnector\n\
-             tasks.max=1\n\
-             plugin.name=pgoutput\n\
-             database.hostname={host}\n\
-             database.port={port}\n\
-             database.user={user}\n\
-             database.password={password}\n\
-             database.dbname={dbname}\n\
-             topic.prefix=vsdbz\n\
-             slot.name={slot}\n\
-             publication.name=debezium_pub\n\
-             publication.autocreate.mode=disabled\n\
-             table.include.list=public.outbox,public.debezium_heartbeat\n\
-             snapshot.mode=no_data\n\
-             message.prefix.exclude.list=outbox-relay.heartbeat\n\
-             transforms=outbox\n\
-             transforms.outbox.type=io.debezium.transforms.outbox.EventRouter\n\
-             transforms.outbox.predicate=isOutbox\n\
-             predicates=isOutbox\n\
-             predicates.isOutbox.type=org.apache.kafka.connect.transforms.predicates.TopicNameMatches\n\
-             predicates.isOutbox.pattern=vsdbz.public.outbox\n\
-             transforms.outbox.table.field.event.id=id\n\
-             transforms.outbox.table.field.event.key=user_id\n\
-             transforms.outbox.table.field.event.payload=payload\n\
-             transforms.outbox.route.by.field=aggregate_type\n\
-             transforms.outbox.route.topic.replacement={dbname}.${{routedByValue}}\n\
-             transforms.outbox.table.fields.additional.placement=event_type:header:event_type,created_at:header:created_at\n\
-             transforms.outbox.table.expand.json.payload=true\n",
-            host = pg.host,
-            port = pg.port,
-            user = pg.user,
-            password = pg.password.unwrap_or_default(),
-            dbname = db.name,
-        );
-        for key in [
-            "poll.interval.ms",
-            "max.batch.size",
-            "max.queue.size",
-            "producer.override.linger.ms",
-            "producer.override.batch.size",
-            "heartbeat.interval.ms",
-            "heartbeat.action.query",
-        ] {
-            connector.push_str(&format!("{key}={}\n", setting(key)));
-        }
-        let (worker_file, connector_file) = (
-            dir.join("worker.properties"),
-            dir.join("connector.properties"),
-        );
+        let mut connector = connector_config(db, slot)?;
+        let (class, pending_config) = match mode {
+            Mode::Standalone => {
+                worker.push_str(&format!(
+                    "offset.storage.file.filename={}\n",
+                    dir.join("offsets").display()
+                ));
+                ("org.apache.kafka.connect.cli.ConnectStandalone", None)
+            }
+            Mode::ExactlyOnce => {
+                // Its own group and internal topics per database, so runs
+                // never share state.
+                let group = format!("{}-eos", db.name);
+                worker.push_str(&format!(
+                    "group.id={group}\n\
+                     config.storage.topic={group}-configs\n\
+                     offset.storage.topic={group}-offsets\n\
+                     status.storage.topic={group}-status\n\
+                     config.storage.replication.factor=1\n\
+                     offset.storage.replication.factor=1\n\
+                     status.storage.replication.factor=1\n\
+                     exactly.once.source.support=enabled\n"
+                ));
+                connector.push(("exactly.once.support".into(), "required".into()));
+                connector.push(("transaction.boundary".into(), "poll".into()));
+                let config: serde_json::Map<String, serde_json::Value> = connector
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                    .collect();
+                (
+                    "org.apache.kafka.connect.cli.ConnectDistributed",
+                    Some(serde_json::Value::Object(config).to_string()),
+                )
+            }
+        };
+        let worker_file = dir.join("worker.properties");
         std::fs::write(&worker_file, worker)?;
-        std::fs::write(&connector_file, connector)?;
-        // Appended: a restarted Connect (the crash run) keeps one log.
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("connect.log"))?;
-        let started = Instant::now();
-        let child = tokio::process::Command::new("java")
+        let mut command = tokio::process::Command::new("java");
+        command
             .arg(format!("-Xmx{}", setting("heap (-Xmx)")))
             .arg("-cp")
             .arg(format!("{}/*", args.connect_libs.display()))
@@ -168,9 +155,24 @@ impl Connect {
                 "-Dlog4j2.configurationFile={}",
                 args.log4j.display()
             ))
-            .arg("org.apache.kafka.connect.cli.ConnectStandalone")
-            .arg(&worker_file)
-            .arg(&connector_file)
+            .arg(class)
+            .arg(&worker_file);
+        if mode == Mode::Standalone {
+            let connector_file = dir.join("connector.properties");
+            let text: String = connector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}\n"))
+                .collect();
+            std::fs::write(&connector_file, text)?;
+            command.arg(&connector_file);
+        }
+        // Appended: a restarted Connect (the crash run) keeps one log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("connect.log"))?;
+        let started = Instant::now();
+        let child = command
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)
@@ -182,18 +184,34 @@ impl Connect {
             pid,
             started,
             rest,
+            pending_config,
         })
     }
 
-    /// Waits until the connector's task runs.
+    /// Waits until the connector's task runs (in distributed mode, first
+    /// gives the worker the connector's configuration).
     pub async fn wait_running(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let addr = format!("127.0.0.1:{}", self.rest).parse()?;
         let deadline = Instant::now() + timeout;
+        let mut last_reply = String::new();
         loop {
             if let Some(status) = self.child.try_wait()? {
                 bail!("Kafka Connect exited: {status}");
             }
-            if let Ok(body) =
+            if let Some(config) = &self.pending_config {
+                // PUT creates or updates: a restarted worker may already
+                // have it from its config topic. Until the worker has
+                // joined its group it answers 404 or 409: asked again.
+                if let Ok(reply) =
+                    http_put_json(addr, "/connectors/outbox-debezium/config", config).await
+                {
+                    if reply.split(' ').nth(1).is_some_and(|s| s.starts_with('2')) {
+                        self.pending_config = None;
+                    } else {
+                        last_reply = reply;
+                    }
+                }
+            } else if let Ok(body) =
                 devstack::bench::http_get(addr, "/connectors/outbox-debezium/status").await
             {
                 if body.matches("\"RUNNING\"").count() >= 2 {
@@ -201,7 +219,7 @@ impl Connect {
                 }
             }
             if Instant::now() > deadline {
-                bail!("the Debezium connector did not run within {timeout:?}");
+                bail!("the Debezium connector did not run within {timeout:?} (Connect's last answer: {last_reply})");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -211,6 +229,126 @@ impl Connect {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
     }
+}
+
+fn setting(key: &str) -> &'static str {
+    DEBEZIUM_SETTINGS
+        .iter()
+        .find(|(n, _)| *n == key)
+        .map(|(_, v)| *v)
+        .expect("listed")
+}
+
+/// The connector's configuration: the essentials (pgoutput, its slot and
+/// publication, the Outbox Event Router as the relay's record shape needs
+/// it) and the tuning of [`DEBEZIUM_SETTINGS`].
+///
+/// The relay's own heartbeats are logical decoding messages in the same
+/// database; Debezium would stream them to `vsdbz.message` (a topic nobody
+/// created, which blocks its producer), so they are excluded by prefix.
+fn connector_config(db: &ScratchDb, slot: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let pg = pgconn::ConnectParams::from_url(&db.url).context("database URL")?;
+    let mut config: Vec<(String, String)> = [
+        ("name", "outbox-debezium".to_owned()),
+        (
+            "connector.class",
+            "io.debezium.connector.postgresql.PostgresConnector".to_owned(),
+        ),
+        ("tasks.max", "1".to_owned()),
+        ("plugin.name", "pgoutput".to_owned()),
+        ("database.hostname", pg.host.clone()),
+        ("database.port", pg.port.to_string()),
+        ("database.user", pg.user.clone()),
+        ("database.password", pg.password.clone().unwrap_or_default()),
+        ("database.dbname", db.name.clone()),
+        ("topic.prefix", "vsdbz".to_owned()),
+        ("slot.name", slot.to_owned()),
+        ("publication.name", "debezium_pub".to_owned()),
+        ("publication.autocreate.mode", "disabled".to_owned()),
+        (
+            "table.include.list",
+            "public.outbox,public.debezium_heartbeat".to_owned(),
+        ),
+        ("snapshot.mode", "no_data".to_owned()),
+        (
+            "message.prefix.exclude.list",
+            "outbox-relay.heartbeat".to_owned(),
+        ),
+        ("transforms", "outbox".to_owned()),
+        (
+            "transforms.outbox.type",
+            "io.debezium.transforms.outbox.EventRouter".to_owned(),
+        ),
+        ("transforms.outbox.predicate", "isOutbox".to_owned()),
+        ("predicates", "isOutbox".to_owned()),
+        (
+            "predicates.isOutbox.type",
+            "org.apache.kafka.connect.transforms.predicates.TopicNameMatches".to_owned(),
+        ),
+        (
+            "predicates.isOutbox.pattern",
+            "vsdbz.public.outbox".to_owned(),
+        ),
+        ("transforms.outbox.table.field.event.id", "id".to_owned()),
+        (
+            "transforms.outbox.table.field.event.key",
+            "user_id".to_owned(),
+        ),
+        (
+            "transforms.outbox.table.field.event.payload",
+            "payload".to_owned(),
+        ),
+        (
+            "transforms.outbox.route.by.field",
+            "aggregate_type".to_owned(),
+        ),
+        (
+            "transforms.outbox.route.topic.replacement",
+            format!("{}.${{routedByValue}}", db.name),
+        ),
+        (
+            "transforms.outbox.table.fields.additional.placement",
+            "event_type:header:event_type,created_at:header:created_at".to_owned(),
+        ),
+        (
+            "transforms.outbox.table.expand.json.payload",
+            "true".to_owned(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for key in [
+        "poll.interval.ms",
+        "max.batch.size",
+        "max.queue.size",
+        "producer.override.linger.ms",
+        "producer.override.batch.size",
+        "heartbeat.interval.ms",
+        "heartbeat.action.query",
+    ] {
+        config.push((key.to_owned(), setting(key).to_owned()));
+    }
+    Ok(config)
+}
+
+/// A minimal HTTP/1.1 PUT of a JSON body; the whole reply (status line
+/// first).
+async fn http_put_json(addr: SocketAddr, path: &str, body: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!(
+            "PUT {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await?;
+    Ok(reply)
 }
 
 /// The sum of a topic's high watermarks: its record count when no

@@ -1,6 +1,9 @@
 //! Crash: under a steady open-loop load (loadgen's sql mode, one-row
 //! transactions), each system is killed with SIGKILL `--kills` times and
-//! restarted at once, one system at a time, each in a database of its own.
+//! restarted at once, one system at a time, each in a database of its own:
+//! the relay, Debezium as Kafka Connect runs it by default (standalone,
+//! at-least-once) and Debezium on distributed Connect with exactly-once
+//! source support (`debezium-eos`).
 //! Then its whole topic is read with a read_committed consumer and
 //! compared with what Postgres committed.
 //!
@@ -24,7 +27,7 @@ use devstack::bench::{RelayProcess, ScratchDb};
 use devstack::kafka::TopicReader;
 use devstack::testing::connect;
 
-use crate::connect::{tempdir, Connect};
+use crate::connect::{tempdir, Connect, Mode};
 use crate::latency::millis;
 use crate::Args;
 
@@ -49,7 +52,7 @@ enum System {
 /// Runs the crash scenario against the relay, then against Debezium.
 pub async fn run(args: &Args) -> anyhow::Result<Vec<Crash>> {
     let mut out = Vec::new();
-    for system in ["relay", "debezium"] {
+    for system in ["relay", "debezium", "debezium-eos"] {
         let db = ScratchDb::create(&args.stack.database_url, "vsdbz").await?;
         let slots = [format!("{}_sys", db.name), format!("{}_order", db.name)];
         let result = one_system(args, &db, system, &slots).await;
@@ -98,7 +101,12 @@ async fn one_system(
         Ok(if system == "relay" {
             System::Relay(crate::spawn_relay(args, db, slot, &topic)?)
         } else {
-            System::Debezium(Connect::spawn(args, db, slot, &dir)?)
+            let mode = if system == "debezium-eos" {
+                Mode::ExactlyOnce
+            } else {
+                Mode::Standalone
+            };
+            System::Debezium(Connect::spawn(args, db, slot, &dir, mode)?)
         })
     };
     let mut running = start()?;

@@ -29,7 +29,7 @@ use anyhow::Context;
 use devstack::bench::{cpu_seconds, http_get, RelayProcess, ScratchDb};
 use devstack::testing::connect;
 
-use crate::connect::{tempdir, Connect};
+use crate::connect::{tempdir, Connect, Mode};
 use crate::Args;
 
 /// One system at one rate.
@@ -100,7 +100,7 @@ pub async fn run(
 
     client.execute(advance, &[&slots[1]]).await?;
     let dir = tempdir(&format!("{}-latency", db.name))?;
-    let mut connect = Connect::spawn(args, db, &slots[1], &dir)?;
+    let mut connect = Connect::spawn(args, db, &slots[1], &dir, Mode::Standalone)?;
     connect.wait_running(Duration::from_secs(120)).await?;
     for &rate in &args.rates {
         let cpu0 = cpu_seconds(connect.pid).unwrap_or(0.0);

@@ -20,7 +20,8 @@
 //! - **latency** ([`latency`]) — loadgen's open-loop sql mode at each of
 //!   `--rates`.
 //! - **crash** ([`crash`]) — SIGKILL and restart under load, then lost,
-//!   duplicated and out-of-order events counted at the topic.
+//!   duplicated and out-of-order events counted at the topic; Debezium
+//!   also on distributed Connect with exactly-once source support.
 //! - **idle** — RSS and CPU of each over `--idle-seconds` with no writes.
 //! - **wal** — WAL each slot holds back after `--wal-idle` of writes to
 //!   another table only (both systems running at once: nothing here is
@@ -44,7 +45,7 @@ use clap::Parser;
 use devstack::bench::{cpu_seconds, peak_rss_kib, rss_kib, RelayProcess, ScratchDb, StackArgs};
 use devstack::testing::connect;
 
-use crate::connect::{tempdir, Connect, Watermarks, DEBEZIUM_SETTINGS};
+use crate::connect::{tempdir, Connect, Mode, Watermarks, DEBEZIUM_SETTINGS};
 
 /// What `--phases` can name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -189,6 +190,11 @@ async fn main() -> anyhow::Result<()> {
     for (k, v) in DEBEZIUM_SETTINGS {
         println!("  {k} = {v}");
     }
+    println!(
+        "Debezium runs on ConnectStandalone (offsets in a file, at-least-once); the crash \
+         phase's debezium-eos row on ConnectDistributed with exactly.once.source.support=enabled, \
+         exactly.once.support=required, transaction.boundary=poll"
+    );
     let mut rows = Vec::new();
     if run(Phase::CatchUp) {
         for rows_per_txn in [1, args.events] {
@@ -421,12 +427,12 @@ fn print_crashes(rows: &[crash::Crash]) {
     }
     println!();
     println!(
-        "{:<10} {:>6} {:>10} {:>9} {:>6} {:>11} {:>13} {:>8}",
+        "{:<12} {:>6} {:>10} {:>9} {:>6} {:>11} {:>13} {:>8}",
         "crash", "kills", "committed", "records", "lost", "duplicated", "out of order", "no row"
     );
     for c in rows {
         println!(
-            "{:<10} {:>6} {:>10} {:>9} {:>6} {:>11} {:>13} {:>8}",
+            "{:<12} {:>6} {:>10} {:>9} {:>6} {:>11} {:>13} {:>8}",
             c.system,
             c.kills,
             c.committed,
@@ -529,7 +535,7 @@ async fn catch_up(
     });
 
     let dir = tempdir(&db.name)?;
-    let mut connect = Connect::spawn(args, db, &slots[1], &dir)?;
+    let mut connect = Connect::spawn(args, db, &slots[1], &dir, Mode::Standalone)?;
     let watermarks = Watermarks::new(&args.stack.kafka_bootstrap_servers, &dbz_topic)?;
     let dbz_run = drain(
         &mut connect.child,
@@ -663,7 +669,7 @@ async fn idle_cost(
     relay.kill().await?;
 
     let dir = tempdir(&db.name)?;
-    let mut connect = Connect::spawn(args, db, &slots[1], &dir)?;
+    let mut connect = Connect::spawn(args, db, &slots[1], &dir, Mode::Standalone)?;
     connect.wait_running(Duration::from_secs(120)).await?;
     let cpu0 = cpu_seconds(connect.pid).unwrap_or(0.0);
     tokio::time::sleep(idle).await;
@@ -693,7 +699,7 @@ async fn wal_retained(
     let mut relay = spawn_relay(args, db, &slots[0], &relay_topic)?;
     relay.wait_connected(Duration::from_secs(60)).await?;
     let dir = tempdir(&format!("{}-wal", db.name))?;
-    let mut connect = Connect::spawn(args, db, &slots[1], &dir)?;
+    let mut connect = Connect::spawn(args, db, &slots[1], &dir, Mode::Standalone)?;
     connect.wait_running(Duration::from_secs(120)).await?;
     let start: String = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
