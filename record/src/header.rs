@@ -24,6 +24,8 @@ pub const XID: &str = "xid";
 pub const COMMIT_TS: &str = "commit_ts";
 /// The row's index (0-based) in its transaction's outbox inserts.
 pub const SEQ: &str = "seq";
+/// Every header the relay writes of its own.
+pub const RELAY_NAMES: [&str; 6] = [EVENT_ID, EVENT_TYPE, LSN, XID, COMMIT_TS, SEQ];
 
 /// Headers the notifier adds when it dead-letters a record (the original
 /// headers are kept beside them).

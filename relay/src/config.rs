@@ -151,6 +151,13 @@ pub struct Config {
     #[arg(long, env = "RELAY_MAX_RETAINED_WAL", default_value = "10GiB", value_parser = parse_bytes)]
     pub max_retained_wal: u64,
 
+    /// Columns copied into record headers of the same name (their text;
+    /// none for NULL or a column the table lacks), e.g. a W3C
+    /// `traceparent` written by the service; comma-separated, '' for none.
+    #[arg(long, env = "RELAY_HEADER_COLUMNS", value_delimiter = ',',
+          default_value = "traceparent,tracestate", value_parser = parse_header_column)]
+    pub header_columns: Vec<String>,
+
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -245,6 +252,12 @@ impl Config {
             key_column: self.key_column.clone(),
             routing,
             value_format: self.value_format,
+            header_columns: self
+                .header_columns
+                .iter()
+                .filter(|c| !c.is_empty())
+                .cloned()
+                .collect(),
         }
     }
 
@@ -263,6 +276,19 @@ impl Config {
                 .then(|| format!("outbox-relay.{}", self.slot)),
         }
     }
+}
+
+/// A `--header-columns` entry: a column name that is not one of the
+/// relay's own headers (a record would carry two of that name, and
+/// consumers read the first).
+pub fn parse_header_column(s: &str) -> Result<String, String> {
+    let name = s.trim();
+    if outbox_record::header::RELAY_NAMES.contains(&name) {
+        return Err(format!(
+            "{name:?} is one of the relay's own headers; choose another column"
+        ));
+    }
+    Ok(name.to_owned())
 }
 
 /// Parses `1048576`, `512KiB`, `64MiB`, `10GiB` (also KB/MB/GB as powers
@@ -304,6 +330,26 @@ mod tests {
             TopicRouting::Fixed("microshop.order-outbox".into())
         );
         assert_eq!(cfg.event_config().key_column, "user_id");
+    }
+
+    #[test]
+    fn header_columns_default_to_the_trace_context() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["relay", "--database-url", "postgres://x@h/db"];
+            args.extend_from_slice(extra);
+            Config::try_parse_from(args)
+        };
+        let cols = |extra: &[&str]| parse(extra).unwrap().event_config().header_columns;
+        assert_eq!(cols(&[]), ["traceparent", "tracestate"]);
+        assert_eq!(
+            cols(&["--header-columns", "trace_id,tenant"]),
+            ["trace_id", "tenant"]
+        );
+        assert!(cols(&["--header-columns", ""]).is_empty());
+        let err = parse(&["--header-columns", "traceparent,lsn"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("one of the relay's own headers"), "{err}");
     }
 
     #[test]

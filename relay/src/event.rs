@@ -12,6 +12,10 @@
 //! headers `event_id`, `event_type`, `lsn` (commit LSN), `xid`, `commit_ts`
 //! (RFC 3339, µs) and `seq` (index of the row in its transaction).
 //!
+//! Columns named by `--header-columns` (a W3C `traceparent`, say) are
+//! copied into headers of the same name, after the relay's own; a listed
+//! column the table lacks, or a NULL, adds none.
+//!
 //! With `--value-format connect-json` the value is the
 //! `{"schema":…,"payload":…}` envelope Kafka Connect's JsonConverter wrote
 //! for the JDBC source connector this relay replaces.
@@ -57,6 +61,8 @@ pub struct EventConfig {
     pub key_column: String,
     pub routing: TopicRouting,
     pub value_format: ValueFormat,
+    /// Columns copied into headers of the same name.
+    pub header_columns: Vec<String>,
 }
 
 impl EventConfig {
@@ -97,6 +103,9 @@ pub struct OutboxRecord {
     pub key: Option<String>,
     pub value: Vec<u8>,
     pub headers: Vec<(&'static str, String)>,
+    /// From `--header-columns`: (column name, its value as text). Boxed:
+    /// usually empty, and records wait in queues by the thousand.
+    pub column_headers: Box<[(String, String)]>,
 }
 
 impl OutboxRecord {
@@ -107,6 +116,11 @@ impl OutboxRecord {
             + self.value.len()
             + self
                 .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + self
+                .column_headers
                 .iter()
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>()
@@ -173,6 +187,11 @@ pub fn build_record(
         txn.xid,
         txn.commit_ts.to_rfc3339_micros(),
     );
+    let column_headers = cfg
+        .header_columns
+        .iter()
+        .filter_map(|c| Some((c.clone(), text(row.get(c))?)))
+        .collect();
     let value = match cfg.value_format {
         ValueFormat::Json => row.to_json_string().into_bytes(),
         ValueFormat::ConnectJson => connect_json(rel, &row).to_string().into_bytes(),
@@ -183,6 +202,7 @@ pub fn build_record(
         key,
         value,
         headers,
+        column_headers,
     })
 }
 
@@ -309,6 +329,7 @@ mod tests {
             key_column: "user_id".into(),
             routing,
             value_format,
+            header_columns: Vec::new(),
         }
     }
 
@@ -372,6 +393,24 @@ mod tests {
         assert_eq!(h(header::XID), Some("777"));
         assert_eq!(h(header::COMMIT_TS), Some("2000-01-01T00:00:01.000005Z"));
         assert_eq!(h(header::SEQ), Some("3"));
+    }
+
+    #[test]
+    fn header_columns_copy_present_values_only() {
+        let mut config = cfg(TopicRouting::Fixed("t".into()), ValueFormat::Json);
+        // `event_type` present, `traceparent` not a column of this table.
+        config.header_columns = vec!["event_type".into(), "traceparent".into()];
+        let rec = build_record(&config, &outbox_relation(), &row(), &txn(), 0).unwrap();
+        assert_eq!(
+            rec.column_headers.to_vec(),
+            [("event_type".to_owned(), "OrderCreated".to_owned())]
+        );
+        // A NULL adds no header.
+        let mut null_type = row();
+        null_type.0[4] = TupleValue::Null;
+        let rec = build_record(&config, &outbox_relation(), &null_type, &txn(), 0).unwrap();
+        assert!(rec.column_headers.is_empty());
+        assert!(rec.size() > 0);
     }
 
     #[test]

@@ -288,8 +288,15 @@ impl Sink for KafkaSink {
         if self.in_flight > 0 && self.in_flight_bytes + bytes > self.max_in_flight_bytes {
             return Err(SendError::Full(record));
         }
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-        for (k, v) in &record.headers {
+        let mut headers =
+            OwnedHeaders::new_with_capacity(record.headers.len() + record.column_headers.len());
+        let column_headers = record.column_headers.iter().map(|(k, v)| (k.as_str(), v));
+        for (k, v) in record
+            .headers
+            .iter()
+            .map(|(k, v)| (*k, v))
+            .chain(column_headers)
+        {
             headers = headers.insert(Header {
                 key: k,
                 value: Some(v.as_bytes()),

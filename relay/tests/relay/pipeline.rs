@@ -306,3 +306,42 @@ async fn topics_are_created_once_and_a_refused_name_fails_alone() -> anyhow::Res
     assert_eq!(md.topics()[0].partitions().len(), 4);
     Ok(())
 }
+
+/// A W3C `traceparent` written into the outbox row reaches the record as a
+/// header of that name (the default `--header-columns`), after the relay's
+/// own headers; a row without one gets no such header.
+#[tokio::test]
+async fn a_traceparent_column_becomes_a_header() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let c = db.connect().await?;
+    c.batch_execute("ALTER TABLE outbox ADD COLUMN traceparent text")
+        .await?;
+    let topic = create_topic(1).await?;
+    let relay = start(config(&db, &topic)).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced: i64 = c
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload, traceparent) \
+             VALUES ('order', '1', 1, 'OrderCreated', '{}', $1) RETURNING id",
+            &[&traceparent],
+        )
+        .await?
+        .get(0);
+    let untraced = insert_event(&c, 2, "OrderCreated").await?;
+
+    let reader = TopicReader::new(&kafka_bootstrap(), &topic, true)?;
+    let records = reader
+        .read_at_least(2, Duration::from_secs(30), Duration::from_secs(1))
+        .await?;
+    assert_eq!(records.len(), 2);
+    let by_id = |id: i64| records.iter().find(|r| event_id(r) == id).expect("record");
+    assert_eq!(by_id(traced).header("traceparent"), Some(traceparent));
+    let names: Vec<&str> = by_id(traced)
+        .headers
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(names.last(), Some(&"traceparent"), "{names:?}");
+    assert_eq!(by_id(untraced).header("traceparent"), None);
+    relay.stop().await
+}

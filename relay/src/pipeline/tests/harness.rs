@@ -368,6 +368,7 @@ pub(super) fn event_config(routing: TopicRouting) -> EventConfig {
         key_column: "user_id".into(),
         routing,
         value_format: ValueFormat::Json,
+        header_columns: Vec::new(),
     }
 }
 
