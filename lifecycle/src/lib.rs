@@ -121,21 +121,7 @@ where
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: std::error::Error + Send + 'static,
 {
-    let runtime = match workers {
-        None => tokio::runtime::Runtime::new(),
-        Some(n) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n.max(1))
-            .enable_all()
-            .build(),
-    };
-    let runtime = match runtime {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("{name}: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
+    block_on_with(name, workers, async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(shutdown.clone()));
         match tokio::spawn(run(shutdown)).await {
@@ -155,7 +141,24 @@ where
 /// Runs `command` (e.g. an operator subcommand) to completion on a new
 /// runtime; failure if the runtime cannot start.
 pub fn block_on(name: &str, command: impl Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Runtime::new() {
+    block_on_with(name, None, command)
+}
+
+/// [`block_on`] on a runtime of `workers` worker threads (`None`: one per
+/// core).
+fn block_on_with(
+    name: &str,
+    workers: Option<usize>,
+    command: impl Future<Output = ExitCode>,
+) -> ExitCode {
+    let runtime = match workers {
+        None => tokio::runtime::Runtime::new(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.max(1))
+            .enable_all()
+            .build(),
+    };
+    match runtime {
         Ok(runtime) => runtime.block_on(command),
         Err(e) => {
             eprintln!("{name}: cannot start the async runtime: {e}");

@@ -229,10 +229,7 @@ fn load_blocking(
     topic: &str,
     read_last: bool,
 ) -> Result<TopicState, DedupeError> {
-    let kafka = |source| DedupeError::Kafka {
-        topic: topic.to_owned(),
-        source,
-    };
+    let kafka = kafka_error(topic);
     let consumer: BaseConsumer<EndsContext> = client_cfg
         .set("group.id", "outbox-relay-dedupe")
         .set("enable.auto.commit", "false")
@@ -251,6 +248,14 @@ fn load_blocking(
     // nothing waits on it: the session goes on meanwhile.
     std::thread::spawn(move || drop(consumer));
     result
+}
+
+/// Wraps a client error with the topic being read.
+fn kafka_error(topic: &str) -> impl Fn(rdkafka::error::KafkaError) -> DedupeError + Copy + '_ {
+    move |source| DedupeError::Kafka {
+        topic: topic.to_owned(),
+        source,
+    }
 }
 
 /// The reader's client context: librdkafka also reports each end of a
@@ -275,10 +280,7 @@ fn read_ends(
     topic: &str,
     read_last: bool,
 ) -> Result<TopicState, DedupeError> {
-    let kafka = |source| DedupeError::Kafka {
-        topic: topic.to_owned(),
-        source,
-    };
+    let kafka = kafka_error(topic);
     let md = consumer
         .fetch_metadata(Some(topic), METADATA_TIMEOUT)
         .map_err(kafka)?;
