@@ -10,7 +10,8 @@
 //! - [`cluster`]: a private Postgres cluster for tests that crash or restart
 //!   the server; [`kafka_cluster`]: a private Apache Kafka cluster (1 or 3
 //!   KRaft nodes) whose brokers a test freezes, kills and restarts;
-//!   [`proxy`]: a TCP proxy to cut connections.
+//!   [`proxy`]: a TCP proxy to cut connections; [`otlp`]: an OTLP/HTTP
+//!   receiver that keeps the spans the binaries export.
 //!
 //! This is a development and test-support crate, not part of the product's
 //! runtime; its errors are `anyhow` for that reason.
@@ -20,5 +21,6 @@ pub mod cluster;
 pub mod kafka;
 pub mod kafka_cluster;
 pub mod migrations;
+pub mod otlp;
 pub mod proxy;
 pub mod testing;

@@ -1,7 +1,8 @@
 //! What the project's binaries (relay, order-api, notifier, loadgen) share at
 //! run time: one shutdown signal, Ctrl-C or SIGTERM, fanned out over a
 //! cancellation token that every task owning state watches; logging set up
-//! the same way (`RUST_LOG`, text or JSON, on stderr); error chains for
+//! the same way (`RUST_LOG`, text or JSON, on stderr) and spans exported by
+//! OTLP when the standard variables ask ([`telemetry`]); error chains for
 //! messages; durations on the command line; and Kafka client properties
 //! (`--kafka-property KEY=VALUE`, `--kafka-properties-file PATH`); with the
 //! `kafka` feature, the Kafka errors every client treats alike ([`kafka`]);
@@ -11,13 +12,13 @@
 pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod telemetry;
 
 use std::future::Future;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 /// How the binaries write their logs (`--log-format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -28,20 +29,14 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global tracing subscriber, writing to stderr (stdout is
-/// left to what a command prints, e.g. loadgen's report): filter from
-/// `RUST_LOG` (default `info`), text or one JSON object per line.
-pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only on a terminal: log files and pipes get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+/// Sets up logs and, when `OTEL_EXPORTER_OTLP_*` asks, span export for
+/// the binary `name` ([`telemetry::init`]); on a bad setting, says why on
+/// stderr and returns the failure exit code for `main`.
+pub fn init_telemetry(name: &str, format: LogFormat) -> Result<telemetry::Telemetry, ExitCode> {
+    telemetry::init(name, format).map_err(|e| {
+        eprintln!("{name}: {}", error_chain(&e));
+        ExitCode::FAILURE
+    })
 }
 
 /// `err` and its causes, `: `-separated, for logs and exit messages

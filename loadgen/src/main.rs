@@ -11,7 +11,10 @@ use loadgen::config::Config;
 
 fn main() -> ExitCode {
     let cfg = Config::parse();
-    lifecycle::init_logging(cfg.log_format);
+    let _telemetry = match lifecycle::init_telemetry("loadgen", cfg.log_format) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     lifecycle::block_on("loadgen", async {
         let shutdown = CancellationToken::new();
         tokio::spawn(lifecycle::on_signal(shutdown.clone()));

@@ -6,12 +6,20 @@
 //! event id only — `<order-event-{event_id}@notifier.outbox-relay>` — so a
 //! resend of the same event (after a crash between sending and recording it
 //! in the inbox) carries the same id and the receiving side can drop it.
+//! A `Traceparent` header names the W3C trace the email belongs to (the
+//! order's request, continued by the notifier's span), so one order can be
+//! followed from curl to the inbox.
 
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::Message;
 
+use outbox_record::trace::TraceParent;
+
 use crate::event::{Item, Notification, OrderEvent};
+
+/// The email header naming the trace (the W3C header name).
+pub const TRACEPARENT_HEADER: &str = "Traceparent";
 
 /// The domain part of every Message-ID this notifier writes.
 pub const MESSAGE_ID_DOMAIN: &str = "notifier.outbox-relay";
@@ -46,11 +54,22 @@ impl Composer {
         })
     }
 
-    /// The email for `event`.
-    pub fn compose(&self, event: &OrderEvent) -> Result<Message, ComposeError> {
+    /// The email for `event`, in the trace `trace` if given.
+    pub fn compose(
+        &self,
+        event: &OrderEvent,
+        trace: Option<&TraceParent>,
+    ) -> Result<Message, ComposeError> {
         let to: Mailbox = event.order.email.parse().map_err(ComposeError::Recipient)?;
         let text = Text::new(event);
-        Message::builder()
+        let mut builder = Message::builder();
+        if let Some(trace) = trace {
+            builder = builder.raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str(TRACEPARENT_HEADER),
+                trace.to_string(),
+            ));
+        }
+        builder
             .from(self.from.clone())
             .to(to)
             .subject(text.subject.clone())
@@ -220,8 +239,12 @@ mod tests {
     #[test]
     fn composes_message_with_derived_id() {
         let c = Composer::new("Shop <shop@x.example>").unwrap();
-        let msg = c.compose(&event(Notification::Shipped)).unwrap();
+        let trace = TraceParent::root();
+        let msg = c
+            .compose(&event(Notification::Shipped), Some(&trace))
+            .unwrap();
         let text = String::from_utf8(msg.formatted()).unwrap();
+        assert!(text.contains(&format!("Traceparent: {trace}")), "{text}");
         assert!(
             text.contains("Message-ID: <order-event-17@notifier.outbox-relay>"),
             "{text}"
@@ -254,7 +277,10 @@ mod tests {
         let c = Composer::new("shop@x.example").unwrap();
         let mut ev = event(Notification::Paid);
         ev.order.email = "not an address".into();
-        assert!(matches!(c.compose(&ev), Err(ComposeError::Recipient(_))));
+        assert!(matches!(
+            c.compose(&ev, None),
+            Err(ComposeError::Recipient(_))
+        ));
     }
 
     #[test]

@@ -42,6 +42,13 @@
 //!    id, so it waits for the outcome and either skips (committed) or sends
 //!    (rolled back — the first instance crashed or failed).
 //!
+//! # Tracing
+//!
+//! Each record is handled in a `record` span that continues the W3C trace of
+//! its `traceparent` header (copied by the relay from the outbox row): its
+//! log lines carry the trace id, it is exported as a child of the request's
+//! span when OTLP export is on, and the email's `Traceparent` header names it.
+//!
 //! Dead letters are not recorded in the inbox: a crash after the dead letter
 //! was acknowledged and before the offset commit produces it a second time
 //! (same `dlq_original_*` headers), so dead letters are at least once.
@@ -49,9 +56,11 @@
 use std::sync::Arc;
 
 use outbox_record::header;
+use outbox_record::trace::{TraceParent, TRACEPARENT};
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::dlq::{DeadLetterQueue, DlqError};
 use crate::email::{message_id, Composer};
@@ -99,11 +108,39 @@ fn first_header<'m>(msg: &'m OwnedMessage, name: &str) -> Option<&'m [u8]> {
 
 impl Handler {
     /// Handles `msg`, retrying transient failures until it is handled or
-    /// `shutdown` is cancelled.
+    /// `shutdown` is cancelled, in a span continuing the record's trace.
     pub async fn handle(
         &mut self,
         msg: &OwnedMessage,
         shutdown: &CancellationToken,
+    ) -> Result<Outcome, Interrupted> {
+        let incoming = first_header(msg, TRACEPARENT)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| TraceParent::parse(v).ok());
+        let span = tracing::info_span!(
+            "record",
+            topic = msg.topic(),
+            partition = msg.partition(),
+            offset = msg.offset(),
+            trace_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let trace = lifecycle::telemetry::continue_trace(&span, incoming.as_ref());
+        let outcome = self
+            .handle_traced(msg, shutdown, &trace)
+            .instrument(span.clone())
+            .await;
+        if let Ok(outcome) = outcome {
+            span.record("outcome", tracing::field::debug(outcome));
+        }
+        outcome
+    }
+
+    async fn handle_traced(
+        &mut self,
+        msg: &OwnedMessage,
+        shutdown: &CancellationToken,
+        trace: &TraceParent,
     ) -> Result<Outcome, Interrupted> {
         let decoded = event::decode(msg.payload(), |name| first_header(msg, name));
         let event_type = match &decoded {
@@ -116,7 +153,7 @@ impl Handler {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            match self.attempt(msg, &decoded).await {
+            match self.attempt(msg, &decoded, trace).await {
                 Ok(outcome) => {
                     self.shared.metrics.record(event_type.as_deref(), outcome);
                     if outcome != Outcome::duplicate {
@@ -156,6 +193,7 @@ impl Handler {
         &mut self,
         msg: &OwnedMessage,
         decoded: &Result<Decoded, MalformedEvent>,
+        trace: &TraceParent,
     ) -> Result<Outcome, TransientError> {
         let event = match decoded {
             Err(malformed) => {
@@ -175,7 +213,7 @@ impl Handler {
             }
             Ok(Decoded::Notify(event)) => event,
         };
-        let message = match self.composer.compose(event) {
+        let message = match self.composer.compose(event, Some(trace)) {
             Ok(m) => m,
             Err(e) => {
                 dead_letter(&self.dlq, msg, "invalid_payload", &error_chain(&e)).await?;
@@ -204,8 +242,9 @@ impl Handler {
             Ok(()) => {
                 let send_ms = started.elapsed().as_secs_f64() * 1e3;
                 claim.commit().await?;
-                tracing::debug!(
+                tracing::info!(
                     event_id = event.event_id,
+                    event_type = %event.event_type,
                     order_id = event.order.order_id,
                     send_ms,
                     "email sent"

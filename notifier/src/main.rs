@@ -6,6 +6,9 @@ use notifier::config::Config;
 
 fn main() -> std::process::ExitCode {
     let cfg = Config::parse();
-    lifecycle::init_logging(cfg.log_format);
+    let _telemetry = match lifecycle::init_telemetry("notifier", cfg.log_format) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     lifecycle::serve("notifier", |shutdown| notifier::run(cfg, shutdown))
 }

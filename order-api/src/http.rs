@@ -10,25 +10,34 @@
 //!
 //! Every answer that is not a success is `application/problem+json`
 //! ([`ApiError`]); no input reaches the database unvalidated.
+//!
+//! Every request joins the W3C trace of its `traceparent` header (or starts
+//! one; a malformed header is not continued, as the specification asks):
+//! its log lines carry the trace id, the outbox row it writes carries the
+//! `traceparent` to continue from, and the answer's `traceresponse` header
+//! names the trace for a caller that sent none.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, Extension, FromRequest, MatchedPath, Path, Query, Request, State,
+};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
+use outbox_record::trace::{accept_tracestate, TraceParent, TRACEPARENT, TRACESTATE};
 use serde_json::{json, Value};
 use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels, UNMATCHED_ROUTE};
 use crate::order::{validate_new_order, validate_status_change, Order};
-use crate::store::{Created, IdempotencyKey, StatusChange, Store, StoredResponse};
+use crate::store::{Created, EventTrace, IdempotencyKey, StatusChange, Store, StoredResponse};
 
 /// The hand-written OpenAPI 3 document served at `/openapi.json`.
 pub const OPENAPI_JSON: &str = include_str!("openapi.json");
@@ -80,12 +89,17 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Per request: a tracing span with method, matched route, status and
-/// latency; the request timeout; the HTTP metrics.
+/// The response header naming the request's trace (W3C Trace Context
+/// level 2): `00-<trace id>-<order-api's span>-<flags>`.
+pub const TRACERESPONSE: &str = "traceresponse";
+
+/// Per request: a tracing span with method, matched route, trace id, status
+/// and latency, joined to the caller's trace; the request timeout; the HTTP
+/// metrics.
 async fn observe(
     State(state): State<AppState>,
     matched: Option<MatchedPath>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
     let start = Instant::now();
@@ -98,10 +112,14 @@ async fn observe(
         "request",
         method,
         route = %route,
+        trace_id = tracing::field::Empty,
         status = tracing::field::Empty,
         latency_ms = tracing::field::Empty,
     );
-    let response = match tokio::time::timeout(state.request_timeout, next.run(req))
+    let trace = join_trace(&span, req.headers());
+    let traceresponse = HeaderValue::try_from(trace.traceparent.as_str()).ok();
+    req.extensions_mut().insert(trace);
+    let mut response = match tokio::time::timeout(state.request_timeout, next.run(req))
         .instrument(span.clone())
         .await
     {
@@ -109,6 +127,9 @@ async fn observe(
         // Dropping the handler rolls its transaction back.
         Err(_) => ApiError::Timeout.into_response(),
     };
+    if let Some(value) = traceresponse {
+        response.headers_mut().insert(TRACERESPONSE, value);
+    }
     let status = response.status().as_u16();
     let elapsed = start.elapsed();
     span.record("status", status);
@@ -132,6 +153,31 @@ async fn observe(
         })
         .observe(elapsed.as_secs_f64());
     response
+}
+
+/// Joins `span` to the trace of the request's `traceparent` (a new trace
+/// without a valid one) and returns what the outbox row carries on.
+fn join_trace(span: &tracing::Span, headers: &HeaderMap) -> EventTrace {
+    let incoming = headers.get(TRACEPARENT).and_then(|v| {
+        let parsed = v
+            .to_str()
+            .map_err(|_| "not visible ASCII".to_owned())
+            .and_then(|v| TraceParent::parse(v).map_err(|e| e.to_string()));
+        parsed
+            .inspect_err(|e| tracing::debug!(error = %e, "traceparent not continued"))
+            .ok()
+    });
+    // A tracestate belongs to the trace it came with: none for a new one.
+    let tracestate = incoming
+        .and(headers.get(TRACESTATE))
+        .and_then(|v| v.to_str().ok())
+        .and_then(accept_tracestate)
+        .map(str::to_owned);
+    let next = lifecycle::telemetry::continue_trace(span, incoming.as_ref());
+    EventTrace {
+        traceparent: next.to_string(),
+        tracestate,
+    }
 }
 
 /// The method as a metric label: the standard ones, anything else `OTHER`.
@@ -262,6 +308,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 /// `POST /orders`
 async fn create_order(
     State(state): State<AppState>,
+    Extension(trace): Extension<EventTrace>,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
@@ -270,7 +317,7 @@ async fn create_order(
     let key = key.map(|k| IdempotencyKey::new(&k, "POST /orders", &order));
     match state
         .store
-        .create(&order, key.as_ref(), render_created)
+        .create(&order, key.as_ref(), render_created, &trace)
         .await?
     {
         Created::New(order) => {
@@ -367,12 +414,13 @@ async fn list_orders(
 /// `POST /orders/{id}/status`
 async fn change_status(
     State(state): State<AppState>,
+    Extension(trace): Extension<EventTrace>,
     path: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let id = order_id(path)?;
     let to = validate_status_change(&body).map_err(ApiError::Invalid)?;
-    match state.store.change_status(id, to).await? {
+    match state.store.change_status(id, to, &trace).await? {
         StatusChange::Changed(order) => {
             tracing::info!(order_id = id, status = %to, "order status changed");
             Ok(json_response(StatusCode::OK, &order))

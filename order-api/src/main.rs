@@ -6,6 +6,9 @@ use order_api::config::Config;
 
 fn main() -> std::process::ExitCode {
     let cfg = Config::parse();
-    lifecycle::init_logging(cfg.log_format);
+    let _telemetry = match lifecycle::init_telemetry("order-api", cfg.log_format) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     lifecycle::serve("order-api", |shutdown| order_api::run(cfg, shutdown))
 }

@@ -113,9 +113,18 @@ pub fn pool(database_url: &str, cfg: &PoolConfig) -> Result<Pool, StoreError> {
     .map_err(|e| StoreError::Config(e.to_string()))
 }
 
-const INSERT_EVENT: &str =
-    "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload) \
-     VALUES ($1, $2, $3, $4, $5)";
+const INSERT_EVENT: &str = "INSERT INTO outbox \
+     (aggregate_type, aggregate_id, user_id, event_type, payload, traceparent, tracestate) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+/// The W3C trace context written into an outbox row (migration V5): the
+/// request's trace with order-api's span as the parent, and the caller's
+/// `tracestate` if it sent one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventTrace {
+    pub traceparent: String,
+    pub tracestate: Option<String>,
+}
 
 const ORDER_COLUMNS: &str =
     "id, user_id, email, status, items, total_cents, currency, created_at, updated_at";
@@ -301,9 +310,12 @@ impl Store {
         order: &NewOrder,
         key: Option<&IdempotencyKey>,
         render: RenderCreated,
+        trace: &EventTrace,
     ) -> Result<Created, StoreError> {
         let conn = Conn(Some(self.pool.get().await?));
-        let created = self.create_on(conn.client(), order, key, render).await?;
+        let created = self
+            .create_on(conn.client(), order, key, render, trace)
+            .await?;
         conn.release();
         Ok(created)
     }
@@ -314,6 +326,7 @@ impl Store {
         order: &NewOrder,
         key: Option<&IdempotencyKey>,
         render: RenderCreated,
+        trace: &EventTrace,
     ) -> Result<Created, StoreError> {
         let insert = client
             .prepare_cached(&format!(
@@ -351,12 +364,14 @@ impl Store {
         let created = order_from_row(&row)?;
         let payload = created.event_payload(None);
         let aggregate_id = created.id.to_string();
-        let event_params: [&(dyn ToSql + Sync); 5] = [
+        let event_params: [&(dyn ToSql + Sync); 7] = [
             &AGGREGATE_TYPE,
             &aggregate_id,
             &created.user_id,
             &ORDER_CREATED,
             &payload,
+            &trace.traceparent,
+            &trace.tracestate,
         ];
         match key {
             None => {
@@ -466,7 +481,12 @@ impl Store {
 
     /// Moves an order to `to` if its current status allows it, writing the
     /// `OrderStatusChanged` outbox row in the same transaction.
-    pub async fn change_status(&self, id: i64, to: Status) -> Result<StatusChange, StoreError> {
+    pub async fn change_status(
+        &self,
+        id: i64,
+        to: Status,
+        trace: &EventTrace,
+    ) -> Result<StatusChange, StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let lock = tx
@@ -493,7 +513,7 @@ impl Store {
             .await?;
         let row = tx.query_one(&update, &[&id, &to.as_str()]).await?;
         let order = order_from_row(&row)?;
-        insert_event(&tx, &order, ORDER_STATUS_CHANGED, Some((from, to))).await?;
+        insert_event(&tx, &order, ORDER_STATUS_CHANGED, Some((from, to)), trace).await?;
         tx.commit().await?;
         Ok(StatusChange::Changed(order))
     }
@@ -516,6 +536,7 @@ async fn insert_event(
     order: &Order,
     event_type: &str,
     change: Option<(Status, Status)>,
+    trace: &EventTrace,
 ) -> Result<(), StoreError> {
     let stmt = tx.prepare_cached(INSERT_EVENT).await?;
     let payload = order.event_payload(change);
@@ -527,6 +548,8 @@ async fn insert_event(
             &order.user_id,
             &event_type,
             &payload,
+            &trace.traceparent,
+            &trace.tracestate,
         ],
     )
     .await?;

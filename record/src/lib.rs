@@ -6,6 +6,7 @@
 //!  key      the outbox row's key column (user_id) as text
 //!  value    the outbox row as JSON; `payload` embedded    → event::{OrderCreated, OrderStatusChanged}
 //!  headers  event_id event_type lsn xid commit_ts seq      → header::{names, relay_headers, Meta}
+//!           traceparent tracestate (from the outbox row)     → trace::TraceParent
 //!  DLQ      the original headers + dlq_reason …            → header::dlq
 //! ```
 //!
@@ -15,6 +16,7 @@
 pub mod event;
 pub mod header;
 pub mod lsn;
+pub mod trace;
 
 pub use header::{Meta, Position};
 pub use lsn::Lsn;

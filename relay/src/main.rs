@@ -8,7 +8,10 @@ use relay::slot_admin;
 
 fn main() -> std::process::ExitCode {
     let cfg = Config::parse();
-    lifecycle::init_logging(cfg.log_format);
+    let _telemetry = match lifecycle::init_telemetry("relay", cfg.log_format) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     if let Some(Command::Slot { action }) = cfg.command.clone() {
         return lifecycle::block_on("relay", slot_command(&cfg, action));
     }

@@ -1,10 +1,12 @@
 //! The notifier's integration tests, one binary (`cargo nextest run -p
 //! notifier --test notifier`), against the test stack's Postgres, Apache
 //! Kafka and SMTP sink: `stack` the behaviours one by one, `burst` the
-//! 20,000-event bursts, `security` the SASL_SSL listener.
+//! 20,000-event bursts, `security` the SASL_SSL listener, `trace` one order
+//! followed by its trace id through the three binaries.
 
 mod common;
 
 mod burst;
 mod security;
 mod stack;
+mod trace;

@@ -10,3 +10,4 @@ mod bodies_never_5xx;
 mod concurrency;
 mod idempotency;
 mod readme_walkthrough;
+mod trace;

@@ -307,22 +307,22 @@ async fn topics_are_created_once_and_a_refused_name_fails_alone() -> anyhow::Res
     Ok(())
 }
 
-/// A W3C `traceparent` written into the outbox row reaches the record as a
-/// header of that name (the default `--header-columns`), after the relay's
-/// own headers; a row without one gets no such header.
+/// A W3C `traceparent` and `tracestate` written into the outbox row (the
+/// columns of migration V5) reach the record as headers of those names (the
+/// default `--header-columns`), after the relay's own headers; a row
+/// without them gets no such headers.
 #[tokio::test]
 async fn a_traceparent_column_becomes_a_header() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let c = db.connect().await?;
-    c.batch_execute("ALTER TABLE outbox ADD COLUMN traceparent text")
-        .await?;
     let topic = create_topic(1).await?;
     let relay = start(config(&db, &topic)).await;
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let traced: i64 = c
         .query_one(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload, traceparent) \
-             VALUES ('order', '1', 1, 'OrderCreated', '{}', $1) RETURNING id",
+            "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload, \
+                                 traceparent, tracestate) \
+             VALUES ('order', '1', 1, 'OrderCreated', '{}', $1, 'congo=t61rcWkgMzE') RETURNING id",
             &[&traceparent],
         )
         .await?
@@ -336,12 +336,21 @@ async fn a_traceparent_column_becomes_a_header() -> anyhow::Result<()> {
     assert_eq!(records.len(), 2);
     let by_id = |id: i64| records.iter().find(|r| event_id(r) == id).expect("record");
     assert_eq!(by_id(traced).header("traceparent"), Some(traceparent));
+    assert_eq!(
+        by_id(traced).header("tracestate"),
+        Some("congo=t61rcWkgMzE")
+    );
     let names: Vec<&str> = by_id(traced)
         .headers
         .iter()
         .map(|(k, _)| k.as_str())
         .collect();
-    assert_eq!(names.last(), Some(&"traceparent"), "{names:?}");
+    assert_eq!(
+        names[names.len() - 2..],
+        ["traceparent", "tracestate"],
+        "{names:?}"
+    );
     assert_eq!(by_id(untraced).header("traceparent"), None);
+    assert_eq!(by_id(untraced).header("tracestate"), None);
     relay.stop().await
 }

@@ -290,6 +290,8 @@ pub struct Mail {
     pub subject: String,
     pub message_id: String,
     pub event_id: Option<i64>,
+    /// The W3C trace the email belongs to.
+    pub traceparent: Option<String>,
     pub raw: String,
 }
 
@@ -368,6 +370,7 @@ fn parse_mail(path: &Path, raw: String) -> Option<Mail> {
         subject: header("Subject").unwrap_or_default(),
         message_id: header("Message-ID").unwrap_or_default(),
         event_id: header("X-Outbox-Event-Id").and_then(|v| v.parse().ok()),
+        traceparent: header("Traceparent"),
         raw,
     })
 }
