@@ -178,6 +178,14 @@ pub struct Config {
     #[arg(long, env = "LOADGEN_JSON")]
     pub json: Option<PathBuf>,
 
+    /// How many of the slowest measured requests the report names, with
+    /// their trace ids (every request carries a W3C `traceparent`), ranked
+    /// by the most downstream stage measured: commit_to_notifier, else
+    /// end_to_end, else request. The table shows the first 3, --json all
+    /// (0: none).
+    #[arg(long, env = "LOADGEN_SLOWEST", value_name = "N", default_value_t = 10)]
+    pub slowest: usize,
+
     /// Write a PNG plot (latency over time, percentile distribution) to
     /// this file [default: none].
     #[arg(long, env = "LOADGEN_PNG")]

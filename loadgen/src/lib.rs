@@ -10,7 +10,7 @@
 //!                                                     │                           │ commit_to_consumed,
 //!                                                     └─▶ notifier_inbox query ───┘ end_to_end, commit_to_notifier
 //!  after the schedule: wait for in-flight requests, drain missing records (--drain-timeout),
-//!  then report (table, --json, --png)
+//!  then report (table, --json, --png), naming the slowest requests by trace id
 //! ```
 //!
 //! Latency is measured from each request's *intended* start (see
@@ -20,16 +20,23 @@
 //! kind and never stop the run; Ctrl-C stops the schedule, drains, and
 //! still reports.
 //!
+//! Every request carries a new W3C trace (`traceparent`: the HTTP header,
+//! or in sql mode the outbox row's column when the table has one), which
+//! reaches the request's records as their `traceparent` header; the report
+//! names the slowest requests by their trace ids (see [`slowest`]).
+//!
 //! Modules: [`config`] (clap), [`schedule`] (arrival times), [`target`]
 //! (what a request does), [`matcher`] (the consumer and record ↔ request
-//! matching), [`stats`] (histograms, counters, time series), [`report`]
-//! (table, JSON), [`plot`] (PNG).
+//! matching), [`stats`] (histograms, counters, time series), [`slowest`]
+//! (the slowest requests and their trace ids), [`report`] (table, JSON),
+//! [`plot`] (PNG).
 
 pub mod config;
 pub mod matcher;
 pub mod plot;
 pub mod report;
 pub mod schedule;
+pub mod slowest;
 pub mod stats;
 pub mod target;
 
@@ -38,6 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use outbox_record::trace::TraceParent;
 use rand::SeedableRng;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::Message;
@@ -48,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError, Mode, Plan};
 use crate::matcher::{Arrival, Key, Matched, Matcher, Sent};
 use crate::report::{NotifierSummary, Report, RunInfo, ScheduleSummary};
+use crate::slowest::{Ranking, Slow};
 use crate::stats::{micros, micros_between, Stage, Stats};
 use crate::target::{HttpTarget, Request, SqlTarget, Target};
 
@@ -72,13 +81,27 @@ pub use lifecycle::error_chain;
 
 /// What the request tasks, the consumer and the progress line share.
 struct State {
+    /// The start of the schedule.
+    t0: Instant,
     stats: Stats,
     matcher: Matcher,
-    /// Per matched record: (event_id, commit µs, bucket, measured), for the
-    /// notifier stage (kept only with --notifier-inbox).
-    events: Vec<(i64, i64, usize, bool)>,
+    /// The slowest requests per stage, with their trace ids.
+    slowest: Ranking,
+    /// Per matched record, for the notifier stage (kept only with
+    /// --notifier-inbox).
+    events: Vec<Awaited>,
     keep_events: bool,
     last_prune: Instant,
+}
+
+/// A matched record whose notifier_inbox row is looked for.
+#[derive(Clone, Copy, Debug)]
+struct Awaited {
+    event_id: i64,
+    commit_us: i64,
+    bucket: usize,
+    measured: bool,
+    slow: Slow,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -90,14 +113,28 @@ fn lock(shared: &Shared) -> MutexGuard<'_, State> {
 }
 
 impl State {
+    /// `sent`, about the record `key`, as the slowest requests name it.
+    fn slow(&self, sent: &Sent, key: Key, event_id: Option<i64>) -> Slow {
+        Slow {
+            request: sent.seq,
+            trace: sent.trace,
+            key,
+            event_id,
+            intended: sent.intended.saturating_duration_since(self.t0),
+            request_us: sent.request_us,
+        }
+    }
+
     /// A request and its record met: record the pipeline stages.
     fn on_match(&mut self, m: Matched) {
+        let slow = self.slow(&m.sent, m.key, m.arrived.event_id);
         let c = &mut self.stats.counters;
         c.matched += 1;
         let Sent {
             intended,
             bucket,
             measured,
+            ..
         } = m.sent;
         let a = m.arrived;
         match a.commit_us {
@@ -126,19 +163,24 @@ impl State {
                     measured,
                     Some(a.at),
                 );
-                if let (true, Some(id)) = (self.keep_events, a.event_id) {
-                    self.events.push((id, commit, bucket, measured));
+                if let (true, Some(event_id)) = (self.keep_events, a.event_id) {
+                    self.events.push(Awaited {
+                        event_id,
+                        commit_us: commit,
+                        bucket,
+                        measured,
+                        slow,
+                    });
                 }
             }
             None => c.no_commit_ts += 1,
         }
-        self.stats.record(
-            Stage::EndToEnd,
-            micros(a.at.saturating_duration_since(intended)),
-            bucket,
-            measured,
-            None,
-        );
+        let end_to_end = micros(a.at.saturating_duration_since(intended));
+        self.stats
+            .record(Stage::EndToEnd, end_to_end, bucket, measured, None);
+        if measured {
+            self.slowest.offer(Stage::EndToEnd, end_to_end, slow);
+        }
     }
 }
 
@@ -185,8 +227,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Report, 
     let started_at =
         (chrono::Utc::now() + lead).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let shared: Shared = Arc::new(Mutex::new(State {
+        t0,
         stats: Stats::new(t0, plan.interval),
         matcher: Matcher::default(),
+        slowest: Ranking::new(config.slowest),
         events: Vec::new(),
         keep_events: config.notifier_inbox,
         last_prune: t0,
@@ -314,6 +358,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Report, 
         not_sent,
         kafka: unmatched,
         notifier,
+        slowest: lock(&shared).slowest.summary(),
     };
     let mut report = {
         let st = lock(&shared);
@@ -390,6 +435,7 @@ impl Ticker {
             let now = Instant::now();
             let measured = arrival.phase.measured();
             let request = self.target.next_request(arrival.index, &mut rng);
+            let trace = self.target.traced().then(TraceParent::root);
             let sent = {
                 let mut st = lock(&self.shared);
                 let bucket = st.stats.bucket_of(arrival.offset);
@@ -400,9 +446,12 @@ impl Ticker {
                     now,
                 );
                 Sent {
+                    seq: arrival.index,
                     intended,
                     bucket,
                     measured,
+                    trace,
+                    request_us: 0,
                 }
             };
             started += 1;
@@ -513,14 +562,22 @@ async fn send_one(
     kafka: bool,
     _slot: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let result = tokio::time::timeout(timeout, target.send(&request)).await;
+    let result = tokio::time::timeout(timeout, target.send(&request, sent.trace.as_ref())).await;
     let done = Instant::now();
     let latency = micros(done.saturating_duration_since(sent.intended));
+    let sent = Sent {
+        request_us: latency,
+        ..sent
+    };
     let mut st = lock(&shared);
     match result {
         Ok(Ok(keys)) => {
             st.stats
                 .succeeded(sent.bucket, sent.measured, latency, done);
+            if let (true, Some(key)) = (sent.measured, keys.first()) {
+                let slow = st.slow(&sent, *key, None);
+                st.slowest.offer(Stage::Request, latency, slow);
+            }
             st.stats.counters.events_expected += keys.len() as u64;
             if kafka {
                 for key in keys {
@@ -592,10 +649,10 @@ async fn notifier_stage(
     shared: &Shared,
     timeout: Duration,
 ) -> NotifierSummary {
-    let mut waiting: std::collections::HashMap<i64, (i64, usize, bool)> = lock(shared)
+    let mut waiting: std::collections::HashMap<i64, Awaited> = lock(shared)
         .events
         .iter()
-        .map(|(id, commit, bucket, measured)| (*id, (*commit, *bucket, *measured)))
+        .map(|e| (e.event_id, *e))
         .collect();
     let expected = waiting.len() as u64;
     let deadline = Instant::now() + timeout;
@@ -613,14 +670,13 @@ async fn notifier_stage(
                 for row in rows {
                     let id: i64 = row.get(0);
                     let handled: chrono::DateTime<chrono::Utc> = row.get(1);
-                    if let Some((commit, bucket, measured)) = waiting.remove(&id) {
-                        st.stats.record(
-                            Stage::CommitToNotifier,
-                            micros_between(commit, handled.timestamp_micros()),
-                            bucket,
-                            measured,
-                            None,
-                        );
+                    if let Some(e) = waiting.remove(&id) {
+                        let us = micros_between(e.commit_us, handled.timestamp_micros());
+                        st.stats
+                            .record(Stage::CommitToNotifier, us, e.bucket, e.measured, None);
+                        if e.measured {
+                            st.slowest.offer(Stage::CommitToNotifier, us, e.slow);
+                        }
                     }
                 }
             }

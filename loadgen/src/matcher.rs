@@ -38,6 +38,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use outbox_record::event::{ORDER_CREATED, ORDER_STATUS_CHANGED};
 use outbox_record::header;
+use outbox_record::trace::TraceParent;
 
 use crate::config::Mode;
 
@@ -94,12 +95,19 @@ pub enum Key {
     Order(i64, OrderStatus),
 }
 
-/// A successful request, waiting for its record.
+/// A request (once it succeeded: waiting for its record).
 #[derive(Clone, Copy, Debug)]
 pub struct Sent {
+    /// Its index in the schedule.
+    pub seq: u64,
     pub intended: Instant,
     pub bucket: usize,
     pub measured: bool,
+    /// The `traceparent` it carries (none: sql mode on an outbox without
+    /// the column).
+    pub trace: Option<TraceParent>,
+    /// Its request-stage latency, µs (0 until it succeeded).
+    pub request_us: u64,
 }
 
 /// A record as read, with when it arrived.
@@ -119,6 +127,7 @@ pub struct Arrived {
 /// A request and its record.
 #[derive(Clone, Copy, Debug)]
 pub struct Matched {
+    pub key: Key,
     pub sent: Sent,
     pub arrived: Arrived,
 }
@@ -148,7 +157,7 @@ impl Matcher {
         match self.early.remove(&key) {
             Some(arrived) => {
                 self.done.insert(key);
-                Some(Matched { sent, arrived })
+                Some(Matched { key, sent, arrived })
             }
             None => {
                 self.pending.insert(key, sent);
@@ -161,7 +170,7 @@ impl Matcher {
     pub fn arrived(&mut self, key: Key, arrived: Arrived) -> Arrival {
         if let Some(sent) = self.pending.remove(&key) {
             self.done.insert(key);
-            return Arrival::Matched(Matched { sent, arrived });
+            return Arrival::Matched(Matched { key, sent, arrived });
         }
         if self.done.contains(&key) {
             return Arrival::Duplicate;
@@ -375,9 +384,12 @@ mod tests {
 
     fn sent(at: Instant) -> Sent {
         Sent {
+            seq: 0,
             intended: at,
             bucket: 0,
             measured: true,
+            trace: None,
+            request_us: 0,
         }
     }
 

@@ -46,6 +46,9 @@ pub struct Report {
     pub stages: BTreeMap<&'static str, StageSummary>,
     /// One entry per interval of intended time, warm-up included.
     pub time_series: Vec<IntervalSummary>,
+    /// The `--slowest` slowest measured requests with their trace ids;
+    /// absent when no request was measured (or with `--slowest 0`).
+    pub slowest: Option<SlowestSummary>,
     /// Problems that make the exit status non-zero.
     pub findings: Vec<String>,
     /// --json or --png that could not be written (not in the JSON).
@@ -171,6 +174,38 @@ pub struct IntervalStage {
     pub max_ms: f64,
 }
 
+/// The slowest requests of the run (see [`crate::slowest`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct SlowestSummary {
+    /// The stage they are ranked by: the most downstream one measured —
+    /// `commit_to_notifier` (with --notifier-inbox), else `end_to_end`,
+    /// else (with --no-kafka) `request`.
+    pub stage: &'static str,
+    /// Slowest first.
+    pub requests: Vec<SlowRequest>,
+}
+
+/// One of the slowest requests.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SlowRequest {
+    /// The trace id of its `traceparent` (32 hex digits), the one on its
+    /// records' `traceparent` header; null when it carried none (sql mode
+    /// on an outbox without a `traceparent` column).
+    pub trace_id: Option<String>,
+    /// Its latency in the ranking stage.
+    pub ms: f64,
+    /// Its intended start, seconds from the start of the schedule.
+    pub t_s: f64,
+    /// Its request-stage latency.
+    pub request_ms: f64,
+    /// The outbox id of its (slowest) record: the `event_id` header; null
+    /// when no record was read (the request stage).
+    pub event_id: Option<i64>,
+    /// http mode: the order and the status its event announces.
+    pub order_id: Option<i64>,
+    pub status: Option<&'static str>,
+}
+
 /// What the run knows besides [`Stats`].
 pub struct RunInfo {
     pub mode: Mode,
@@ -184,6 +219,7 @@ pub struct RunInfo {
     pub not_sent: u64,
     pub kafka: Option<(u64, Vec<String>)>,
     pub notifier: Option<NotifierSummary>,
+    pub slowest: Option<SlowestSummary>,
 }
 
 fn ms(us: u64) -> f64 {
@@ -357,6 +393,7 @@ impl Report {
             notifier: info.notifier,
             stages,
             time_series,
+            slowest: info.slowest,
             findings,
             output_errors: Vec::new(),
         }
@@ -372,6 +409,9 @@ impl Report {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
 }
+
+/// How many of the slowest requests the table shows.
+const SLOWEST_SHOWN: usize = 3;
 
 fn secs(s: f64) -> String {
     if s.fract() == 0.0 {
@@ -498,6 +538,28 @@ impl fmt::Display for Report {
                 st.max_ms
             )?;
         }
+        if let Some(slow) = self.slowest.as_ref().filter(|s| !s.requests.is_empty()) {
+            writeln!(
+                f,
+                "\nslowest by {} (trace ids; {} in --json):",
+                slow.stage,
+                slow.requests.len()
+            )?;
+            for r in slow.requests.iter().take(SLOWEST_SHOWN) {
+                write!(
+                    f,
+                    "{:>30.3}   {}",
+                    r.ms,
+                    r.trace_id.as_deref().unwrap_or("(no trace context)")
+                )?;
+                match (r.order_id, r.status, r.event_id) {
+                    (Some(order), Some(status), _) => write!(f, "  order {order} {status}")?,
+                    (_, _, Some(event)) => write!(f, "  event {event}")?,
+                    _ => {}
+                }
+                writeln!(f, "  at {:.3}s", r.t_s)?;
+            }
+        }
         for finding in &self.findings {
             writeln!(f, "\nFINDING: {finding}")?;
         }
@@ -525,5 +587,94 @@ mod tests {
         assert_eq!(d.last().unwrap().percentile, 100.0);
         assert!((d.last().unwrap().ms - 100.0).abs() < 0.1);
         assert!(d.windows(2).all(|w| w[0].ms <= w[1].ms));
+    }
+
+    fn info(slowest: Option<SlowestSummary>) -> RunInfo {
+        let profile = Profile {
+            warmup: Duration::ZERO,
+            warmup_rate: 0.0,
+            ramp: Duration::ZERO,
+            ramp_from: 0.0,
+            rate: 10.0,
+            duration: Duration::from_secs(1),
+        };
+        RunInfo {
+            mode: Mode::Http,
+            started_at: "2026-01-01T00:00:00.000000Z".into(),
+            elapsed: Duration::from_secs(2),
+            stopped_early: false,
+            profile,
+            summary: ScheduleSummary {
+                target: "http://127.0.0.1:8080/".into(),
+                topic: Some("t".into()),
+                rate: 10.0,
+                warmup_s: 0.0,
+                warmup_rate: 0.0,
+                ramp_s: 0.0,
+                ramp_from: 0.0,
+                duration_s: 1.0,
+                max_in_flight: 10,
+                request_timeout_s: 10.0,
+                interval_s: 1.0,
+                status_change_ratio: Some(0.5),
+                rows_per_txn: None,
+            },
+            measured_sending: Duration::from_secs(1),
+            not_sent: 0,
+            kafka: Some((0, Vec::new())),
+            notifier: None,
+            slowest,
+        }
+    }
+
+    #[test]
+    fn the_json_and_the_table_name_the_slowest_requests_trace_ids() {
+        let stats = Stats::new(std::time::Instant::now(), Duration::from_secs(1));
+        let slow = |trace: &str, ms: f64| SlowRequest {
+            trace_id: Some(trace.into()),
+            ms,
+            t_s: 0.25,
+            request_ms: 3.5,
+            event_id: Some(17),
+            order_id: Some(42),
+            status: Some("PAID"),
+        };
+        let a = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let others: Vec<String> = (0..4).map(|i| format!("{i:032x}")).collect();
+        let mut requests = vec![slow(a, 812.5)];
+        requests.extend(others.iter().map(|t| slow(t, 10.0)));
+        let report = Report::build(
+            &stats,
+            info(Some(SlowestSummary {
+                stage: "end_to_end",
+                requests,
+            })),
+        );
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        let slowest = &json["slowest"];
+        assert_eq!(slowest["stage"], "end_to_end");
+        let first = &slowest["requests"][0];
+        assert_eq!(first["trace_id"], a);
+        assert_eq!(first["ms"], 812.5);
+        assert_eq!(first["request_ms"], 3.5);
+        assert_eq!(first["t_s"], 0.25);
+        assert_eq!(first["event_id"], 17);
+        assert_eq!(first["order_id"], 42);
+        assert_eq!(first["status"], "PAID");
+        assert_eq!(slowest["requests"].as_array().unwrap().len(), 5);
+
+        // The table shows the first few, with the full trace id.
+        let table = report.to_string();
+        assert!(table.contains("slowest by end_to_end"), "{table}");
+        assert!(table.contains(a), "{table}");
+        assert!(table.contains("order 42 PAID"), "{table}");
+        assert!(table.contains(&others[1]), "{table}");
+        assert!(!table.contains(&others[3]), "only a few: {table}");
+
+        // Nothing measured: null in the JSON, nothing in the table.
+        let report = Report::build(&stats, info(None));
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert!(json["slowest"].is_null(), "{}", json["slowest"]);
+        assert!(!report.to_string().contains("slowest"));
     }
 }

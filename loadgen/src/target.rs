@@ -4,9 +4,18 @@
 //! ```text
 //!  http: arrival ─┬─ p = --status-change-ratio, an order ready ─▶ POST /orders/{id}/status {next status}
 //!                 └─ otherwise ──────────────────────────────────▶ POST /orders {random order}
+//!                    (each with a `traceparent` header)
 //!        201/200 ─▶ the record key (order id, status) + the order back in the book
-//!  sql:  arrival ──▶ INSERT INTO outbox ... RETURNING id  (× --rows-per-txn, one transaction)
+//!  sql:  arrival ──▶ INSERT INTO outbox ... [traceparent] RETURNING id  (× --rows-per-txn, one transaction)
 //! ```
+//!
+//! Trace context: every request carries a new W3C trace
+//! (`TraceParent::root()`, made by the caller). In http mode it is the
+//! `traceparent` header, which order-api continues into the outbox row. In
+//! sql mode it goes into the row's `traceparent` column — all rows of one
+//! transaction share it — when the outbox table has that column (looked up
+//! once, at connect); on an older schema without it, rows are inserted as
+//! before, without trace context.
 //!
 //! The order book holds orders created in this run whose next transition
 //! (CREATED→PAID→SHIPPED→DELIVERED) has not been requested. An order is
@@ -25,6 +34,8 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use rand::Rng;
 use serde_json::{json, Value};
+
+use outbox_record::trace::{TraceParent, TRACEPARENT};
 
 use crate::matcher::{Key, OrderStatus};
 
@@ -157,8 +168,13 @@ impl HttpTarget {
         Request::Create(random_order(rng, self.users))
     }
 
-    /// Sends `req`; on success, the key of the record it committed.
-    pub async fn send(&self, req: &Request) -> Result<Key, RequestError> {
+    /// Sends `req` (with `trace` as its `traceparent` header); on success,
+    /// the key of the record it committed.
+    pub async fn send(
+        &self,
+        req: &Request,
+        trace: Option<&TraceParent>,
+    ) -> Result<Key, RequestError> {
         let (url, body) = match req {
             Request::Create(body) => (self.url("orders"), body.clone()),
             Request::ChangeStatus { order_id, to } => (
@@ -167,13 +183,11 @@ impl HttpTarget {
             ),
             Request::Insert { .. } => return Err(RequestError::Body),
         };
-        let resp = self
-            .client
-            .post(url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(classify)?;
+        let mut post = self.client.post(url).json(&body);
+        if let Some(trace) = trace {
+            post = post.header(TRACEPARENT, trace.to_string());
+        }
+        let resp = post.send().await.map_err(classify)?;
         let status = resp.status();
         // The whole body is read before the response counts as done.
         let bytes = resp.bytes().await.map_err(classify)?;
@@ -241,6 +255,8 @@ pub struct SqlTarget {
     pool: Pool,
     rows_per_txn: usize,
     users: u64,
+    /// The outbox table has a `traceparent` column: [`INSERT_TRACED`].
+    traced: bool,
 }
 
 /// The statement of sql mode: one outbox row, autocommitted (or inside
@@ -248,6 +264,17 @@ pub struct SqlTarget {
 pub const INSERT: &str = "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload) \
      VALUES ('loadgen', $1::bigint::text, $2, 'LoadgenEvent', jsonb_build_object('seq', $1::bigint)) \
      RETURNING id";
+
+/// [`INSERT`] with the request's `traceparent` in the column of that name.
+pub const INSERT_TRACED: &str = "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload, traceparent) \
+     VALUES ('loadgen', $1::bigint::text, $2, 'LoadgenEvent', jsonb_build_object('seq', $1::bigint), $3) \
+     RETURNING id";
+
+/// Whether the `outbox` the INSERT resolves to (by the search path) has a
+/// `traceparent` column.
+const HAS_TRACEPARENT: &str = "SELECT EXISTS (SELECT 1 FROM pg_attribute \
+     WHERE attrelid = to_regclass('outbox') AND attname = 'traceparent' \
+     AND attnum > 0 AND NOT attisdropped)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SqlSetupError {
@@ -259,11 +286,14 @@ pub enum SqlSetupError {
     Connect(#[source] deadpool_postgres::PoolError),
     #[error("cannot prepare the INSERT (is the outbox table there?)")]
     Prepare(#[source] tokio_postgres::Error),
+    #[error("cannot read the columns of the outbox table")]
+    Columns(#[source] tokio_postgres::Error),
 }
 
 impl SqlTarget {
     /// Opens `connections` connections (all of them, now, so that opening
-    /// one never shows up as request latency) and prepares the INSERT.
+    /// one never shows up as request latency), looks up whether the outbox
+    /// has a `traceparent` column and prepares the INSERT.
     pub async fn connect(
         database_url: &str,
         connections: usize,
@@ -284,10 +314,23 @@ impl SqlTarget {
         )
         .map_err(|e| SqlSetupError::Pool(e.to_string()))?;
         let mut held = Vec::with_capacity(connections);
-        for _ in 0..connections {
+        let mut traced = false;
+        for i in 0..connections {
             let client = pool.get().await.map_err(SqlSetupError::Connect)?;
+            if i == 0 {
+                traced = client
+                    .query_one(HAS_TRACEPARENT, &[])
+                    .await
+                    .map_err(SqlSetupError::Columns)?
+                    .get(0);
+                if !traced {
+                    tracing::info!(
+                        "the outbox table has no traceparent column: rows are inserted without trace context"
+                    );
+                }
+            }
             client
-                .prepare_cached(INSERT)
+                .prepare_cached(if traced { INSERT_TRACED } else { INSERT })
                 .await
                 .map_err(SqlSetupError::Prepare)?;
             held.push(client);
@@ -297,11 +340,22 @@ impl SqlTarget {
             pool,
             rows_per_txn,
             users,
+            traced,
         })
     }
 
-    /// Inserts the rows of one arrival; their outbox ids.
-    pub async fn send(&self, seq: u64) -> Result<Vec<Key>, RequestError> {
+    /// Whether the rows carry the request's `traceparent`.
+    pub fn traced(&self) -> bool {
+        self.traced
+    }
+
+    /// Inserts the rows of one arrival (with `trace` in their
+    /// `traceparent` column, when the table has it); their outbox ids.
+    pub async fn send(
+        &self,
+        seq: u64,
+        trace: Option<&TraceParent>,
+    ) -> Result<Vec<Key>, RequestError> {
         let user_id = i64::try_from(rand::rng().random_range(1..=self.users)).unwrap_or(1);
         let mut client = self.pool.get().await.map_err(|e| match e {
             deadpool_postgres::PoolError::Backend(e) => sql_error(&e),
@@ -309,13 +363,21 @@ impl SqlTarget {
             _ => RequestError::SqlConnection,
         })?;
         let stmt = client
-            .prepare_cached(INSERT)
+            .prepare_cached(if self.traced { INSERT_TRACED } else { INSERT })
             .await
             .map_err(|e| sql_error(&e))?;
         let base = i64::try_from(seq).unwrap_or(i64::MAX);
+        let traceparent = trace.map(TraceParent::to_string);
+        let with_trace: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&base, &user_id, &traceparent];
+        let params = if self.traced {
+            &with_trace[..]
+        } else {
+            &with_trace[..2]
+        };
         if self.rows_per_txn == 1 {
             let row = client
-                .query_one(&stmt, &[&base, &user_id])
+                .query_one(&stmt, params)
                 .await
                 .map_err(|e| sql_error(&e))?;
             return Ok(vec![Key::Event(row.get(0))]);
@@ -324,7 +386,7 @@ impl SqlTarget {
         let mut keys = Vec::with_capacity(self.rows_per_txn);
         for _ in 0..self.rows_per_txn {
             let row = txn
-                .query_one(&stmt, &[&base, &user_id])
+                .query_one(&stmt, params)
                 .await
                 .map_err(|e| sql_error(&e))?;
             keys.push(Key::Event(row.get(0)));
@@ -356,11 +418,25 @@ impl Target {
         }
     }
 
-    /// Sends one request; the keys of the records it committed.
-    pub async fn send(&self, req: &Request) -> Result<Vec<Key>, RequestError> {
+    /// Whether requests carry their `traceparent` somewhere it is kept
+    /// (always in http mode; in sql mode when the outbox has the column).
+    pub fn traced(&self) -> bool {
+        match self {
+            Target::Http(_) => true,
+            Target::Sql(s) => s.traced(),
+        }
+    }
+
+    /// Sends one request carrying `trace`; the keys of the records it
+    /// committed.
+    pub async fn send(
+        &self,
+        req: &Request,
+        trace: Option<&TraceParent>,
+    ) -> Result<Vec<Key>, RequestError> {
         match (self, req) {
-            (Target::Sql(s), Request::Insert { seq }) => s.send(*seq).await,
-            (Target::Http(h), req) => h.send(req).await.map(|k| vec![k]),
+            (Target::Sql(s), Request::Insert { seq }) => s.send(*seq, trace).await,
+            (Target::Http(h), req) => h.send(req, trace).await.map(|k| vec![k]),
             (Target::Sql(_), _) => Err(RequestError::Body),
         }
     }

@@ -1,5 +1,6 @@
 //! Open-loop behaviour against a fake order-api: a stalled server cannot
-//! hide its latency (no coordinated omission), the concurrency cap delays
+//! hide its latency (no coordinated omission) and the report names the
+//! stalled requests by the trace ids they sent, the concurrency cap delays
 //! starts but not the clock, errors are counted and never stop a run, and
 //! Ctrl-C still yields a report.
 //!
@@ -7,10 +8,12 @@
 //! counts and orders of magnitude (a 1 s stall must show as ~1 s, not as
 //! milliseconds), never tight timings.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::common::{loadgen_config, Behaviour, FakeApi};
 use loadgen::config::Mode;
+use outbox_record::trace::TraceParent;
 use tokio_util::sync::CancellationToken;
 
 const STALL: Behaviour = Behaviour::Stall {
@@ -57,6 +60,41 @@ async fn a_stalled_server_cannot_hide_its_latency() -> anyhow::Result<()> {
     assert!(req.p90_ms >= 300.0, "p90 {} ms", req.p90_ms);
     assert!(req.p50_ms < 300.0, "p50 {} ms", req.p50_ms);
     assert!(req.max_ms < 10_000.0, "max {} ms", req.max_ms);
+
+    // Every request carried a trace of its own.
+    let seen = api.traceparents();
+    assert_eq!(seen.len(), 300);
+    let mut traces = HashSet::new();
+    let mut stalled = HashSet::new();
+    for (header, in_stall) in &seen {
+        let header = header.as_deref().expect("a traceparent header");
+        let tp = TraceParent::parse(header).expect("a valid traceparent");
+        assert!(tp.is_sampled(), "{header}");
+        assert!(traces.insert(tp.trace_id_hex()), "trace id sent twice");
+        if *in_stall {
+            stalled.insert(tp.trace_id_hex());
+        }
+    }
+    // Without Kafka the slowest are ranked by the request stage: they are
+    // requests the server held in the stall, named by the trace ids the
+    // server saw, slowest first, the first one the stage's max.
+    let slowest = report.slowest.as_ref().expect("slowest requests");
+    assert_eq!(slowest.stage, "request");
+    assert_eq!(slowest.requests.len(), 10);
+    for s in &slowest.requests {
+        let id = s.trace_id.as_deref().expect("trace id");
+        assert!(stalled.contains(id), "{s:?} was not held in the stall");
+        assert!(s.ms >= 500.0, "{s:?}");
+        assert_eq!(s.ms, s.request_ms);
+        assert!(s.order_id.is_some(), "{s:?}");
+    }
+    assert!(slowest.requests.windows(2).all(|w| w[0].ms >= w[1].ms));
+    let first = slowest.requests[0].ms;
+    assert!(
+        (req.max_ms - first).abs() <= req.max_ms * 0.002 + 0.002,
+        "slowest {first} ms, max {} ms",
+        req.max_ms
+    );
     Ok(())
 }
 

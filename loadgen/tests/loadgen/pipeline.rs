@@ -5,15 +5,88 @@
 //!
 //! What a load tester checks: every successful request was matched to its
 //! record (nothing unmatched, nothing duplicated), every stage counted each
-//! of them once, and the JSON and PNG outputs are there and well-formed.
+//! of them once, the JSON and PNG outputs are there and well-formed, and the
+//! slowest requests the report names by trace id are records on the topic
+//! carrying that trace id in their `traceparent` header.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::common::Pipeline;
+use devstack::kafka::{Record, TopicReader};
+use devstack::testing::kafka_bootstrap;
 use loadgen::config::Mode;
+use loadgen::matcher::{key_of, Key, OrderStatus};
 use loadgen::report::Report;
+use outbox_record::trace::TraceParent;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+
+/// Every record of `topic`, read from the beginning until `at_least`
+/// arrived and then 1 s passed with nothing new.
+async fn read_topic(topic: &str, at_least: usize) -> anyhow::Result<Vec<Record>> {
+    let reader = TopicReader::new(&kafka_bootstrap(), topic, true)?;
+    reader
+        .read_at_least(at_least, Duration::from_secs(30), Duration::from_secs(1))
+        .await
+}
+
+/// The trace id of a record's `traceparent` header.
+fn trace_id(record: &Record) -> Option<String> {
+    let header = record.header("traceparent")?;
+    let tp = TraceParent::parse(header).unwrap_or_else(|e| panic!("{e}: {record:?}"));
+    Some(tp.trace_id_hex())
+}
+
+/// Every record has a `traceparent` header, and each request a trace of its
+/// own: `requests` distinct trace ids.
+fn assert_one_trace_per_request(records: &[Record], requests: usize) {
+    let traces: HashSet<String> = records
+        .iter()
+        .map(|r| trace_id(r).unwrap_or_else(|| panic!("no traceparent: {r:?}")))
+        .collect();
+    assert_eq!(traces.len(), requests);
+}
+
+/// The JSON's `slowest`: ranked by `stage`, the 10 slowest (or all) of its
+/// requests, slowest first, the first being the stage's max; and each is
+/// the request of a record on the topic — its event id, in http mode its
+/// order and status — whose `traceparent` header carries the reported trace
+/// id.
+fn assert_slowest_on_topic(json: &Value, stage: &str, records: &[Record]) {
+    let slowest = &json["slowest"];
+    assert_eq!(slowest["stage"], stage, "{slowest}");
+    let requests = slowest["requests"].as_array().expect("slowest requests");
+    let count = json["stages"][stage]["count"].as_u64().expect("count");
+    assert_eq!(requests.len() as u64, count.min(10), "{slowest}");
+    let ms: Vec<f64> = requests.iter().map(|r| r["ms"].as_f64().unwrap()).collect();
+    assert!(ms.windows(2).all(|w| w[0] >= w[1]), "{ms:?}");
+    let max = json["stages"][stage]["max_ms"].as_f64().expect("max");
+    assert!(
+        (max - ms[0]).abs() <= max * 0.002 + 0.002,
+        "{} vs max {max}",
+        ms[0]
+    );
+    for r in requests {
+        let id = r["trace_id"].as_str().expect("trace id").to_owned();
+        assert_eq!(id.len(), 32, "{r}");
+        let event = r["event_id"].as_i64().expect("event id").to_string();
+        let record = records
+            .iter()
+            .find(|rec| rec.header("event_id") == Some(event.as_str()))
+            .unwrap_or_else(|| panic!("no record for {r}"));
+        if let Some(order) = r["order_id"].as_i64() {
+            let status = OrderStatus::parse(r["status"].as_str().expect("status"));
+            let value = record.value.as_deref().map(str::as_bytes);
+            assert_eq!(
+                key_of(Mode::Http, None, value),
+                Ok(Key::Order(order, status.expect("a status"))),
+                "{r}"
+            );
+        }
+        assert_eq!(trace_id(record).as_deref(), Some(id.as_str()), "{r}");
+    }
+}
 
 /// Every successful request matched, every stage counted it once.
 fn assert_all_matched(report: &Report, events_per_request: u64) {
@@ -119,6 +192,12 @@ async fn http_mode_matches_every_order_event() -> anyhow::Result<()> {
     let json = check_json(&out.join("report.json"), &report);
     assert_eq!(json["mode"], "http");
     assert_eq!(json["time_series"][0]["phase"], "warmup");
+    // order-api continued each request's trace into its outbox row, the
+    // relay put it on the record: the slowest requests are found by it.
+    let records = read_topic(&p.topic, k.events_expected as usize).await?;
+    assert_eq!(records.len() as u64, k.events_expected);
+    assert_one_trace_per_request(&records, k.events_expected as usize);
+    assert_slowest_on_topic(&json, "end_to_end", &records);
     check_png(&out.join("report.png"));
     assert!(
         report.output_errors.is_empty(),
@@ -161,7 +240,7 @@ async fn sql_mode_matches_every_outbox_row_by_event_id() -> anyhow::Result<()> {
         (200, 200, 0)
     );
     assert_all_matched(&report, 1);
-    check_json(&out.join("sql.json"), &report);
+    let json = check_json(&out.join("sql.json"), &report);
     let db = p.db.connect().await?;
     let rows: i64 = db
         .query_one(
@@ -171,6 +250,12 @@ async fn sql_mode_matches_every_outbox_row_by_event_id() -> anyhow::Result<()> {
         .await?
         .get(0);
     assert_eq!(rows, 200);
+    // Each row has a trace of its own, which the relay put on its record;
+    // the slowest requests are named by it.
+    let records = read_topic(&p.topic, 200).await?;
+    assert_eq!(records.len(), 200);
+    assert_one_trace_per_request(&records, 200);
+    assert_slowest_on_topic(&json, "end_to_end", &records);
 
     // Several rows per transaction: one request, several records, each
     // matched by its own event id.
@@ -182,6 +267,53 @@ async fn sql_mode_matches_every_outbox_row_by_event_id() -> anyhow::Result<()> {
     println!("{report}");
     assert_eq!(report.requests.ok, 30);
     assert_all_matched(&report, 3);
+    // One trace per transaction: its three records carry it, and the
+    // request is named once, however many of its records were slow.
+    let records = read_topic(&p.topic, 290).await?;
+    assert_eq!(records.len(), 290);
+    let slowest = report.slowest.as_ref().expect("slowest");
+    assert_eq!(slowest.requests.len(), 10);
+    let mut named = HashSet::new();
+    for s in &slowest.requests {
+        let id = s.trace_id.clone().expect("trace id");
+        assert!(named.insert(id.clone()), "{id} named twice");
+        let carrying: Vec<_> = records
+            .iter()
+            .filter(|r| trace_id(r).as_deref() == Some(id.as_str()))
+            .collect();
+        assert_eq!(carrying.len(), 3, "{s:?}");
+        let event = s.event_id.expect("event id").to_string();
+        assert!(carrying
+            .iter()
+            .any(|r| r.header("event_id") == Some(event.as_str())));
+    }
+    p.stop().await
+}
+
+/// An outbox without the trace context columns (a schema before V5) still
+/// takes sql mode's rows: no traceparent on them, none in the report.
+#[tokio::test]
+async fn sql_mode_works_on_an_outbox_without_a_traceparent_column() -> anyhow::Result<()> {
+    let p = Pipeline::start_with(
+        false,
+        "ALTER TABLE outbox DROP COLUMN IF EXISTS traceparent, DROP COLUMN IF EXISTS tracestate",
+    )
+    .await?;
+    let cfg = p.loadgen(Mode::Sql, 50.0, Duration::from_secs(1));
+    let report = loadgen::run(cfg, CancellationToken::new()).await?;
+    println!("{report}");
+    assert_eq!(report.requests.ok, 50);
+    assert_all_matched(&report, 1);
+    let records = read_topic(&p.topic, 50).await?;
+    assert_eq!(records.len(), 50);
+    assert!(records.iter().all(|r| r.header("traceparent").is_none()));
+    let slowest = report.slowest.as_ref().expect("slowest");
+    assert_eq!(slowest.stage, "end_to_end");
+    assert_eq!(slowest.requests.len(), 10);
+    assert!(slowest
+        .requests
+        .iter()
+        .all(|s| s.trace_id.is_none() && s.event_id.is_some()));
     p.stop().await
 }
 
@@ -199,6 +331,11 @@ async fn notifier_stage_reads_notifier_inbox() -> anyhow::Result<()> {
     assert_eq!(n.missing, 0, "{n:?}");
     let stage = &report.stages["commit_to_notifier"];
     assert_eq!(stage.count, report.requests.ok);
+    // The slowest are ranked by the most downstream stage.
+    let slowest = report.slowest.as_ref().expect("slowest");
+    assert_eq!(slowest.stage, "commit_to_notifier");
+    assert_eq!(slowest.requests.len(), 10);
+    assert!((stage.max_ms - slowest.requests[0].ms).abs() <= stage.max_ms * 0.002 + 0.002);
     // The notifier handled each event after its commit and, on this
     // machine, within seconds.
     assert!(stage.max_ms < 60_000.0, "{stage:?}");

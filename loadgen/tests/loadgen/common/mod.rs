@@ -6,11 +6,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use clap::Parser;
@@ -74,6 +74,9 @@ struct Fake {
     requests: AtomicI64,
     /// Requests that arrived during the stall window.
     stalled: AtomicI64,
+    /// The `traceparent` header of every request (`None`: it had none),
+    /// and whether the request arrived during the stall.
+    traceparents: Mutex<Vec<(Option<String>, bool)>>,
 }
 
 /// A fake order-api on 127.0.0.1:<ephemeral>.
@@ -91,6 +94,7 @@ impl FakeApi {
             next_id: AtomicI64::new(1),
             requests: AtomicI64::new(0),
             stalled: AtomicI64::new(0),
+            traceparents: Mutex::new(Vec::new()),
         });
         let app = Router::new()
             .route("/orders", post(create))
@@ -119,6 +123,16 @@ impl FakeApi {
     pub fn stalled(&self) -> i64 {
         self.state.stalled.load(Ordering::SeqCst)
     }
+
+    /// The `traceparent` header of each request received, and whether it
+    /// arrived during the stall.
+    pub fn traceparents(&self) -> Vec<(Option<String>, bool)> {
+        self.state
+            .traceparents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl Drop for FakeApi {
@@ -127,14 +141,28 @@ impl Drop for FakeApi {
     }
 }
 
-async fn behave(state: &Fake) -> Option<StatusCode> {
+async fn behave(state: &Fake, headers: &HeaderMap) -> Option<StatusCode> {
     state.requests.fetch_add(1, Ordering::SeqCst);
     let now = Instant::now();
     let first = *state.first.get_or_init(|| now);
-    match state.behaviour {
+    let traceparent = headers
+        .get("traceparent")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let stall = match state.behaviour {
         Behaviour::Stall { from, len } => {
             let (start, end) = (first + from, first + from + len);
-            if now >= start && now < end {
+            (now >= start && now < end).then_some(end)
+        }
+        Behaviour::Fail(_) => None,
+    };
+    state
+        .traceparents
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((traceparent, stall.is_some()));
+    match state.behaviour {
+        Behaviour::Stall { .. } => {
+            if let Some(end) = stall {
                 state.stalled.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep_until(end.into()).await;
             }
@@ -161,8 +189,8 @@ fn order(id: i64, status: &str) -> Value {
     })
 }
 
-async fn create(State(state): State<Arc<Fake>>) -> (StatusCode, Json<Value>) {
-    if let Some(code) = behave(&state).await {
+async fn create(State(state): State<Arc<Fake>>, headers: HeaderMap) -> (StatusCode, Json<Value>) {
+    if let Some(code) = behave(&state, &headers).await {
         return problem(code);
     }
     let id = state.next_id.fetch_add(1, Ordering::SeqCst);
@@ -172,9 +200,10 @@ async fn create(State(state): State<Arc<Fake>>) -> (StatusCode, Json<Value>) {
 async fn change(
     State(state): State<Arc<Fake>>,
     Path(id): Path<i64>,
+    headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
-    if let Some(code) = behave(&state).await {
+    if let Some(code) = behave(&state, &headers).await {
         return problem(code);
     }
     let status = body["status"].as_str().unwrap_or("PAID").to_owned();
@@ -195,8 +224,17 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub async fn start(with_notifier: bool) -> anyhow::Result<Pipeline> {
+        Pipeline::start_with(with_notifier, "").await
+    }
+
+    /// [`Pipeline::start`], with `schema` (SQL, e.g. an `ALTER TABLE
+    /// outbox`) run on the fresh database before anything starts.
+    pub async fn start_with(with_notifier: bool, schema: &str) -> anyhow::Result<Pipeline> {
         init_tracing();
         let db = TestDb::create().await?;
+        if !schema.is_empty() {
+            db.connect().await?.batch_execute(schema).await?;
+        }
         let topic = create_topic(3).await?;
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
