@@ -562,7 +562,8 @@ async fn recv_is_cancel_safe() -> anyhow::Result<()> {
         );
         for (i, cols) in inserts.iter().enumerate() {
             let id = i as i64 + 1;
-            ensure!(cols.len() == 7, "row {id}: {} columns", cols.len());
+            // The outbox's columns: id … created_at, traceparent, tracestate.
+            ensure!(cols.len() == 9, "row {id}: {} columns", cols.len());
             ensure!(
                 cols[3].as_deref() == Some(id.to_string().as_str()),
                 "row {id}: user_id {:?}",
