@@ -158,6 +158,17 @@ pub struct Config {
           default_value = "traceparent,tracestate", value_parser = parse_header_column)]
     pub header_columns: Vec<String>,
 
+    /// Events (outbox ids) to produce as a reference in `<topic>.relay-dlq`
+    /// instead of themselves: the way past a record Kafka refuses
+    /// (comma-separated).
+    #[arg(long, env = "RELAY_DEAD_LETTER_EVENT_IDS", value_delimiter = ',')]
+    pub dead_letter_event_ids: Vec<String>,
+
+    /// Dead-letter each event Kafka refuses permanently (too large,
+    /// invalid) without asking, and go on; off: the relay stops, naming it.
+    #[arg(long, env = "RELAY_DEAD_LETTER_REFUSED")]
+    pub dead_letter_refused: bool,
+
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

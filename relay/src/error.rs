@@ -13,6 +13,28 @@ use crate::pgoutput;
 use crate::replication;
 use crate::sink::{self, AccessDenied};
 
+/// The record Kafka refused, as an operator needs to find it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedRecord {
+    /// Its `event_id` header (the outbox row's id), when it has one.
+    pub event_id: Option<String>,
+    /// Key, value and headers, bytes.
+    pub bytes: usize,
+    pub topic: String,
+    /// The producer's `message.max.bytes`.
+    pub producer_limit: usize,
+}
+
+impl std::fmt::Display for RefusedRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.event_id {
+            Some(id) => write!(f, "event {id}")?,
+            None => f.write_str("a record")?,
+        }
+        write!(f, " ({} bytes, topic {})", self.bytes, self.topic)
+    }
+}
+
 /// Why the relay stopped or a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -26,8 +48,26 @@ pub enum RelayError {
     Sink(#[from] sink::SinkError),
     #[error("exactly-once")]
     Dedupe(#[from] dedupe::DedupeError),
-    #[error("kafka refused a record permanently ({0}); fix the cause (e.g. message.max.bytes) and restart")]
-    DeliveryPermanent(#[source] KafkaError),
+    /// A record no replay can deliver (too large, invalid): the relay stops
+    /// rather than skip it, and every later event waits behind it.
+    #[error(
+        "kafka refused {refused} permanently ({error}); every later event waits behind it. \
+         If it is over a size limit: raise the topic's max.message.bytes (kafka-configs.sh \
+         --alter --entity-type topics --entity-name {topic} --add-config max.message.bytes=N) \
+         and the relay's message.max.bytes (now {producer_limit}; --kafka-property \
+         message.max.bytes=N) above its size, then restart; or dead-letter exactly this \
+         event: restart with --dead-letter-event-ids {id} (--dead-letter-refused does so \
+         for every refused event)",
+        topic = refused.topic,
+        producer_limit = refused.producer_limit,
+        id = refused.event_id.as_deref().unwrap_or("<its outbox id>")
+    )]
+    DeliveryPermanent {
+        /// Boxed: keeps every `Result<_, RelayError>` small.
+        refused: Box<RefusedRecord>,
+        /// In the message, not a source: the chain would say it twice.
+        error: KafkaError,
+    },
     #[error("kafka did not deliver a record ({0}); replaying from the confirmed position")]
     Delivery(#[source] KafkaError),
     #[error("kafka producer failed fatally: {0}; recreating it and replaying from the confirmed position")]
@@ -73,7 +113,7 @@ impl RelayError {
             | RelayError::PartialTransaction { .. } => true,
             RelayError::Decode(_)
             | RelayError::Event(_)
-            | RelayError::DeliveryPermanent(_)
+            | RelayError::DeliveryPermanent { .. }
             | RelayError::KafkaAccess(_)
             | RelayError::Protocol(_)
             | RelayError::Listen { .. } => false,

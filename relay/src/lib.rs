@@ -15,6 +15,7 @@ pub mod replication;
 
 pub mod checkpoint;
 pub mod config;
+pub mod dead_letter;
 pub mod dedupe;
 pub mod error;
 pub mod event;

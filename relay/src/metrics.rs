@@ -20,6 +20,7 @@ pub const SLOT_RETAINED_WAL_BYTES: &str = "relay_slot_retained_wal_bytes";
 pub const COMMIT_TO_ACK_SECONDS: &str = "relay_commit_to_ack_seconds";
 pub const HEARTBEATS: &str = "relay_heartbeats";
 pub const DUPLICATES_SKIPPED: &str = "relay_duplicates_skipped";
+pub const DEAD_LETTERED: &str = "relay_dead_lettered";
 pub const ROLE: &str = "relay_role";
 
 /// The values of `relay_role`'s `role` label.
@@ -57,6 +58,8 @@ pub struct Metrics {
     pub commit_to_ack_seconds: Histogram,
     pub heartbeats: Counter,
     pub duplicates_skipped: Counter,
+    /// Events produced as a reference in their dead-letter topic.
+    pub dead_lettered: Counter,
     /// 1 for the relay's role (`active`, `standby`), 0 for the other.
     pub role: Family<RoleLabel, Gauge>,
 }
@@ -124,6 +127,12 @@ impl Metrics {
             "Replayed records skipped because their partition already held them (exactly-once)",
             duplicates_skipped.clone(),
         );
+        let dead_lettered = Counter::default();
+        registry.register(
+            DEAD_LETTERED,
+            "Events Kafka could not take, produced as a reference in their topic's dead-letter topic instead",
+            dead_lettered.clone(),
+        );
         let role = Family::<RoleLabel, Gauge>::default();
         for r in ROLES {
             role.get_or_create(&RoleLabel { role: r.to_owned() }).set(0);
@@ -137,6 +146,7 @@ impl Metrics {
             registry,
             role,
             duplicates_skipped,
+            dead_lettered,
             commit_to_ack_seconds,
             heartbeats,
             events,

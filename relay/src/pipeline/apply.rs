@@ -40,6 +40,8 @@ pub(super) struct PendingInsert {
     record: OutboxRecord,
     txn: TxnId,
     at: dedupe::Position,
+    /// A dead-lettered event's reference (see `dead_letter`).
+    diverted: bool,
 }
 
 /// A topic being readied, and the record that needs it.
@@ -215,8 +217,10 @@ impl Session<'_> {
                 let seq = txn.next_seq;
                 let record = event::build_record(self.event_cfg, rel, &ins.new, &txn.info, seq)?;
                 txn.next_seq += 1;
+                let reference = self.dead_letters.reference_for(&record);
                 let pending = PendingInsert {
-                    record,
+                    diverted: reference.is_some(),
+                    record: reference.unwrap_or(record),
                     txn: txn.id,
                     at: (txn.info.commit_lsn, seq),
                 };
@@ -254,6 +258,7 @@ impl Session<'_> {
             mut record,
             txn,
             at,
+            diverted,
         } = pending;
         let duplicate = sink.place(&mut record, at) == Placement::Duplicate;
         if let Some(open) = st.open.as_mut() {
@@ -280,6 +285,11 @@ impl Session<'_> {
         if duplicate {
             self.shared.metrics.duplicates_skipped.inc();
             return Ok(());
+        }
+        if diverted {
+            self.shared.metrics.dead_lettered.inc();
+            tracing::warn!(topic = %record.topic, lsn = %at.0, seq = at.1,
+                "producing a dead-lettered event's reference instead of the event");
         }
         if sink.transactional() {
             if st.kbatch.is_none() {

@@ -52,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{Checkpoint, TxnId};
 use crate::config::{Config, Delivery};
+use crate::dead_letter::DeadLetters;
 use crate::dedupe;
 pub use crate::error::RelayError;
 use crate::event::{self, EventConfig, OutboxRecord, TxnInfo};

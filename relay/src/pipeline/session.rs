@@ -47,6 +47,8 @@ pub(super) struct Session<'a> {
     /// A Postgres transaction several sessions found partly in Kafka: skip
     /// its records per partition after all (see `RelayError::PartialTransaction`).
     pub(super) accept_partial: Option<Lsn>,
+    /// Events produced as a reference in their dead-letter topic.
+    pub(super) dead_letters: &'a DeadLetters,
 }
 
 impl Session<'_> {

@@ -20,6 +20,7 @@ pub(super) async fn supervise(
     // The same partial transaction seen by consecutive sessions.
     let mut partial: Option<(Lsn, u32)> = None;
     let mut accept_partial: Option<Lsn> = None;
+    let dead_letters = DeadLetters::new(&cfg.dead_letter_event_ids, cfg.dead_letter_refused);
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
@@ -38,6 +39,7 @@ pub(super) async fn supervise(
             shutdown,
             next_txn: &mut next_txn,
             accept_partial,
+            dead_letters: &dead_letters,
         };
         let result = session.run(&params, &mut sink).await;
         shared.metrics.connected.set(0);
@@ -75,6 +77,16 @@ pub(super) async fn supervise(
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(cfg.standby_poll_interval) => {}
                 }
+            }
+            Err(e) if dead_letters.learn(&e) => {
+                // Opted in: the replay produces the event's reference in the
+                // dead-letter topic instead (see `dead_letter`).
+                tracing::error!(error = %error_chain(&e),
+                    "dead-lettering the refused event (--dead-letter-refused) and replaying");
+                shared.update(|s| {
+                    s.state = RelayState::Reconnecting;
+                    s.last_error = Some(error_chain(&e));
+                });
             }
             Err(e) if e.is_transient() => {
                 if matches!(

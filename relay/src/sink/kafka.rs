@@ -28,7 +28,7 @@ use futures_util::FutureExt;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::Message;
 use tokio::sync::mpsc;
@@ -36,7 +36,7 @@ use tokio::sync::mpsc;
 use super::{DeliveryReport, KafkaConfig, Placement, SendError, Sink, SinkError};
 use crate::checkpoint::TxnId;
 use crate::dedupe::{self, Position, TopicState};
-use crate::error::RelayError;
+use crate::error::{RefusedRecord, RelayError};
 use crate::event::OutboxRecord;
 use lifecycle::kafka::{forward_log, AccessDenied};
 
@@ -51,12 +51,14 @@ enum Report {
     Failed {
         bytes: usize,
         error: KafkaError,
+        /// The record's `event_id` header, to name it if it can never be
+        /// delivered.
+        event_id: Option<String>,
+        topic: Arc<str>,
     },
     /// The producer can no longer deliver anything (fatal librdkafka error);
     /// it has to be recreated and the stream replayed from the confirmed LSN.
-    Fatal {
-        reason: String,
-    },
+    Fatal { reason: String },
     /// Kafka refused the producer's credentials or permissions: definite.
     Denied(AccessDenied),
 }
@@ -114,9 +116,16 @@ impl ProducerContext for ReportingContext {
             },
             Err((error, msg)) => {
                 tracing::warn!(error = %error, topic = msg.topic(), partition = msg.partition(), "kafka delivery failed");
+                let event_id = msg.headers().and_then(|headers| {
+                    let pairs = headers.iter().map(|h| (h.key, h.value));
+                    outbox_record::header::find(pairs, outbox_record::header::EVENT_ID)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                });
                 Report::Failed {
                     bytes: tag.bytes,
                     error: error.clone(),
+                    event_id,
+                    topic: tag.topic,
                 }
             }
         };
@@ -143,13 +152,19 @@ pub struct KafkaSink {
     topic_states: HashMap<String, TopicState>,
     /// Interned topic names, so a delivery tag shares rather than copies.
     topics: HashSet<Arc<str>>,
+    /// The producer's `message.max.bytes`, named when a record is refused.
+    producer_limit: usize,
 }
 
 impl KafkaSink {
     pub fn new(cfg: &KafkaConfig, exactly_once: bool) -> Result<KafkaSink, SinkError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let producer = cfg
-            .producer_config()
+        let config = cfg.producer_config();
+        let producer_limit = config
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES);
+        let producer = config
             .create_with_context(ReportingContext { reports: tx })
             .map_err(SinkError::Config)?;
         Ok(KafkaSink {
@@ -164,6 +179,7 @@ impl KafkaSink {
             max_in_flight_bytes: cfg.max_in_flight_bytes.max(1),
             topic_states: HashMap::new(),
             topics: HashSet::new(),
+            producer_limit,
         })
     }
 
@@ -329,7 +345,16 @@ impl Sink for KafkaSink {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 Err(SendError::Full(record))
             }
-            Err((e, _)) => Err(SendError::Refused(classify_delivery(e))),
+            Err((e, _)) => Err(SendError::Refused(classify_delivery(e, || RefusedRecord {
+                event_id: record
+                    .headers
+                    .iter()
+                    .find(|(k, _)| *k == outbox_record::header::EVENT_ID)
+                    .map(|(_, v)| v.clone()),
+                bytes,
+                topic: record.topic.clone(),
+                producer_limit: self.producer_limit,
+            }))),
         }
     }
 
@@ -341,10 +366,20 @@ impl Sink for KafkaSink {
                 self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
                 DeliveryReport::Delivered { txn, topic }
             }
-            Report::Failed { bytes, error } => {
+            Report::Failed {
+                bytes,
+                error,
+                event_id,
+                topic,
+            } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 self.in_flight_bytes = self.in_flight_bytes.saturating_sub(bytes);
-                DeliveryReport::Failed(classify_delivery(error))
+                DeliveryReport::Failed(classify_delivery(error, || RefusedRecord {
+                    event_id,
+                    bytes,
+                    topic: topic.to_string(),
+                    producer_limit: self.producer_limit,
+                }))
             }
             Report::Fatal { reason } => {
                 // A producer that may not do what it must (e.g. no ACL for
@@ -419,8 +454,12 @@ impl Sink for KafkaSink {
     }
 }
 
-/// Errors a replay cannot fix stop the relay; the rest are retried.
-pub fn classify_delivery(error: KafkaError) -> RelayError {
+/// librdkafka's default `message.max.bytes`.
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// Errors a replay cannot fix stop the relay, naming the record (`refused`);
+/// the rest are retried.
+pub fn classify_delivery(error: KafkaError, refused: impl FnOnce() -> RefusedRecord) -> RelayError {
     if let Some(denied) = AccessDenied::from_error(&error, "producing a record") {
         return RelayError::KafkaAccess(denied);
     }
@@ -433,7 +472,10 @@ pub fn classify_delivery(error: KafkaError) -> RelayError {
         )
     );
     if permanent {
-        RelayError::DeliveryPermanent(error)
+        RelayError::DeliveryPermanent {
+            refused: Box::new(refused()),
+            error,
+        }
     } else {
         RelayError::Delivery(error)
     }

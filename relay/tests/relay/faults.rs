@@ -16,6 +16,7 @@ use devstack::cluster::PgCluster;
 use devstack::testing::{create_topic, kafka_bootstrap, wait_for, TestDb};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use relay::lsn::Lsn;
 
 #[tokio::test]
 async fn kill_9_mid_stream_then_restart_loses_and_duplicates_nothing() -> anyhow::Result<()> {
@@ -302,4 +303,169 @@ async fn permanent_produce_error_stops_the_relay_without_confirming() -> anyhow:
         "confirmed {confirmed} past the failed record"
     );
     Ok(())
+}
+
+/// A small event, a 2 MB incompressible one (over Kafka's default limits)
+/// and a small one, each in its own transaction; their ids, and the WAL
+/// position right after the large one's commit.
+async fn commit_poisoned(c: &tokio_postgres::Client) -> anyhow::Result<([i64; 3], Lsn)> {
+    let first = insert_event(c, 1, "OrderCreated").await?;
+    let big: i64 = c
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload) \
+             SELECT 'order', '2', 2, 'OrderCreated', jsonb_build_object('blob', \
+                 (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 65000))) \
+             RETURNING id",
+            &[],
+        )
+        .await?
+        .get(0);
+    let after_big = current_wal_lsn(c).await?;
+    let last = insert_event(c, 3, "OrderCreated").await?;
+    Ok(([first, big, last], after_big))
+}
+
+/// The event ids in `topic`, each with its count, once `want` are there.
+async fn topic_ids(topic: &str, want: usize) -> anyhow::Result<Vec<i64>> {
+    let records = devstack::kafka::TopicReader::new(&kafka_bootstrap(), topic, true)?
+        .read_at_least(want, Duration::from_secs(60), Duration::from_secs(1))
+        .await?;
+    Ok(records
+        .iter()
+        .filter_map(|r| r.header("event_id")?.parse().ok())
+        .collect())
+}
+
+/// The relay stops on the large event with a message naming its event id,
+/// its size, the limits and the ways forward; the first event is in the
+/// topic and the last is not (nothing overtakes the refused record); the
+/// slot is not confirmed past its commit. Then, restarted with the event named in
+/// `--dead-letter-event-ids`, it produces a reference to the event into the
+/// dead-letter topic and goes on: every other event once, in order.
+/// `extra`: the relay's options.
+async fn oversized_row_stops_the_relay_until_dead_lettered(extra: &[&str]) -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let bootstrap = kafka_bootstrap();
+    let relay = start(relay_config(
+        &db.url,
+        &db.slot_name(),
+        &topic,
+        &bootstrap,
+        extra,
+    ))
+    .await;
+    let c = db.connect().await?;
+    let ([first, big, last], after_big) = commit_poisoned(&c).await?;
+
+    let result = tokio::time::timeout(Duration::from_secs(60), relay.task).await??;
+    let err = result.expect_err("the relay stops on a record Kafka cannot take");
+    let chain = relay::pipeline::error_chain(&err);
+    for needle in [
+        format!("event {big} ("),
+        "bytes, topic".to_owned(),
+        "max.message.bytes".to_owned(),
+        "message.max.bytes (now".to_owned(),
+        "every later event waits behind it".to_owned(),
+        format!("--dead-letter-event-ids {big}"),
+    ] {
+        assert!(chain.contains(&needle), "no {needle:?} in: {chain}");
+    }
+    let size: usize = chain
+        .split(&format!("event {big} ("))
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no size in: {chain}"));
+    assert!(size > 2_000_000, "{size} bytes named in: {chain}");
+    assert_eq!(topic_ids(&topic, 1).await?, [first]);
+    let confirmed = slot_confirmed(&c, &db.slot_name()).await?.expect("slot");
+    // Its commit record ends at `after_big` at the latest: confirming that
+    // would skip it on restart.
+    assert!(
+        confirmed < after_big,
+        "confirmed {confirmed}, past the refused record (committed before {after_big})"
+    );
+
+    // The operator's way forward: dead-letter exactly that event.
+    let big_id = big.to_string();
+    let mut with_dlq = extra.to_vec();
+    with_dlq.extend(["--dead-letter-event-ids", &big_id]);
+    let relay = start(relay_config(
+        &db.url,
+        &db.slot_name(),
+        &topic,
+        &bootstrap,
+        &with_dlq,
+    ))
+    .await;
+    assert_eq!(
+        topic_ids(&topic, 2).await?,
+        [first, last],
+        "each once, in order"
+    );
+    let dlq = format!("{topic}.relay-dlq");
+    let references = devstack::kafka::TopicReader::new(&bootstrap, &dlq, true)?
+        .read_at_least(1, Duration::from_secs(60), Duration::from_secs(1))
+        .await?;
+    assert_eq!(references.len(), 1, "{references:?}");
+    let reference: serde_json::Value =
+        serde_json::from_str(references[0].value.as_deref().unwrap_or("null"))?;
+    assert_eq!(reference["event_id"], big_id, "{reference}");
+    assert_eq!(reference["original_topic"], topic.as_str(), "{reference}");
+    assert!(
+        reference["bytes"].as_u64().unwrap_or(0) > 2_000_000,
+        "{reference}"
+    );
+    assert_eq!(references[0].header("event_id"), Some(big_id.as_str()));
+    assert!(references[0].header("dlq_reason").is_some());
+    assert_eq!(relay.shared.metrics.dead_lettered.get(), 1);
+    relay.stop().await
+}
+
+/// Over the producer's own `message.max.bytes`: refused before sending.
+#[tokio::test]
+async fn a_row_over_the_producers_limit_stops_the_relay_until_dead_lettered() -> anyhow::Result<()>
+{
+    oversized_row_stops_the_relay_until_dead_lettered(&[]).await
+}
+
+/// Within the producer's limit, over the topic's `max.message.bytes`:
+/// refused by the broker.
+#[tokio::test]
+async fn a_row_over_the_topics_limit_stops_the_relay_until_dead_lettered() -> anyhow::Result<()> {
+    oversized_row_stops_the_relay_until_dead_lettered(&[
+        "--kafka-property",
+        "message.max.bytes=10000000",
+    ])
+    .await
+}
+
+/// Opted in (`--dead-letter-refused`): the refused event is dead-lettered
+/// without a stop, and every other event flows, in order, once.
+#[tokio::test]
+async fn opted_in_a_refused_event_is_dead_lettered_without_a_stop() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let bootstrap = kafka_bootstrap();
+    let relay = start(relay_config(
+        &db.url,
+        &db.slot_name(),
+        &topic,
+        &bootstrap,
+        &["--dead-letter-refused"],
+    ))
+    .await;
+    let c = db.connect().await?;
+    let ([first, big, last], _) = commit_poisoned(&c).await?;
+    assert_eq!(
+        topic_ids(&topic, 2).await?,
+        [first, last],
+        "each once, in order"
+    );
+    let references = topic_ids(&format!("{topic}.relay-dlq"), 1).await?;
+    assert_eq!(references, [big]);
+    assert!(!relay.task.is_finished(), "the relay goes on");
+    assert_eq!(relay.shared.metrics.dead_lettered.get(), 1);
+    relay.stop().await
 }

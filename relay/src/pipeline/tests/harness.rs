@@ -302,9 +302,10 @@ impl Sink for MemorySink {
         self.accepted += 1;
         if self.fail_at == Some(n) {
             return Some(DeliveryReport::Failed(
-                crate::sink::kafka::classify_delivery(KafkaError::MessageProduction(
-                    RDKafkaErrorCode::RequestTimedOut,
-                )),
+                crate::sink::kafka::classify_delivery(
+                    KafkaError::MessageProduction(RDKafkaErrorCode::RequestTimedOut),
+                    || unreachable!("a timeout is retried, not reported as refused"),
+                ),
             ));
         }
         let topic: Arc<str> = Arc::from(record.topic.as_str());
@@ -405,6 +406,7 @@ pub(super) async fn run_loop(
         shutdown: &shutdown,
         next_txn: &mut next_txn,
         accept_partial: None,
+        dead_letters: &crate::dead_letter::DeadLetters::default(),
     };
     let mut wal = ScriptedWal {
         script: messages.into(),
