@@ -170,6 +170,7 @@ mod tests {
                 bytes: 2_000_123,
                 topic: "orders".into(),
                 producer_limit: 1_000_000,
+                topic_limit: Some(1_048_588),
             }),
             error: rdkafka::error::KafkaError::MessageProduction(
                 rdkafka::error::RDKafkaErrorCode::MessageSizeTooLarge,

@@ -23,6 +23,8 @@ pub struct RefusedRecord {
     pub topic: String,
     /// The producer's `message.max.bytes`.
     pub producer_limit: usize,
+    /// The topic's `max.message.bytes`, when it could be read.
+    pub topic_limit: Option<usize>,
 }
 
 impl std::fmt::Display for RefusedRecord {
@@ -31,7 +33,11 @@ impl std::fmt::Display for RefusedRecord {
             Some(id) => write!(f, "event {id}")?,
             None => f.write_str("a record")?,
         }
-        write!(f, " ({} bytes, topic {})", self.bytes, self.topic)
+        write!(f, " ({} bytes, topic {}", self.bytes, self.topic)?;
+        if let Some(limit) = self.topic_limit {
+            write!(f, " of max.message.bytes {limit}")?;
+        }
+        f.write_str(")")
     }
 }
 

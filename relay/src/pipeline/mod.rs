@@ -66,6 +66,7 @@ use crate::replication::{
     ReplicationStream,
 };
 use crate::sink::{DeliveryReport, KafkaConfig, KafkaSink, Placement, SendError, Sink};
+use crate::topics;
 
 mod apply;
 mod lag;

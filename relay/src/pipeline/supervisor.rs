@@ -41,7 +41,13 @@ pub(super) async fn supervise(
             accept_partial,
             dead_letters: &dead_letters,
         };
-        let result = session.run(&params, &mut sink).await;
+        let mut result = session.run(&params, &mut sink).await;
+        if let Err(RelayError::DeliveryPermanent { refused, .. }) = &mut result {
+            if refused.topic_limit.is_none() {
+                // Rare, and worth naming: the limit the record is measured against.
+                refused.topic_limit = topics::max_message_bytes(&kafka_cfg, &refused.topic).await;
+            }
+        }
         shared.metrics.connected.set(0);
         if let Err(RelayError::PartialTransaction { commit_lsn }) = &result {
             let reads = match partial {

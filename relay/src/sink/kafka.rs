@@ -154,6 +154,12 @@ pub struct KafkaSink {
     topics: HashSet<Arc<str>>,
     /// The producer's `message.max.bytes`, named when a record is refused.
     producer_limit: usize,
+    /// Each topic's `max.message.bytes` when it could be read, for records
+    /// sent uncompressed (see `over_topic_limit`).
+    topic_limits: HashMap<String, usize>,
+    /// Records are compressed (`compression.type`): their size then says
+    /// nothing certain about the batch the broker measures.
+    compressed: bool,
 }
 
 impl KafkaSink {
@@ -164,6 +170,10 @@ impl KafkaSink {
             .get("message.max.bytes")
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES);
+        let compressed = ["compression.type", "compression.codec"]
+            .iter()
+            .filter_map(|k| config.get(k))
+            .any(|v| v.trim() != "none");
         let producer = config
             .create_with_context(ReportingContext { reports: tx })
             .map_err(SinkError::Config)?;
@@ -180,6 +190,8 @@ impl KafkaSink {
             topic_states: HashMap::new(),
             topics: HashSet::new(),
             producer_limit,
+            topic_limits: HashMap::new(),
+            compressed,
         })
     }
 
@@ -241,33 +253,80 @@ impl KafkaSink {
     }
 }
 
+/// A topic readied for producing: its partitions' ends, and its
+/// `max.message.bytes` if it could be read.
+pub struct PreparedTopic {
+    state: TopicState,
+    max_message_bytes: Option<usize>,
+}
+
+impl KafkaSink {
+    /// `record` as a refusal names it.
+    fn refused(&self, record: &OutboxRecord, topic_limit: Option<usize>) -> RefusedRecord {
+        RefusedRecord {
+            event_id: record
+                .headers
+                .iter()
+                .find(|(k, _)| *k == outbox_record::header::EVENT_ID)
+                .map(|(_, v)| v.clone()),
+            bytes: record.size(),
+            topic: record.topic.clone(),
+            producer_limit: self.producer_limit,
+            topic_limit: topic_limit.or_else(|| self.topic_limits.get(&record.topic).copied()),
+        }
+    }
+
+    /// The topic's `max.message.bytes` if `record`, sent uncompressed, is
+    /// certainly over it: its key, value and headers alone exceed it (the
+    /// broker measures the record batch, which holds all of them and more).
+    /// Refusing such a record here names it; the broker would refuse its
+    /// batch, and with the gapless guarantee fail the producer when later
+    /// batches were in flight (seen in the tests: the relay then replayed
+    /// forever, naming nothing).
+    fn over_topic_limit(&self, record: &OutboxRecord) -> Option<usize> {
+        if self.compressed {
+            return None;
+        }
+        let limit = *self.topic_limits.get(&record.topic)?;
+        (record.size() - record.topic.len() > limit).then_some(limit)
+    }
+}
+
 impl Sink for KafkaSink {
-    type Topic = TopicState;
+    type Topic = PreparedTopic;
 
     fn has_topic(&self, topic: &str) -> bool {
         self.topic_states.contains_key(topic)
     }
 
-    fn prepare_topic(&self, topic: &str) -> BoxFuture<'static, Result<TopicState, RelayError>> {
+    fn prepare_topic(&self, topic: &str) -> BoxFuture<'static, Result<PreparedTopic, RelayError>> {
         let cfg = self.cfg.clone();
         let topic = topic.to_owned();
         let exactly_once = self.exactly_once;
         async move {
             crate::topics::ensure_topics(&cfg, std::slice::from_ref(&topic)).await?;
-            let state = dedupe::load(&cfg, &topic, exactly_once)
-                .await
-                .map_err(dedupe_error)?;
+            let (state, max_message_bytes) = futures_util::join!(
+                dedupe::load(&cfg, &topic, exactly_once),
+                crate::topics::max_message_bytes(&cfg, &topic)
+            );
+            let state = state.map_err(dedupe_error)?;
             if exactly_once {
                 tracing::info!(%topic, partitions = state.partitions, last = ?state.last,
                     "read each partition's last position");
             }
-            Ok(state)
+            Ok(PreparedTopic {
+                state,
+                max_message_bytes,
+            })
         }
         .boxed()
     }
 
-    fn add_topic(&mut self, topic: String, prepared: TopicState) {
-        self.topic_states.insert(topic, prepared);
+    fn add_topic(&mut self, topic: String, prepared: PreparedTopic) {
+        if let Some(limit) = prepared.max_message_bytes {
+            self.topic_limits.insert(topic.clone(), limit);
+        }
+        self.topic_states.insert(topic, prepared.state);
     }
 
     /// The partition is murmur2 of the key (the `event_id` header when the
@@ -301,6 +360,12 @@ impl Sink for KafkaSink {
 
     fn try_send(&mut self, record: OutboxRecord, txn: TxnId) -> Result<(), SendError> {
         let bytes = record.size();
+        if let Some(limit) = self.over_topic_limit(&record) {
+            return Err(SendError::Refused(RelayError::DeliveryPermanent {
+                refused: Box::new(self.refused(&record, Some(limit))),
+                error: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            }));
+        }
         if self.in_flight > 0 && self.in_flight_bytes + bytes > self.max_in_flight_bytes {
             return Err(SendError::Full(record));
         }
@@ -345,15 +410,8 @@ impl Sink for KafkaSink {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 Err(SendError::Full(record))
             }
-            Err((e, _)) => Err(SendError::Refused(classify_delivery(e, || RefusedRecord {
-                event_id: record
-                    .headers
-                    .iter()
-                    .find(|(k, _)| *k == outbox_record::header::EVENT_ID)
-                    .map(|(_, v)| v.clone()),
-                bytes,
-                topic: record.topic.clone(),
-                producer_limit: self.producer_limit,
+            Err((e, _)) => Err(SendError::Refused(classify_delivery(e, || {
+                self.refused(&record, None)
             }))),
         }
     }
@@ -377,8 +435,9 @@ impl Sink for KafkaSink {
                 DeliveryReport::Failed(classify_delivery(error, || RefusedRecord {
                     event_id,
                     bytes,
-                    topic: topic.to_string(),
                     producer_limit: self.producer_limit,
+                    topic_limit: self.topic_limits.get(&*topic).copied(),
+                    topic: topic.to_string(),
                 }))
             }
             Report::Fatal { reason } => {

@@ -306,9 +306,13 @@ async fn permanent_produce_error_stops_the_relay_without_confirming() -> anyhow:
 }
 
 /// A small event, a 2 MB incompressible one (over Kafka's default limits)
-/// and a small one, each in its own transaction; their ids, and the WAL
-/// position right after the large one's commit.
-async fn commit_poisoned(c: &tokio_postgres::Client) -> anyhow::Result<([i64; 3], Lsn)> {
+/// and 20 small ones, each in its own transaction (so that records behind
+/// the large one are in flight when it is refused); the ids of the first,
+/// the large one and the rest, and the WAL position right after the large
+/// one's commit.
+async fn commit_poisoned(
+    c: &tokio_postgres::Client,
+) -> anyhow::Result<((i64, i64, Vec<i64>), Lsn)> {
     let first = insert_event(c, 1, "OrderCreated").await?;
     let big: i64 = c
         .query_one(
@@ -321,8 +325,11 @@ async fn commit_poisoned(c: &tokio_postgres::Client) -> anyhow::Result<([i64; 3]
         .await?
         .get(0);
     let after_big = current_wal_lsn(c).await?;
-    let last = insert_event(c, 3, "OrderCreated").await?;
-    Ok(([first, big, last], after_big))
+    let mut rest = Vec::new();
+    for user in 3..23 {
+        rest.push(insert_event(c, user, "OrderCreated").await?);
+    }
+    Ok(((first, big, rest), after_big))
 }
 
 /// The event ids in `topic`, each with its count, once `want` are there.
@@ -338,7 +345,7 @@ async fn topic_ids(topic: &str, want: usize) -> anyhow::Result<Vec<i64>> {
 
 /// The relay stops on the large event with a message naming its event id,
 /// its size, the limits and the ways forward; the first event is in the
-/// topic and the last is not (nothing overtakes the refused record); the
+/// topic and none of the rest (nothing overtakes the refused record); the
 /// slot is not confirmed past its commit. Then, restarted with the event named in
 /// `--dead-letter-event-ids`, it produces a reference to the event into the
 /// dead-letter topic and goes on: every other event once, in order.
@@ -356,7 +363,7 @@ async fn oversized_row_stops_the_relay_until_dead_lettered(extra: &[&str]) -> an
     ))
     .await;
     let c = db.connect().await?;
-    let ([first, big, last], after_big) = commit_poisoned(&c).await?;
+    let ((first, big, rest), after_big) = commit_poisoned(&c).await?;
 
     let result = tokio::time::timeout(Duration::from_secs(60), relay.task).await??;
     let err = result.expect_err("the relay stops on a record Kafka cannot take");
@@ -364,7 +371,8 @@ async fn oversized_row_stops_the_relay_until_dead_lettered(extra: &[&str]) -> an
     for needle in [
         format!("event {big} ("),
         "bytes, topic".to_owned(),
-        "max.message.bytes".to_owned(),
+        // The broker's default, read from the topic's configuration.
+        "of max.message.bytes 1048588)".to_owned(),
         "message.max.bytes (now".to_owned(),
         "every later event waits behind it".to_owned(),
         format!("--dead-letter-event-ids {big}"),
@@ -399,9 +407,10 @@ async fn oversized_row_stops_the_relay_until_dead_lettered(extra: &[&str]) -> an
         &with_dlq,
     ))
     .await;
+    let all: Vec<i64> = std::iter::once(first).chain(rest).collect();
     assert_eq!(
-        topic_ids(&topic, 2).await?,
-        [first, last],
+        topic_ids(&topic, all.len()).await?,
+        all,
         "each once, in order"
     );
     let dlq = format!("{topic}.relay-dlq");
@@ -457,10 +466,11 @@ async fn opted_in_a_refused_event_is_dead_lettered_without_a_stop() -> anyhow::R
     ))
     .await;
     let c = db.connect().await?;
-    let ([first, big, last], _) = commit_poisoned(&c).await?;
+    let ((first, big, rest), _) = commit_poisoned(&c).await?;
+    let all: Vec<i64> = std::iter::once(first).chain(rest).collect();
     assert_eq!(
-        topic_ids(&topic, 2).await?,
-        [first, last],
+        topic_ids(&topic, all.len()).await?,
+        all,
         "each once, in order"
     );
     let references = topic_ids(&format!("{topic}.relay-dlq"), 1).await?;
