@@ -178,6 +178,20 @@ pub enum ReplicationError {
     #[error("replication slot {slot:?} uses output plugin {plugin}, expected pgoutput")]
     SlotWrongPlugin { slot: String, plugin: String },
 
+    /// Postgres invalidated the slot (`wal_status` `lost`): the WAL it still
+    /// needed was removed, so the events committed after its confirmed
+    /// position may never reach Kafka through it. Definite: the relay never
+    /// replaces a slot by itself.
+    #[error(
+        "replication slot {slot:?} was invalidated by Postgres (wal_status lost: the WAL it \
+         needed was removed, e.g. past max_slot_wal_keep_size); events committed after its \
+         confirmed position {confirmed} may be missing from Kafka. The relay does not replace \
+         a slot by itself. To go on: `relay slot drop --slot {slot} --yes`, then start the \
+         relay again (it creates a new slot at the current position), and publish again the \
+         outbox rows committed after {confirmed} that are not in the topic"
+    )]
+    SlotLost { slot: String, confirmed: String },
+
     /// The slot exists but was created in another database. Definite.
     #[error("replication slot {slot:?} belongs to database {database:?}, not {expected:?}")]
     SlotOtherDatabase {
@@ -221,6 +235,7 @@ impl ReplicationError {
             | ReplicationError::RootCert { .. }
             | ReplicationError::Auth(_)
             | ReplicationError::SlotWrongPlugin { .. }
+            | ReplicationError::SlotLost { .. }
             | ReplicationError::SlotOtherDatabase { .. }
             | ReplicationError::DatabaseMismatch { .. }
             | ReplicationError::TableMissing(_) => false,

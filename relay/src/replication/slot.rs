@@ -186,6 +186,14 @@ pub async fn prepare_slot(
 }
 
 fn check_slot(info: &SlotInfo, database: &str) -> Result<(), ReplicationError> {
+    if info.wal_status.as_deref() == Some("lost") {
+        return Err(ReplicationError::SlotLost {
+            slot: info.slot_name.clone(),
+            confirmed: info
+                .confirmed_flush_lsn
+                .map_or_else(|| "(none)".to_owned(), |l| l.to_string()),
+        });
+    }
     if info.plugin.as_deref() != Some(PLUGIN) {
         return Err(ReplicationError::SlotWrongPlugin {
             slot: info.slot_name.clone(),

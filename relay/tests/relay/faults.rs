@@ -479,3 +479,77 @@ async fn opted_in_a_refused_event_is_dead_lettered_without_a_stop() -> anyhow::R
     assert_eq!(relay.shared.metrics.dead_lettered.get(), 1);
     relay.stop().await
 }
+
+/// A slot Postgres invalidated (`max_slot_wal_keep_size`, WAL removed while
+/// the relay was away) stops the relay with a message naming the slot, its
+/// last confirmed position and the way forward; it is not replaced.
+#[tokio::test]
+async fn an_invalidated_slot_stops_the_relay_naming_it() -> anyhow::Result<()> {
+    let cluster = PgCluster::start().await?;
+    let url = cluster.url("outbox");
+    let topic = create_topic(1).await?;
+    let cfg = || relay_config(&url, "outbox_relay", &topic, &kafka_bootstrap(), &[]);
+    let relay = start(cfg()).await;
+    let c = devstack::testing::connect(&url).await?;
+    let first = insert_event(&c, 1, "OrderCreated").await?;
+    assert_eq!(topic_ids(&topic, 1).await?, [first]);
+    relay.stop().await?;
+
+    // While the relay is away: an event, then more WAL than the slot may keep.
+    insert_event(&c, 2, "OrderCreated").await?;
+    c.batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        .await?;
+    c.query("SELECT pg_reload_conf()", &[]).await?;
+    c.batch_execute("CREATE TABLE filler (x text)").await?;
+    wait_for(
+        "Postgres to invalidate the slot",
+        Duration::from_secs(60),
+        || async {
+            c.batch_execute(
+                "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000)",
+            )
+            .await?;
+            c.query("SELECT pg_switch_wal()", &[]).await?;
+            c.batch_execute("CHECKPOINT").await?;
+            let status: Option<String> = c
+                .query_one(
+                    "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            Ok((status.as_deref() == Some("lost")).then_some(()))
+        },
+    )
+    .await?;
+    let confirmed = slot_confirmed(&c, "outbox_relay")
+        .await?
+        .expect("the slot is kept");
+
+    let shared = relay::http::Shared::new("outbox_relay", "outbox_pub");
+    let run = relay::pipeline::run_with(cfg(), tokio_util::sync::CancellationToken::new(), shared);
+    let err = tokio::time::timeout(Duration::from_secs(60), run)
+        .await?
+        .expect_err("the relay stops on a lost slot");
+    let chain = relay::pipeline::error_chain(&err);
+    for needle in [
+        "\"outbox_relay\" was invalidated by Postgres".to_owned(),
+        format!("confirmed position {confirmed}"),
+        "relay slot drop --slot outbox_relay --yes".to_owned(),
+    ] {
+        assert!(chain.contains(&needle), "no {needle:?} in: {chain}");
+    }
+    // Not replaced: the invalidated slot is still there, and nothing new
+    // reached the topic.
+    let still: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'outbox_relay' \
+             AND wal_status = 'lost'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(still, 1);
+    assert_eq!(topic_ids(&topic, 1).await?, [first]);
+    Ok(())
+}
