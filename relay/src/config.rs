@@ -169,6 +169,13 @@ pub struct Config {
     #[arg(long, env = "RELAY_DEAD_LETTER_REFUSED")]
     pub dead_letter_refused: bool,
 
+    /// Create the slot when it is missing even though the topic already
+    /// holds this pipeline's events (the slot was dropped or lost: what was
+    /// committed in between is skipped). Without it the relay stops, naming
+    /// the topic's last position.
+    #[arg(long, env = "RELAY_ALLOW_NEW_SLOT")]
+    pub allow_new_slot: bool,
+
     /// Log format.
     #[arg(long, env = "RELAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

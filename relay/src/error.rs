@@ -94,6 +94,21 @@ pub enum RelayError {
          reading them again"
     )]
     PartialTransaction { commit_lsn: Lsn },
+    /// The slot is missing although the topic holds this pipeline's records:
+    /// it was dropped or lost. A new slot would start at the current
+    /// position and skip what was committed in between. Definite.
+    #[error(
+        "replication slot {slot:?} does not exist, but topic {topic} already holds events up to \
+         commit LSN {last}: the slot was dropped or lost, and a new slot would start at the \
+         current position, skipping whatever was committed after {last} and before it. If that \
+         is understood (e.g. the outbox rows committed after {last} were published again, or \
+         the slot was dropped on purpose), start with --allow-new-slot"
+    )]
+    SlotMissing {
+        slot: String,
+        topic: String,
+        last: Lsn,
+    },
     #[error("no message from Postgres for {0:?} (--lease): stopped producing and dropped the queue, so that a relay taking over the slot cannot be overtaken by this one")]
     LeaseExpired(Duration),
     #[error("cannot listen for HTTP on {addr}")]
@@ -122,6 +137,7 @@ impl RelayError {
             | RelayError::DeliveryPermanent { .. }
             | RelayError::KafkaAccess(_)
             | RelayError::Protocol(_)
+            | RelayError::SlotMissing { .. }
             | RelayError::Listen { .. } => false,
         }
     }

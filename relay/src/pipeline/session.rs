@@ -94,6 +94,26 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Before a missing slot is created: fails if a topic this pipeline
+    /// writes to already holds its records (their `lsn` headers), since the
+    /// slot was then dropped or lost rather than never made.
+    async fn refuse_new_slot_over_records(&self) -> Result<(), RelayError> {
+        for topic in self.event_cfg.static_topics() {
+            crate::topics::ensure_topics(self.kafka_cfg, std::slice::from_ref(&topic)).await?;
+            let state = dedupe::load(self.kafka_cfg, &topic, true)
+                .await
+                .map_err(crate::sink::kafka::dedupe_error)?;
+            if let Some((last, _)) = state.last.iter().flatten().max() {
+                return Err(RelayError::SlotMissing {
+                    slot: self.cfg.slot.clone(),
+                    topic,
+                    last: *last,
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn exactly_once(&self) -> bool {
         self.cfg.delivery == Delivery::ExactlyOnce
     }
@@ -109,6 +129,12 @@ impl Session<'_> {
         let (schema, table) = cfg.table_parts();
         replication::ensure_publication(&client, &cfg.publication, &format!("{schema}.{table}"))
             .await?;
+        if self.exactly_once()
+            && !cfg.allow_new_slot
+            && replication::slot_state(&client, &cfg.slot).await?.is_none()
+        {
+            self.refuse_new_slot_over_records().await?;
+        }
         let mut conn = ReplicationConnection::connect(params).await?;
         let system = conn.identify_system().await?;
         let slot_confirmed = match replication::prepare_slot(&client, &mut conn, &cfg.slot).await? {

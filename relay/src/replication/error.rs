@@ -187,8 +187,8 @@ pub enum ReplicationError {
          needed was removed, e.g. past max_slot_wal_keep_size); events committed after its \
          confirmed position {confirmed} may be missing from Kafka. The relay does not replace \
          a slot by itself. To go on: `relay slot drop --slot {slot} --yes`, then start the \
-         relay again (it creates a new slot at the current position), and publish again the \
-         outbox rows committed after {confirmed} that are not in the topic"
+         relay with --allow-new-slot (it creates a new slot at the current position), and \
+         publish again the outbox rows committed after {confirmed} that are not in the topic"
     )]
     SlotLost { slot: String, confirmed: String },
 

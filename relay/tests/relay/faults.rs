@@ -553,3 +553,60 @@ async fn an_invalidated_slot_stops_the_relay_naming_it() -> anyhow::Result<()> {
     assert_eq!(topic_ids(&topic, 1).await?, [first]);
     Ok(())
 }
+
+/// A slot dropped while the topic holds its events (an operator's `relay
+/// slot drop`, a restored or replaced Postgres): the relay does not quietly
+/// make a new one, which would start at the current position and skip what
+/// was committed meanwhile. It stops naming the slot, the topic and its
+/// last position, creates nothing, and with `--allow-new-slot` goes on from
+/// the new slot's position.
+#[tokio::test]
+async fn a_missing_slot_over_a_topic_with_events_is_not_replaced_unasked() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let bootstrap = kafka_bootstrap();
+    let slot = db.slot_name();
+    let cfg = |extra: &[&str]| relay_config(&db.url, &slot, &topic, &bootstrap, extra);
+    let c = db.connect().await?;
+
+    let relay = start(cfg(&[])).await;
+    let first = insert_event(&c, 1, "OrderCreated").await?;
+    assert_eq!(topic_ids(&topic, 1).await?, [first]);
+    relay.stop().await?;
+    wait_for("the slot dropped", Duration::from_secs(10), || async {
+        // Refused while the stopped relay's walsender still holds it.
+        Ok(c.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .ok()
+            .map(|_| ()))
+    })
+    .await?;
+    // Committed while there is no slot: no new slot can stream it.
+    let skipped = insert_event(&c, 2, "OrderCreated").await?;
+
+    let shared = relay::http::Shared::new(&slot, "outbox_pub");
+    let run =
+        relay::pipeline::run_with(cfg(&[]), tokio_util::sync::CancellationToken::new(), shared);
+    let err = tokio::time::timeout(Duration::from_secs(60), run)
+        .await?
+        .expect_err("the relay stops instead of creating the slot");
+    let chain = relay::pipeline::error_chain(&err);
+    for needle in [
+        format!("replication slot {slot:?} does not exist"),
+        format!("topic {topic} already holds events"),
+        "--allow-new-slot".to_owned(),
+    ] {
+        assert!(chain.contains(&needle), "no {needle:?} in: {chain}");
+    }
+    assert_eq!(slot_confirmed(&c, &slot).await?, None, "no slot created");
+
+    // The operator's choice: a new slot, from now on.
+    let relay = start(cfg(&["--allow-new-slot"])).await;
+    let third = insert_event(&c, 3, "OrderCreated").await?;
+    assert_eq!(
+        topic_ids(&topic, 2).await?,
+        [first, third],
+        "the event committed without a slot ({skipped}) is skipped, as the message said"
+    );
+    relay.stop().await
+}
