@@ -97,6 +97,18 @@ pub struct Config {
     #[arg(long, env = "NOTIFIER_FETCH_MAX_WAIT", default_value = "500ms", value_parser = parse_duration)]
     pub fetch_max_wait: Duration,
 
+    /// Records of one partition handled at once. Records with the same
+    /// Kafka key (the customer's user id) still go one at a time, in order;
+    /// 1 handles a partition strictly one record after the other.
+    #[arg(long, env = "NOTIFIER_MAX_IN_FLIGHT", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_in_flight_per_partition: u16,
+
+    /// Records handled at once across all partitions: the handlers, each
+    /// with its own inbox database connection (opened on first use), and
+    /// the SMTP connections kept open for reuse.
+    #[arg(long, env = "NOTIFIER_INBOX_CONNECTIONS", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub inbox_connections: u16,
+
     /// Log format.
     #[arg(long, env = "NOTIFIER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -114,6 +126,11 @@ impl std::fmt::Debug for Config {
             .field("smtp", &self.smtp_url.is_some())
             .field("mail_dir", &self.mail_dir)
             .field("listen", &self.listen)
+            .field(
+                "max_in_flight_per_partition",
+                &self.max_in_flight_per_partition,
+            )
+            .field("inbox_connections", &self.inbox_connections)
             .finish_non_exhaustive()
     }
 }
@@ -148,6 +165,16 @@ mod tests {
         assert_eq!(cfg.dlq_topic(), "microshop.order-outbox.dlq");
         assert_eq!(cfg.listen.port(), 9102);
         assert!(cfg.smtp_url.is_none());
+        assert_eq!(cfg.max_in_flight_per_partition, 16);
+        assert_eq!(cfg.inbox_connections, 32);
+        assert!(Config::try_parse_from([
+            "notifier",
+            "--database-url",
+            "postgres://x@h/db",
+            "--max-in-flight-per-partition",
+            "0"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!
 //! A dead letter counts as handled only once Kafka acknowledged it
 //! (`acks=all`, idempotent producer); a failed produce is transient and the
-//! caller retries while holding the partition's position. Dead letters are
+//! caller retries while holding the partition's stored offset. Dead letters are
 //! at least once: a crash after the acknowledgement and before the offset
 //! commit produces the same dead letter again (same original
 //! topic/partition/offset headers, by which readers of the DLQ can dedupe).

@@ -15,10 +15,16 @@
 //! [`Handler::handle`] returns only when the record is handled (or on
 //! shutdown). A transient failure — SMTP 4xx, connection refused or lost,
 //! timeout, inbox database or DLQ producer unavailable — is retried with
-//! bounded exponential backoff (with jitter) on the *same* record. Each
-//! partition has one handler working through its records in order (see
-//! `pipeline`), so no later event of that partition overtakes the one being
-//! retried, and no offset at or past it is stored.
+//! bounded exponential backoff (with jitter) on the *same* record. The
+//! partition's worker (see `pipeline` and `window`) starts a record only
+//! once every earlier record of its key was handled, and stores offsets only
+//! up to the first record not handled: no later event of the key overtakes
+//! the one being retried, and no offset at or past it is stored, while
+//! records of other keys go on (up to the window's bound).
+//!
+//! Handlers come from a [`HandlerPool`] shared by every partition: each has
+//! its own inbox connection (a claim holds a transaction open while its
+//! email is sent), and the pool's size bounds the emails in flight at once.
 //!
 //! # Crash windows
 //!
@@ -28,7 +34,8 @@
 //!
 //! 1. Crash after the email was sent, before the inbox commit: the row is
 //!    rolled back, the offset was not stored, the record is redelivered and
-//!    the email is sent **again**. This is the one window that duplicates;
+//!    the email is sent **again** (at most one email per handler: those in
+//!    flight at the crash). This is the one window that duplicates;
 //!    no ordering of "send" and "record" closes it without risking a lost
 //!    email instead. The resend carries the same `Message-ID`
 //!    (`<order-event-{event_id}@notifier.outbox-relay>`), so the receiving
@@ -53,12 +60,13 @@
 //! was acknowledged and before the offset commit produces it a second time
 //! (same `dlq_original_*` headers), so dead letters are at least once.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use outbox_record::header;
 use outbox_record::trace::{TraceParent, TRACEPARENT};
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::Message;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -88,8 +96,8 @@ pub enum TransientError {
 #[derive(Debug)]
 pub struct Interrupted;
 
-/// Everything needed to handle records (one per partition worker: each
-/// has its own inbox connection, since a claim holds a transaction open).
+/// Everything needed to handle records, one at a time (each has its own
+/// inbox connection, since a claim holds a transaction open).
 pub struct Handler {
     pub composer: Composer,
     pub mailer: Mailer,
@@ -176,7 +184,7 @@ impl Handler {
                         attempt,
                         retry_in_ms = wait.as_millis() as u64,
                         error = %error_chain(&e),
-                        "transient failure; holding the partition's position and retrying"
+                        "transient failure; holding the later records of its key and the partition's stored offset, retrying"
                     );
                     tokio::select! {
                         biased;
@@ -268,6 +276,77 @@ impl Handler {
                 }
                 Err(e.into())
             }
+        }
+    }
+}
+
+/// A fixed set of handlers shared by the partition workers: a record in
+/// flight holds one, so the pool's size bounds the records handled at once
+/// (and the inbox connections, opened on first use). Waiting for a handler
+/// is the backpressure of a slow mail server or database.
+pub struct HandlerPool {
+    idle: Mutex<Vec<Handler>>,
+    available: Arc<Semaphore>,
+}
+
+/// A handler taken from a [`HandlerPool`]; goes back when dropped.
+pub struct PooledHandler {
+    handler: Option<Handler>,
+    pool: Arc<HandlerPool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl HandlerPool {
+    pub fn new(handlers: Vec<Handler>) -> Arc<HandlerPool> {
+        Arc::new(HandlerPool {
+            available: Arc::new(Semaphore::new(handlers.len())),
+            idle: Mutex::new(handlers),
+        })
+    }
+
+    /// Waits for a free handler.
+    pub async fn get(self: &Arc<Self>) -> PooledHandler {
+        let permit = self
+            .available
+            .clone()
+            .acquire_owned()
+            .await
+            // The semaphore is never closed.
+            .expect("handler pool semaphore closed");
+        let handler = self.lock().pop();
+        PooledHandler {
+            // A permit is only held with a handler taken, so one is idle.
+            handler: Some(handler.expect("a permit without an idle handler")),
+            pool: self.clone(),
+            _permit: permit,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Handler>> {
+        // A push or pop cannot leave the vector half-updated.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl std::ops::Deref for PooledHandler {
+    type Target = Handler;
+    fn deref(&self) -> &Handler {
+        // Some until dropped.
+        self.handler.as_ref().expect("pooled handler")
+    }
+}
+
+impl std::ops::DerefMut for PooledHandler {
+    fn deref_mut(&mut self) -> &mut Handler {
+        self.handler.as_mut().expect("pooled handler")
+    }
+}
+
+impl Drop for PooledHandler {
+    fn drop(&mut self) {
+        // Back before the permit is released (fields drop after this).
+        if let Some(h) = self.handler.take() {
+            self.pool.lock().push(h);
         }
     }
 }

@@ -5,15 +5,17 @@
 //! The pipeline reads as a chain of modules:
 //!
 //! ```text
-//!  pipeline ──▶ event ──▶ email ──▶ inbox claim ──▶ mailer ──▶ inbox commit ──▶ offset stored
-//!  (consumer,   (record    (subject,  (notifier_inbox,  (SMTP or   (recorded as     (committed on
-//!   a worker     → event)   bodies,    decides: send     .eml)      sent)            interval,
-//!   per part.)              Message-ID) or duplicate)                                revoke, shutdown)
-//!      └── malformed record / permanent rejection ──▶ dlq (<topic>.dlq) ──▶ offset stored
+//!  pipeline ─▶ window ─▶ event ─▶ email ─▶ inbox claim ─▶ mailer ─▶ inbox commit ─▶ window: offset stored
+//!  (consumer,  (per-key   (record   (subject, (notifier_inbox, (SMTP or  (recorded as    (the handled prefix;
+//!   a worker    order,     → event)  bodies,   decides: send    .eml)     sent)           committed on interval,
+//!   per part.)  bound)               Msg-ID)   or duplicate)                              revoke, shutdown)
+//!      └── malformed record / permanent rejection ──▶ dlq (<topic>.dlq) ──▶ handled
 //! ```
 //!
 //! `handler` holds the per-record logic, its retry rule and the crash
-//! windows; `pipeline` the consumer, offsets and rebalances.
+//! windows; `window` which records of a partition may run at once and how
+//! far its offsets may be stored; `pipeline` the consumer, the workers,
+//! offsets and rebalances.
 
 pub mod access;
 pub mod config;
@@ -26,5 +28,6 @@ pub mod inbox;
 pub mod mailer;
 pub mod metrics;
 pub mod pipeline;
+pub mod window;
 
 pub use pipeline::{run, run_with, NotifierError};

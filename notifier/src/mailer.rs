@@ -19,7 +19,7 @@ use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
-use lettre::transport::smtp::AsyncSmtpTransport;
+use lettre::transport::smtp::{AsyncSmtpTransport, PoolConfig};
 use lettre::{AsyncTransport, Message, Tokio1Executor};
 use tokio::net::TcpStream;
 
@@ -95,14 +95,20 @@ enum SmtpInner {
 
 impl SmtpMailer {
     /// `url`: `smtp://host:port`, `smtp://user:pass@host:587?tls=required`,
-    /// `smtps://host:465`, ...
-    pub fn new(url: &str, timeout: Duration) -> Result<SmtpMailer, MailerSetupError> {
+    /// `smtps://host:465`, ...; up to `connections` connections are kept
+    /// open for reuse (one per concurrent sender).
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        connections: usize,
+    ) -> Result<SmtpMailer, MailerSetupError> {
         // lettre validates every form; its transport serves smtps.
         let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
             .map_err(MailerSetupError::SmtpUrl)?
             .timeout(Some(timeout))
+            .pool_config(PoolConfig::new().max_size(connections.clamp(1, u32::MAX as usize) as u32))
             .build();
-        let inner = match NodelayPool::from_url(url, timeout) {
+        let inner = match NodelayPool::from_url(url, timeout, connections) {
             Some(pool) => SmtpInner::Nodelay(Arc::new(pool)),
             None => SmtpInner::Lettre(transport),
         };
@@ -148,14 +154,13 @@ pub struct NodelayPool {
     timeout: Duration,
     hello: ClientId,
     idle: std::sync::Mutex<Vec<AsyncSmtpConnection>>,
+    /// Idle connections kept for reuse (one per concurrent sender is enough).
+    max_idle: usize,
 }
-
-/// Idle connections kept for reuse (one per concurrent sender is enough).
-const MAX_IDLE: usize = 16;
 
 impl NodelayPool {
     /// For `smtp://` URLs; `None` for any other scheme.
-    fn from_url(url: &str, timeout: Duration) -> Option<NodelayPool> {
+    fn from_url(url: &str, timeout: Duration, max_idle: usize) -> Option<NodelayPool> {
         let url = url::Url::parse(url).ok()?;
         if url.scheme() != "smtp" {
             return None;
@@ -182,6 +187,7 @@ impl NodelayPool {
             timeout,
             hello: ClientId::default(),
             idle: std::sync::Mutex::new(Vec::new()),
+            max_idle,
         })
     }
 
@@ -212,7 +218,7 @@ impl NodelayPool {
 
     fn put_idle(&self, conn: AsyncSmtpConnection) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE {
+        if idle.len() < self.max_idle {
             idle.push(conn);
         }
     }
@@ -331,14 +337,16 @@ pub enum Mailer {
 }
 
 impl Mailer {
-    /// SMTP when `smtp_url` is given, else the spool directory.
+    /// SMTP when `smtp_url` is given (keeping up to `connections` open),
+    /// else the spool directory.
     pub fn from_config(
         smtp_url: Option<&str>,
         mail_dir: Option<&Path>,
         timeout: Duration,
+        connections: usize,
     ) -> Result<Mailer, MailerSetupError> {
         match (smtp_url, mail_dir) {
-            (Some(url), _) => Ok(Mailer::Smtp(SmtpMailer::new(url, timeout)?)),
+            (Some(url), _) => Ok(Mailer::Smtp(SmtpMailer::new(url, timeout, connections)?)),
             (None, Some(dir)) => Ok(Mailer::Spool(SpoolMailer::new(dir)?)),
             (None, None) => Err(MailerSetupError::NoDestination),
         }
@@ -370,12 +378,12 @@ mod tests {
     #[tokio::test]
     async fn smtp_urls() {
         let t = Duration::from_secs(1);
-        assert!(SmtpMailer::new("smtp://127.0.0.1:2525", t).is_ok());
-        assert!(SmtpMailer::new("smtp://u:p@mail.example:587?tls=required", t).is_ok());
-        assert!(SmtpMailer::new("smtps://mail.example", t).is_ok());
-        assert!(SmtpMailer::new("http://mail.example", t).is_err());
+        assert!(SmtpMailer::new("smtp://127.0.0.1:2525", t, 4).is_ok());
+        assert!(SmtpMailer::new("smtp://u:p@mail.example:587?tls=required", t, 4).is_ok());
+        assert!(SmtpMailer::new("smtps://mail.example", t, 4).is_ok());
+        assert!(SmtpMailer::new("http://mail.example", t, 4).is_err());
         assert!(matches!(
-            Mailer::from_config(None, None, t),
+            Mailer::from_config(None, None, t, 4),
             Err(MailerSetupError::NoDestination)
         ));
     }
@@ -383,14 +391,14 @@ mod tests {
     #[test]
     fn smtp_urls_go_through_the_nodelay_pool_and_smtps_through_lettre() {
         let t = Duration::from_secs(1);
-        let p = NodelayPool::from_url("smtp://127.0.0.1:2525", t).expect("smtp");
+        let p = NodelayPool::from_url("smtp://127.0.0.1:2525", t, 4).expect("smtp");
         assert_eq!(
             (p.host.as_str(), p.port, p.starttls),
             ("127.0.0.1", 2525, None)
         );
         assert!(p.credentials.is_none());
-        let p =
-            NodelayPool::from_url("smtp://u%40x:p%3Aw@mail.example?tls=required", t).expect("smtp");
+        let p = NodelayPool::from_url("smtp://u%40x:p%3Aw@mail.example?tls=required", t, 4)
+            .expect("smtp");
         assert_eq!(
             (p.host.as_str(), p.port, p.starttls),
             ("mail.example", 587, Some(true))
@@ -399,9 +407,9 @@ mod tests {
             p.credentials,
             Some(Credentials::new("u@x".to_owned(), "p:w".to_owned()))
         );
-        let p = NodelayPool::from_url("smtp://mail.example?tls=opportunistic", t).expect("smtp");
+        let p = NodelayPool::from_url("smtp://mail.example?tls=opportunistic", t, 4).expect("smtp");
         assert_eq!((p.port, p.starttls), (25, Some(false)));
-        assert!(NodelayPool::from_url("smtps://mail.example", t).is_none());
+        assert!(NodelayPool::from_url("smtps://mail.example", t, 4).is_none());
         assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
     }
 }

@@ -1,24 +1,49 @@
 //! Pipeline: the consumer loop. Owns the Kafka consumer, gives each
 //! partition of the topic its own librdkafka queue and worker, and each
-//! worker stores a record's offset once the record was handled; serves
-//! `/metrics` and `/healthz` alongside.
+//! worker handles several records of its partition at once — one at a time
+//! per key — and stores offsets up to the first record not yet handled;
+//! serves `/metrics` and `/healthz` alongside.
 //!
 //! ```text
-//!                 ┌─ partition queue p0 ──▶ worker p0: handle ─▶ handle ─▶ … ─┐ store_offset(p, o+1)
-//!  Kafka ─fetch─▶ ┼─ partition queue p1 ──▶ worker p1: handle ─▶ …           ├──────────────┐
-//!  (group         └─ partition queue p2 ──▶ worker p2: …                    ─┘              ▼
-//!   notifier)      main queue ──▶ loop: rebalances, errors              commit stored offsets: every
-//!                                                                       --commit-interval, on revoke,
-//!                                                                       on shutdown
+//!                 ┌─ queue p0 ─▶ worker p0: window ─▶ handler tasks (≤ --max-in-flight-per-partition)
+//!  Kafka ─fetch─▶ ┼─ queue p1 ─▶ worker p1: window ─▶ …        │ each takes a handler from the
+//!  (group         └─ queue p2 ─▶ worker p2: …                  │ pool (--inbox-connections)
+//!   notifier)      main queue ─▶ loop: rebalances, errors      ▼
+//!                                      handled ─▶ window: prefix grew? ─▶ store_offset(p, last of prefix)
+//!                                                                         ─▶ commit: every --commit-interval,
+//!                                                                            on revoke, on shutdown
 //! ```
 //!
+//! Concurrency and order: a worker takes records from its partition's queue
+//! while fewer than `--max-in-flight-per-partition` handler tasks run and
+//! its window (see `window`) has room. A record starts at once unless an
+//! earlier record with the same Kafka key is still unhandled; then it waits
+//! behind it, and starts when that one was handled. The key is the record
+//! key, which the relay fills with the outbox row's `user_id` and
+//! partitions by, so all of a customer's events are in one partition, in
+//! event order: every event of one customer — so every event of each of
+//! their orders — is emailed in event order, one at a time, while other
+//! customers' emails go out beside them. (Ordering by `order_id` from the
+//! payload would also do for one order's emails, but needs the payload
+//! decoded before deciding and gives nothing for records that fail to
+//! decode; the key orders a superset, and a customer rarely has many events
+//! within one window.) Each task handles
+//! its record with a handler of the shared [`HandlerPool`] — its own inbox
+//! connection, since a claim holds a transaction open while the email is
+//! sent — so the pool bounds the emails in flight across partitions, and a
+//! slow mail server or database is backpressure: tasks wait for handlers,
+//! the worker stops taking records, librdkafka stops fetching.
+//!
 //! Offsets: `enable.auto.offset.store=false`, so librdkafka commits only
-//! what the workers stored. A worker handles its partition's records one at
-//! a time, in offset order, and stores each offset only after the handler
-//! returned — so per partition, the stored offset never passes an unhandled
-//! record, and a record retried after a transient failure holds back every
-//! later record of its partition. Partitions proceed independently (one
-//! slow SMTP conversation does not serialize the others).
+//! what the workers stored. A worker stores an offset only when every
+//! record of its partition up to it was handled (the window's contiguous
+//! prefix), so the stored offset never passes an unhandled record: a record
+//! retried after a transient failure holds back the stored offset and the
+//! later records of its key, not the records of other keys (until the
+//! window, `PENDING_PER_IN_FLIGHT` × the in-flight bound, is full). After a
+//! crash the records past the committed offset are delivered again; those
+//! already handled are duplicates for the inbox. Partitions proceed
+//! independently.
 //!
 //! Flow control: each partition's records arrive on that partition's own
 //! librdkafka queue (`split_partition_queue`), and librdkafka stops
@@ -45,24 +70,32 @@
 //! longer owned (workers skip records of a partition they do not own; the
 //! fetch of a revoked partition stops and what it had queued is dropped by
 //! librdkafka), then commits the stored offsets synchronously, so the next
-//! owner starts right after the last handled record. A record in flight at
-//! that moment finishes; its offset is not committed, so the next owner
-//! gets it again and the inbox turns it into a duplicate (its row lock
-//! makes the next owner wait for the in-flight send to end). Likewise after
-//! a crash, or after a worker stuck in retries past `max.poll.interval.ms`
-//! made librdkafka leave the group: redelivered records become duplicates,
-//! not second emails.
+//! owner starts right after the handled prefix. Records in flight at that
+//! moment finish; their offsets are not stored, and a worker that finds its
+//! partition revoked (or assigned anew: each assignment has its own epoch)
+//! drops its window — the records waiting in it start no more. The next
+//! owner gets them all again; the in-flight ones become duplicates for the
+//! inbox, whose row lock makes the next owner wait for an in-flight send to
+//! end — so a key's next record cannot overtake it there either. The same
+//! holds when the fetch starts again from an earlier offset for any other
+//! reason: a record at or below the window's last offset drops the window.
+//! Likewise after a crash, or after a worker stuck in retries past
+//! `max.poll.interval.ms` made librdkafka leave the group: redelivered
+//! records become duplicates, not second emails.
 //!
 //! Refused access — the broker rejects the credentials, or an ACL is
 //! missing for the topic, the group or the dead-letter topic — is definite
 //! (see `access`): the loop stops and the notifier exits with it.
 //!
 //! Event loop priorities (`select!` is biased): shutdown first, refused
-//! access, then the main queue. Shutdown interrupts a handler only while it
-//! waits between retries, never in the middle of a send; the workers are
-//! joined, stored offsets committed, and the consumer leaves the group.
+//! access, then the main queue; in a worker: shutdown, handled records,
+//! then new records. Shutdown interrupts a handler only while it waits
+//! between retries or for a pooled handler, never in the middle of a send;
+//! a worker takes and starts nothing more, waits for its tasks and stores
+//! the prefix they complete; the workers are joined, stored offsets
+//! committed, and the consumer leaves the group.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,18 +106,21 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientContext, Message, Offset};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{AccessDenied, KafkaAccess};
 use crate::config::Config;
 use crate::dlq::{DeadLetterQueue, DlqError};
 use crate::email::Composer;
-use crate::handler::{error_chain, Backoff, Handler, Interrupted};
+use crate::handler::{error_chain, Backoff, Handler, HandlerPool, Interrupted};
 use crate::http::Shared;
 use crate::inbox::{Inbox, InboxError};
 use crate::mailer::{Mailer, MailerSetupError};
+use crate::metrics::Outcome;
+use crate::window::{Key, Window};
 
 /// Errors that stop the notifier (definite: retrying cannot help).
 #[derive(Debug, thiserror::Error)]
@@ -162,27 +198,40 @@ const PARTITION_REFRESH: Duration = Duration::from_secs(10);
 /// little memory.
 const PREFETCH_RECORDS: &str = "1000";
 
-/// The partitions this instance owns (updated by the rebalance callback).
+/// The partitions this instance owns (updated by the rebalance callback),
+/// each with the epoch of its assignment: a partition revoked and assigned
+/// again has a new one, and its fetch starts again from the committed
+/// offset.
 #[derive(Default)]
 struct Assignment {
-    owned: Mutex<HashSet<i32>>,
+    owned: Mutex<Owned>,
+}
+
+#[derive(Default)]
+struct Owned {
+    epochs: HashMap<i32, u64>,
+    assignments: u64,
 }
 
 impl Assignment {
     fn assign(&self, partition: i32) {
-        self.lock().insert(partition);
+        let mut owned = self.lock();
+        owned.assignments += 1;
+        let epoch = owned.assignments;
+        owned.epochs.insert(partition, epoch);
     }
 
     fn revoke(&self, partition: i32) {
-        self.lock().remove(&partition);
+        self.lock().epochs.remove(&partition);
     }
 
-    fn owns(&self, partition: i32) -> bool {
-        self.lock().contains(&partition)
+    /// The epoch of `partition`'s assignment, if this instance owns it.
+    fn epoch(&self, partition: i32) -> Option<u64> {
+        self.lock().epochs.get(&partition).copied()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
-        // A panic while holding this lock cannot leave the set half-updated.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Owned> {
+        // A panic while holding this lock cannot leave the map half-updated.
         self.owned.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -290,6 +339,11 @@ fn consumer_config(cfg: &Config) -> ClientConfig {
     )
 }
 
+/// Records a partition's window holds (in flight, waiting behind their
+/// key, handled behind an unhandled one) per record it may have in flight:
+/// how far records of other keys may go on past one being retried.
+const PENDING_PER_IN_FLIGHT: usize = 8;
+
 /// What every worker's handler is made of.
 struct Parts {
     composer: Composer,
@@ -312,6 +366,11 @@ impl Parts {
             backoff: self.backoff,
         }
     }
+
+    /// `size` handlers, each with its own (not yet connected) inbox.
+    fn pool(&self, size: usize) -> Arc<HandlerPool> {
+        HandlerPool::new((0..size.max(1)).map(|_| self.handler()).collect())
+    }
 }
 
 type PartitionQueue = StreamPartitionQueue<NotifierContext>;
@@ -321,7 +380,8 @@ type PartitionQueue = StreamPartitionQueue<NotifierContext>;
 struct Workers {
     topic: String,
     consumer: Arc<NotifierConsumer>,
-    parts: Parts,
+    handlers: Arc<HandlerPool>,
+    max_in_flight: usize,
     assignment: Arc<Assignment>,
     stop: CancellationToken,
     running: HashMap<i32, JoinHandle<()>>,
@@ -338,14 +398,20 @@ impl Workers {
             .consumer
             .split_partition_queue(&self.topic, partition)
             .ok_or(NotifierError::PartitionQueue { partition })?;
-        let task = tokio::spawn(work(
+        let worker = Worker {
+            topic: self.topic.clone(),
             partition,
-            queue,
-            self.parts.handler(),
-            self.consumer.clone(),
-            self.assignment.clone(),
-            self.stop.clone(),
-        ));
+            consumer: self.consumer.clone(),
+            assignment: self.assignment.clone(),
+            handlers: self.handlers.clone(),
+            stop: self.stop.clone(),
+            max_in_flight: self.max_in_flight,
+            window: Window::new(self.max_in_flight * PENDING_PER_IN_FLIGHT),
+            generation: 0,
+            epoch: None,
+            tasks: JoinSet::new(),
+        };
+        let task = tokio::spawn(work(worker, queue));
         self.running.insert(partition, task);
         Ok(true)
     }
@@ -422,6 +488,7 @@ async fn consume(
         cfg.smtp_url.as_deref(),
         cfg.mail_dir.as_deref(),
         cfg.smtp_timeout,
+        usize::from(cfg.inbox_connections),
     )?;
     if cfg.smtp_url.is_some() && cfg.mail_dir.is_some() {
         tracing::info!("both an SMTP URL and a mail directory are set; sending by SMTP");
@@ -481,6 +548,8 @@ async fn consume(
         group = %cfg.group,
         dlq_topic = %dlq.topic(),
         mailer = %mailer.describe(),
+        max_in_flight_per_partition = cfg.max_in_flight_per_partition,
+        inbox_connections = cfg.inbox_connections,
         "notifier starting"
     );
     let parts = Parts {
@@ -496,7 +565,8 @@ async fn consume(
     let mut workers = Workers {
         topic: cfg.topic.clone(),
         consumer: consumer.clone(),
-        parts,
+        handlers: parts.pool(usize::from(cfg.inbox_connections)),
+        max_in_flight: usize::from(cfg.max_in_flight_per_partition),
         assignment,
         stop: stop.clone(),
         running: HashMap::new(),
@@ -600,53 +670,173 @@ async fn consume(
     result
 }
 
-/// One partition's worker: handles the records of its partition queue in
-/// order, storing each offset once handled; skips records of a partition
-/// this instance no longer owns.
-async fn work(
+/// One partition's worker: takes the records of its partition queue into
+/// its window, runs a task per record the window lets start, stores the
+/// handled prefix; skips records of a partition this instance no longer
+/// owns.
+struct Worker {
+    topic: String,
     partition: i32,
-    queue: PartitionQueue,
-    mut handler: Handler,
     consumer: Arc<NotifierConsumer>,
     assignment: Arc<Assignment>,
+    handlers: Arc<HandlerPool>,
     stop: CancellationToken,
-) {
+    max_in_flight: usize,
+    window: Window<OwnedMessage>,
+    /// Counts the windows dropped: a task started for an earlier window
+    /// reports to none.
+    generation: u64,
+    /// The assignment epoch the window's records were taken under.
+    epoch: Option<u64>,
+    /// Handler tasks, of this window and of dropped ones.
+    tasks: JoinSet<Done>,
+}
+
+/// A handler task's report.
+struct Done {
+    generation: u64,
+    offset: i64,
+    key: Key,
+    result: Result<Outcome, Interrupted>,
+}
+
+/// What a worker's loop woke up for.
+enum Wake {
+    Stop,
+    Done(Result<Done, tokio::task::JoinError>),
+    Received(Result<OwnedMessage, KafkaError>),
+}
+
+async fn work(mut w: Worker, queue: PartitionQueue) {
+    let mut stopping = false;
     loop {
-        let received = tokio::select! {
+        if stopping && w.tasks.is_empty() {
+            break;
+        }
+        let take = !stopping && w.tasks.len() < w.max_in_flight && w.window.has_room();
+        let wake = tokio::select! {
             biased;
-            _ = stop.cancelled() => break,
-            r = queue.recv() => r,
+            _ = w.stop.cancelled(), if !stopping => Wake::Stop,
+            Some(done) = w.tasks.join_next(), if !w.tasks.is_empty() => Wake::Done(done),
+            r = queue.recv(), if take => Wake::Received(r.map(|m| m.detach())),
+            // Not reached: with no task running the window holds nothing
+            // (every waiting record waits for a running one), so it has room.
+            else => break,
         };
-        let msg = match received {
-            Ok(m) => m.detach(),
-            Err(e) => {
-                tracing::warn!(partition, error = %e, "kafka consumer error");
-                continue;
+        match wake {
+            Wake::Stop => stopping = true,
+            Wake::Done(Ok(done)) => w.finished(done, stopping),
+            Wake::Done(Err(e)) => {
+                // Its record can never count as handled: stop here, its
+                // offset and all after it stay unstored (a restart
+                // redelivers them).
+                tracing::error!(partition = w.partition, error = %e, "handler task failed; the partition's worker stops");
+                w.tasks.abort_all();
+                break;
             }
-        };
-        if !assignment.owns(partition) {
+            Wake::Received(Ok(msg)) => w.received(msg),
+            Wake::Received(Err(e)) => {
+                tracing::warn!(partition = w.partition, error = %e, "kafka consumer error")
+            }
+        }
+    }
+}
+
+impl Worker {
+    fn received(&mut self, msg: OwnedMessage) {
+        let offset = msg.offset();
+        let Some(epoch) = self.assignment.epoch(self.partition) else {
+            self.drop_window(None);
             tracing::debug!(
-                partition,
-                offset = msg.offset(),
+                partition = self.partition,
+                offset,
                 "partition revoked since this record was fetched; left to its next owner"
             );
-            continue;
+            return;
+        };
+        if self.epoch != Some(epoch) || !self.window.follows(offset) {
+            self.drop_window(Some(epoch));
         }
-        tracing::trace!(partition, offset = msg.offset(), "record received");
-        match handler.handle(&msg, &stop).await {
-            Ok(_) => {
-                // Stores offset + 1: the next record to read.
-                if let Err(e) = consumer.store_offset(msg.topic(), msg.partition(), msg.offset()) {
-                    // Expected for a record in flight during a rebalance.
-                    tracing::info!(
-                        error = %e,
-                        partition,
-                        offset = msg.offset(),
-                        "offset not stored (partition no longer assigned); its next owner gets the record again and the inbox skips it"
-                    );
-                }
+        tracing::trace!(partition = self.partition, offset, "record received");
+        let key = msg.key().map(<[u8]>::to_vec);
+        if let Some(msg) = self.window.take(offset, key.clone(), msg) {
+            self.start(msg, key);
+        }
+    }
+
+    fn finished(&mut self, done: Done, stopping: bool) {
+        if done.generation != self.generation {
+            return; // Its window was dropped: redelivered, or not ours.
+        }
+        if done.result.is_err() {
+            return; // Interrupted by shutdown: not handled, stays unstored.
+        }
+        let epoch = self.assignment.epoch(self.partition);
+        if epoch != self.epoch {
+            // Revoked (or assigned anew) meanwhile: its next owner (or the
+            // new fetch) gets this partition's records again from the
+            // committed offset, and the inbox knows the handled ones.
+            self.drop_window(epoch);
+            return;
+        }
+        let handled = self.window.handled(done.offset, &done.key);
+        if let Some(last) = handled.store {
+            // Stores last + 1: the next record to read.
+            if let Err(e) = self
+                .consumer
+                .store_offset(&self.topic, self.partition, last)
+            {
+                // Expected for records in flight during a rebalance.
+                tracing::info!(
+                    error = %e,
+                    partition = self.partition,
+                    offset = last,
+                    "offset not stored (partition no longer assigned); its next owner gets the record again and the inbox skips it"
+                );
             }
-            Err(Interrupted) => break,
         }
+        if let Some(next) = handled.next {
+            if !stopping {
+                self.start(next, done.key);
+            }
+        }
+    }
+
+    /// Forgets the window's records (taken under an earlier assignment, or
+    /// before the fetch started again): they are fetched again or belong to
+    /// the next owner. Its running tasks finish unheard.
+    fn drop_window(&mut self, epoch: Option<u64>) {
+        if !self.window.is_empty() {
+            tracing::info!(
+                partition = self.partition,
+                "partition revoked, assigned anew or fetched again from an earlier offset; dropping the records not yet handled (they are delivered again)"
+            );
+            self.window = Window::new(self.max_in_flight * PENDING_PER_IN_FLIGHT);
+            self.generation += 1;
+        }
+        self.epoch = epoch;
+    }
+
+    /// Runs a task handling `msg` with a pooled handler.
+    fn start(&mut self, msg: OwnedMessage, key: Key) {
+        let (handlers, stop, generation) =
+            (self.handlers.clone(), self.stop.clone(), self.generation);
+        self.tasks.spawn(async move {
+            let result = async {
+                let mut handler = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return Err(Interrupted),
+                    h = handlers.get() => h,
+                };
+                handler.handle(&msg, &stop).await
+            }
+            .await;
+            Done {
+                generation,
+                offset: msg.offset(),
+                key,
+                result,
+            }
+        });
     }
 }

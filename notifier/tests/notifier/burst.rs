@@ -4,9 +4,15 @@
 //! notifier binary (a child process, so it can be killed) → an SMTP server
 //! that records every email it accepts.
 //!
+//! The burst is 5,000 orders of 997 customers, each order four events in a
+//! row (created, paid, shipped, delivered), so a partition's window of
+//! records in flight often holds several events of one customer or order.
+//!
 //! Counted at the far end: one `notifier_inbox` row per event, one email
 //! per event (by its `X-Outbox-Event-Id`), every record of the topic read
-//! back. And while the burst runs, a sampler reads the group's committed
+//! back; and order: each customer's (the record key's) and each order's
+//! emails reached the server in event order (a resend after a kill -9
+//! aside: the first arrival of each event counts). And while the burst runs, a sampler reads the group's committed
 //! offsets every 200 ms and then the inbox: every record below a committed
 //! offset must already have its inbox row (the committed offset never
 //! passes an unhandled record). Rows are never deleted, so a row missing
@@ -36,6 +42,8 @@ use outbox_record::header;
 
 const EVENTS: i64 = 20_000;
 const PARTITIONS: i32 = 12;
+/// The notifier's `--inbox-connections`: the records in flight at once.
+const IN_FLIGHT: usize = 32;
 
 /// The relay binary (built beside this test), streaming the test
 /// database's outbox into `topic`; killed when dropped.
@@ -54,27 +62,76 @@ async fn start_relay(db: &TestDb, topic: &str) -> anyhow::Result<RelayProcess> {
     Ok(relay)
 }
 
-/// 20,000 order events for 997 customers, committed at once.
+/// 20,000 order events, committed at once: event g belongs to order
+/// (g - 1) / 4 + 1 of customer order % 997 + 1, and is its creation, then
+/// its payment, shipping and delivery.
 async fn commit_burst(db: &TestDb, domain: &str) -> anyhow::Result<()> {
     let client = db.connect().await?;
     let n = client
         .execute(
             "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload)
-             SELECT 'order', g::text, g % 997 + 1, 'OrderCreated',
+             SELECT 'order', o::text, o % 997 + 1,
+                    CASE WHEN step = 0 THEN 'OrderCreated' ELSE 'OrderStatusChanged' END,
                     jsonb_build_object(
-                        'order_id', g, 'user_id', g % 997 + 1,
-                        'email', 'c' || g || '@' || $1::text, 'status', 'CREATED',
+                        'order_id', o, 'user_id', o % 997 + 1,
+                        'email', 'c' || o || '@' || $1::text,
+                        'status', (ARRAY['CREATED', 'PAID', 'SHIPPED', 'DELIVERED'])[step + 1],
+                        'from', (ARRAY[NULL, 'CREATED', 'PAID', 'SHIPPED'])[step + 1],
+                        'to', (ARRAY[NULL, 'PAID', 'SHIPPED', 'DELIVERED'])[step + 1],
                         'items', jsonb_build_array(jsonb_build_object(
                             'sku', 'A-1', 'quantity', 2, 'unit_price_cents', 1999)),
                         'total_cents', 3998, 'currency', 'EUR',
                         'created_at', '2026-01-01T00:00:00.000000Z',
                         'updated_at', '2026-01-01T00:00:00.000000Z')
-             FROM generate_series(1, $2::bigint) AS g",
+             FROM generate_series(1, $2::bigint) AS g,
+                  LATERAL (SELECT (g - 1) / 4 + 1 AS o, (g - 1) % 4 AS step) AS e
+             ORDER BY g",
             &[&domain, &EVENTS],
         )
         .await?;
     anyhow::ensure!(n == EVENTS as u64, "inserted {n} rows");
     Ok(())
+}
+
+/// Every customer's and every order's emails, by first arrival at the
+/// server, in event (outbox id) order; returns the violations.
+async fn out_of_order(
+    client: &tokio_postgres::Client,
+    arrivals: &[i64],
+) -> anyhow::Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT id, user_id, (payload->>'order_id')::bigint FROM outbox",
+            &[],
+        )
+        .await?;
+    let owner: HashMap<i64, (i64, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut last_of_user: HashMap<i64, i64> = HashMap::new();
+    let mut last_of_order: HashMap<i64, i64> = HashMap::new();
+    let mut violations = Vec::new();
+    for id in arrivals {
+        if !seen.insert(*id) {
+            continue; // a resend after a kill -9
+        }
+        let (user, order) = owner[id];
+        for (what, whose, last) in [
+            ("customer", user, &mut last_of_user),
+            ("order", order, &mut last_of_order),
+        ] {
+            if let Some(before) = last.insert(whose, *id) {
+                if before > *id {
+                    violations.push(format!(
+                        "{what} {whose}: event {id} arrived after event {before}"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(violations)
 }
 
 /// The notifier binary as a child process.
@@ -94,6 +151,8 @@ impl Notifier {
             .args(["--listen", "127.0.0.1:0", "--commit-interval", "200ms"])
             .args(["--kafka-property", "session.timeout.ms=6000"])
             .args(["--kafka-property", "heartbeat.interval.ms=500"])
+            .args(["--max-in-flight-per-partition", "16"])
+            .args(["--inbox-connections", &IN_FLIGHT.to_string()])
             .env("RUST_LOG", "notifier=info")
             .stdin(std::process::Stdio::null())
             .stdout(out.try_clone()?)
@@ -356,6 +415,15 @@ async fn burst(disruptions: &[Disruption]) -> anyhow::Result<Outcome> {
     let emails = smtp.emails_per_event();
     let missing_emails = (1..=EVENTS).filter(|id| !emails.contains_key(id)).count();
     assert_eq!(missing_emails, 0, "events without an email");
+
+    // Order: each customer's and each order's emails in event order.
+    let violations = out_of_order(&client, &smtp.arrivals()).await?;
+    assert!(
+        violations.is_empty(),
+        "{} emails out of event order, e.g. {:?}",
+        violations.len(),
+        &violations[..violations.len().min(5)]
+    );
     Ok(Outcome { emails, restarts })
 }
 
@@ -395,10 +463,11 @@ async fn a_burst_with_the_notifier_restarted_mid_way_gets_each_email_once() -> a
     Ok(())
 }
 
-/// kill -9 mid-burst: nothing is lost and every event has exactly one inbox
-/// row. An email whose send completed just before the kill, with its inbox
-/// row not yet committed, is sent again by the next process — at most one
-/// per partition worker, which is all that can be in flight.
+/// kill -9 mid-burst, twice: nothing is lost, every event has exactly one
+/// inbox row, and each customer's and order's emails arrived in event
+/// order. An email whose send completed just before the kill, with its
+/// inbox row not yet committed, is sent again by the next process — at most
+/// one per handler, which is all that can be in flight.
 #[tokio::test]
 async fn a_burst_with_the_notifier_killed_mid_way_loses_nothing() -> anyhow::Result<()> {
     let out = burst(&[
@@ -410,7 +479,7 @@ async fn a_burst_with_the_notifier_killed_mid_way_loses_nothing() -> anyhow::Res
     let again = twice(&out.emails);
     println!("emailed twice after kill -9: {again:?}");
     assert!(
-        again.len() <= 2 * PARTITIONS as usize,
+        again.len() <= 2 * IN_FLIGHT,
         "{} events emailed twice, more than were in flight: {again:?}",
         again.len()
     );

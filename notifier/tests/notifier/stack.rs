@@ -594,3 +594,197 @@ async fn graceful_shutdown_commits_the_handled_offsets() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// The events of [`a_slow_server`]: 24 on one partition, every third one
+/// (3, 6, …, 24) of customer 7, the others each of its own customer.
+const SLOW_EVENTS: i64 = 24;
+fn slow_event_user(id: i64) -> i64 {
+    if id % 3 == 0 {
+        7
+    } else {
+        100 + id
+    }
+}
+
+/// Runs [`SLOW_EVENTS`] events already in a one-partition topic through a
+/// notifier with `max_in_flight` against a mail server taking 250 ms per
+/// email; checks that each is emailed once, customer 7's in event order
+/// and one at a time, and that the committed offset ends past them all.
+/// Returns the server, for the caller's checks of concurrency.
+async fn a_slow_server(max_in_flight: u16) -> anyhow::Result<FakeSmtp> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let group = unique_name("g");
+    let smtp = FakeSmtp::slow(Duration::from_millis(250)).await?;
+    let relay = Relay::new(&topic)?;
+    let mut last = (0, 0);
+    for id in 1..=SLOW_EVENTS {
+        let user = slow_event_user(id);
+        let payload = order_payload(id, &format!("u{user}@slow.test"), "CREATED");
+        last = relay.send_event(id, user, "OrderCreated", &payload).await?;
+    }
+    anyhow::ensure!(last.0 == 0, "one partition");
+    let mut cfg = config(&db.url, &topic, &group, &Dest::Smtp(smtp.url.clone()));
+    cfg.max_in_flight_per_partition = max_in_flight;
+    let n = Running::start(cfg);
+    wait_for("every email accepted", Duration::from_secs(60), || async {
+        Ok((smtp.accepted() >= SLOW_EVENTS as usize).then_some(()))
+    })
+    .await?;
+    wait_for("every event handled", Duration::from_secs(10), || async {
+        Ok((n.metric("notifier_emails_sent_total").await? == SLOW_EVENTS as f64).then_some(()))
+    })
+    .await?;
+    n.stop().await?;
+
+    let arrivals = smtp.arrivals();
+    let mut sorted = arrivals.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=SLOW_EVENTS).collect::<Vec<_>>(), "each once");
+    let of_7: Vec<i64> = arrivals
+        .iter()
+        .copied()
+        .filter(|id| slow_event_user(*id) == 7)
+        .collect();
+    assert_eq!(
+        of_7,
+        (1..=SLOW_EVENTS)
+            .filter(|id| id % 3 == 0)
+            .collect::<Vec<_>>(),
+        "customer 7's emails in event order (all arrivals: {arrivals:?})"
+    );
+    let mut spans: Vec<_> = smtp
+        .spans
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(id, _, _)| slow_event_user(*id) == 7)
+        .copied()
+        .collect();
+    spans.sort_by_key(|(_, began, _)| *began);
+    for pair in spans.windows(2) {
+        assert!(
+            pair[1].1 >= pair[0].2,
+            "customer 7's event {} began before {} was accepted",
+            pair[1].0,
+            pair[0].0
+        );
+    }
+    assert_eq!(
+        committed_offset(&group, &topic, 0)?,
+        Some(last.1 + 1),
+        "committed past every record"
+    );
+    Ok(smtp)
+}
+
+/// One partition: emails of different customers are in flight at once,
+/// one customer's still go one at a time in event order. (One record at a
+/// time, as the notifier handled a partition before, the server never sees
+/// two at once.)
+#[tokio::test]
+async fn one_partition_sends_other_customers_emails_at_once_and_each_customers_in_order(
+) -> anyhow::Result<()> {
+    let smtp = a_slow_server(16).await?;
+    println!("16 in flight: up to {} emails at once", smtp.peak());
+    assert!(
+        smtp.peak() >= 8,
+        "at most {} emails of one partition in progress at once",
+        smtp.peak()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_one_in_flight_a_partition_goes_one_record_at_a_time() -> anyhow::Result<()> {
+    let smtp = a_slow_server(1).await?;
+    assert_eq!(smtp.peak(), 1);
+    assert_eq!(smtp.arrivals(), (1..=SLOW_EVENTS).collect::<Vec<_>>());
+    Ok(())
+}
+
+/// A record retried after transient refusals holds back the later records
+/// of its key and the committed offset, not the records of other keys.
+#[tokio::test]
+async fn a_retried_record_holds_its_key_and_the_offset_not_other_keys() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let group = unique_name("g");
+    // Six refusals: at least 1.75 s of backoff (100 ms doubling up to 1 s,
+    // jittered down to half).
+    let smtp = FakeSmtp::with(FakeBehaviour {
+        failure: "451 4.3.0 try again later",
+        failing_rcpts: 6,
+        failing_to: Some("stuck@"),
+        delay: Duration::ZERO,
+    })
+    .await?;
+    let relay = Relay::new(&topic)?;
+    let stuck = "stuck@retry.test";
+    let (_, first) = relay
+        .send_event(1, 1, "OrderCreated", &order_payload(1, stuck, "CREATED"))
+        .await?;
+    relay
+        .send_event(
+            2,
+            1,
+            "OrderStatusChanged",
+            &status_payload(1, stuck, "CREATED", "PAID"),
+        )
+        .await?;
+    let mut last = (0, 0);
+    for id in 3..=10 {
+        let payload = order_payload(id, &format!("other{id}@retry.test"), "CREATED");
+        last = relay
+            .send_event(id, 100 + id, "OrderCreated", &payload)
+            .await?;
+    }
+    let n = Running::start(config(
+        &db.url,
+        &topic,
+        &group,
+        &Dest::Smtp(smtp.url.clone()),
+    ));
+
+    // While event 1 is refused: the others go out, the committed offset
+    // stays at or below it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        // The offset first: past event 1 only once event 1 was accepted.
+        let committed = committed_offset(&group, &topic, 0)?;
+        let arrived = smtp.arrivals();
+        if !arrived.contains(&1) {
+            assert!(
+                committed.is_none_or(|c| c <= first),
+                "committed offset {committed:?} passed event 1 (offset {first}) before it was sent"
+            );
+        }
+        if arrived.len() == 10 {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "emails accepted: {arrived:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let arrived = smtp.arrivals();
+    let position = |id| arrived.iter().position(|a| *a == id).unwrap();
+    assert!(
+        (3..=10).all(|id| position(id) < position(1)),
+        "the other customers' emails went out while event 1 was retried: {arrived:?}"
+    );
+    assert!(position(1) < position(2), "its key in order: {arrived:?}");
+    wait_for(
+        "the offset committed past every record",
+        Duration::from_secs(15),
+        || {
+            let (group, topic) = (group.clone(), topic.clone());
+            async move {
+                Ok((committed_offset(&group, &topic, 0)? == Some(last.1 + 1)).then_some(()))
+            }
+        },
+    )
+    .await?;
+    n.stop().await
+}

@@ -504,34 +504,91 @@ impl Drop for OwnSmtp {
 }
 
 /// A minimal SMTP server for failure cases: answers the first
-/// `failing_rcpts` RCPT TO commands with `failure` (e.g. `451 ...` or
-/// `550 ...`), the later ones with 250, and counts the messages it accepted.
+/// `failing_rcpts` RCPT TO commands (of recipients containing
+/// `failing_to`, or all) with `failure` (e.g. `451 ...` or `550 ...`), the
+/// later ones with 250; takes `delay` to answer each message (a slow
+/// server); counts the messages it accepted and how many were in progress
+/// at once.
 pub struct FakeSmtp {
     pub url: String,
     pub accepted: Arc<std::sync::atomic::AtomicUsize>,
     /// The `X-Outbox-Event-Id` of every accepted email, in arrival order.
     pub event_ids: Arc<std::sync::Mutex<Vec<i64>>>,
+    /// Every accepted email: its event id, when its DATA command came and
+    /// when the server accepted it.
+    pub spans: Arc<std::sync::Mutex<Vec<Span>>>,
+    /// The most messages in progress (DATA sent, not yet answered) at once.
+    pub peak: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// An accepted email at a [`FakeSmtp`]: its event id, when its DATA
+/// command came, when the server accepted it.
+pub type Span = (i64, std::time::Instant, std::time::Instant);
+
+/// How a [`FakeSmtp`] misbehaves.
+pub struct FakeBehaviour {
+    pub failure: &'static str,
+    pub failing_rcpts: usize,
+    pub failing_to: Option<&'static str>,
+    pub delay: Duration,
 }
 
 impl FakeSmtp {
     pub async fn start(failure: &'static str, failing_rcpts: usize) -> anyhow::Result<FakeSmtp> {
+        FakeSmtp::with(FakeBehaviour {
+            failure,
+            failing_rcpts,
+            failing_to: None,
+            delay: Duration::ZERO,
+        })
+        .await
+    }
+
+    /// Accepts every message, each after `delay`.
+    pub async fn slow(delay: Duration) -> anyhow::Result<FakeSmtp> {
+        FakeSmtp::with(FakeBehaviour {
+            failure: "250 ok",
+            failing_rcpts: 0,
+            failing_to: None,
+            delay,
+        })
+        .await
+    }
+
+    pub async fn with(behaviour: FakeBehaviour) -> anyhow::Result<FakeSmtp> {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let FakeBehaviour {
+            failure,
+            failing_rcpts,
+            failing_to,
+            delay,
+        } = behaviour;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("smtp://{}", listener.local_addr()?);
         let accepted = Arc::new(AtomicUsize::new(0));
         let event_ids = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let spans = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
         let rcpts = Arc::new(AtomicUsize::new(0));
-        let (counter, ids) = (accepted.clone(), event_ids.clone());
+        let (counter, ids, all_spans, max) = (
+            accepted.clone(),
+            event_ids.clone(),
+            spans.clone(),
+            peak.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let (accepted, rcpts, ids) = (counter.clone(), rcpts.clone(), ids.clone());
+                let (spans, peak, open) = (all_spans.clone(), max.clone(), open.clone());
                 tokio::spawn(async move {
                     let (read, mut write) = stream.into_split();
                     let mut lines = BufReader::new(read).lines();
                     let _ = write.write_all(b"220 fake test server\r\n").await;
                     let mut in_data = false;
                     let mut event_id = None;
+                    let mut data_began = std::time::Instant::now();
                     while let Ok(Some(line)) = lines.next_line().await {
                         let answer = if in_data {
                             if line != "." {
@@ -541,19 +598,32 @@ impl FakeSmtp {
                                 continue;
                             }
                             in_data = false;
+                            tokio::time::sleep(delay).await;
                             accepted.fetch_add(1, Ordering::SeqCst);
                             if let Some(id) = event_id.take() {
                                 ids.lock().unwrap().push(id);
+                                spans.lock().unwrap().push((
+                                    id,
+                                    data_began,
+                                    std::time::Instant::now(),
+                                ));
                             }
+                            open.fetch_sub(1, Ordering::SeqCst);
                             "250 queued".to_owned()
                         } else {
                             match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
                                 "EHLO" | "HELO" => "250 fake test server".to_owned(),
-                                "RCPT" if rcpts.fetch_add(1, Ordering::SeqCst) < failing_rcpts => {
+                                "RCPT"
+                                    if failing_to.is_none_or(|to| line.contains(to))
+                                        && rcpts.fetch_add(1, Ordering::SeqCst) < failing_rcpts =>
+                                {
                                     failure.to_owned()
                                 }
                                 "DATA" => {
                                     in_data = true;
+                                    data_began = std::time::Instant::now();
+                                    let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                                    peak.fetch_max(now, Ordering::SeqCst);
                                     "354 go ahead".to_owned()
                                 }
                                 "QUIT" => {
@@ -578,7 +648,19 @@ impl FakeSmtp {
             url,
             accepted,
             event_ids,
+            spans,
+            peak,
         })
+    }
+
+    /// The most messages the server had in progress at once.
+    pub fn peak(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The event ids of the accepted emails, in arrival order.
+    pub fn arrivals(&self) -> Vec<i64> {
+        self.event_ids.lock().unwrap().clone()
     }
 
     pub fn accepted(&self) -> usize {
