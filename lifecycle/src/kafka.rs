@@ -2,12 +2,13 @@
 //! configuration ([`client_config`]: the role's settings, then the
 //! operator's `--kafka-property`/`--kafka-properties-file` last), refused
 //! credentials or permissions ([`AccessDenied`], definite: the service stops
-//! with it), topic creation ([`create_topics`]), and librdkafka's log lines
+//! with it), topic creation ([`create_topics`]), a topic's configuration
+//! ([`topic_config`]), and librdkafka's log lines
 //! forwarded to `tracing`.
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -78,6 +79,38 @@ pub async fn create_topics(
             Err((topic, code)) => (topic, Err(code)),
         })
         .collect())
+}
+
+/// The value of `key` in `topic`'s configuration (e.g. `max.message.bytes`,
+/// `retention.ms`: the broker's default unless the topic overrides it),
+/// asked for up to 10 s through the Admin API (an admin client from
+/// `config`). `Ok(None)` when the broker does not name it; `Err` with the
+/// reason when it cannot be read (no DescribeConfigs ACL, no broker).
+pub async fn topic_config(
+    config: &ClientConfig,
+    topic: &str,
+    key: &str,
+) -> Result<Option<String>, String> {
+    let timeout = Duration::from_secs(10);
+    let admin: AdminClient<DefaultClientContext> = config.create().map_err(|e| e.to_string())?;
+    let opts = AdminOptions::new().request_timeout(Some(timeout));
+    let described = tokio::time::timeout(
+        timeout,
+        admin.describe_configs([&ResourceSpecifier::Topic(topic)], &opts),
+    )
+    .await;
+    let value = match described {
+        Ok(Ok(mut results)) => match results.pop() {
+            Some(Ok(resource)) => Ok(resource.get(key).and_then(|entry| entry.value.clone())),
+            Some(Err(code)) => Err(format!("{code:?}")),
+            None => Ok(None),
+        },
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    };
+    // Closing a client takes a while and nothing waits on it.
+    std::thread::spawn(move || drop(admin));
+    value
 }
 
 /// Kafka refused the client's credentials (authentication) or an operation

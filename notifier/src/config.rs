@@ -109,6 +109,18 @@ pub struct Config {
     #[arg(long, env = "NOTIFIER_INBOX_CONNECTIONS", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     pub inbox_connections: u16,
 
+    /// Delete notifier_inbox rows handled longer ago than this, in small
+    /// batches; 0 (the default) keeps every row. Must be at least the
+    /// topic's retention.ms (a record still in the topic can be delivered
+    /// again, and its row is what makes it a duplicate): checked at start
+    /// and before every round.
+    #[arg(long, env = "NOTIFIER_INBOX_RETENTION", default_value = "0s", value_parser = parse_duration)]
+    pub inbox_retention: Duration,
+
+    /// How often inbox retention deletes.
+    #[arg(long, env = "NOTIFIER_INBOX_RETENTION_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub inbox_retention_interval: Duration,
+
     /// Log format.
     #[arg(long, env = "NOTIFIER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

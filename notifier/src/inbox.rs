@@ -153,6 +153,31 @@ impl Inbox {
     }
 }
 
+impl Inbox {
+    /// Deletes up to `batch` rows handled more than `age` ago, taken from
+    /// the lowest event ids (the primary key's order, so no scan of the
+    /// table: ids grow with time, and a row handled late waits for the next
+    /// rounds). Returns the rows deleted.
+    pub async fn delete_handled_before(
+        &mut self,
+        age: std::time::Duration,
+        batch: i64,
+    ) -> Result<u64, InboxError> {
+        let conn = self.connection().await?;
+        conn.client
+            .execute(
+                "DELETE FROM notifier_inbox WHERE event_id IN ( \
+                     SELECT event_id FROM ( \
+                         SELECT event_id, handled_at FROM notifier_inbox \
+                          ORDER BY event_id LIMIT $2) oldest \
+                      WHERE handled_at < now() - make_interval(secs => $1))",
+                &[&age.as_secs_f64(), &batch],
+            )
+            .await
+            .map_err(InboxError::Query)
+    }
+}
+
 fn classify(e: tokio_postgres::Error) -> InboxError {
     if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
         InboxError::MissingTable

@@ -28,6 +28,7 @@ pub mod inbox;
 pub mod mailer;
 pub mod metrics;
 pub mod pipeline;
+pub mod retention;
 pub mod window;
 
 pub use pipeline::{run, run_with, NotifierError};

@@ -13,6 +13,7 @@ pub const EMAILS_SENT: &str = "notifier_emails_sent";
 pub const DUPLICATES: &str = "notifier_duplicates";
 pub const DLQ: &str = "notifier_dlq";
 pub const END_TO_END_SECONDS: &str = "notifier_end_to_end_seconds";
+pub const INBOX_ROWS_DELETED: &str = "notifier_inbox_rows_deleted";
 
 /// What became of one record.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -55,6 +56,8 @@ pub struct Metrics {
     pub duplicates: Counter,
     pub dlq: Counter,
     pub end_to_end_seconds: Histogram,
+    /// Inbox rows deleted by `--inbox-retention`.
+    pub inbox_rows_deleted: Counter,
 }
 
 impl Metrics {
@@ -91,8 +94,15 @@ impl Metrics {
             "From the Postgres commit (commit_ts header) to the record being handled",
             end_to_end_seconds.clone(),
         );
+        let inbox_rows_deleted = Counter::default();
+        registry.register(
+            INBOX_ROWS_DELETED,
+            "notifier_inbox rows deleted by --inbox-retention",
+            inbox_rows_deleted.clone(),
+        );
         Metrics {
             registry,
+            inbox_rows_deleted,
             events,
             emails_sent,
             duplicates,

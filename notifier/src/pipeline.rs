@@ -148,6 +148,9 @@ pub enum NotifierError {
     Dlq(#[from] DlqError),
     #[error("inbox")]
     Inbox(#[source] InboxError),
+    /// `--inbox-retention` shorter than the topic keeps its records.
+    #[error(transparent)]
+    InboxRetention(crate::retention::RetentionError),
     #[error("partition {partition} of the topic has no queue to split off")]
     PartitionQueue { partition: i32 },
 }
@@ -532,6 +535,16 @@ async fn consume(
         denied = access.denied() => return Err(NotifierError::KafkaAccess(denied)),
         () = dlq.ensure_topic(&base) => {}
     }
+    if !cfg.inbox_retention.is_zero() {
+        match crate::retention::check(&base, &cfg.topic, cfg.inbox_retention).await {
+            Ok(()) => {}
+            // Read again before every round: deletes wait until it is known.
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "inbox retention waits until the topic's retention.ms can be read")
+            }
+            Err(e) => return Err(NotifierError::InboxRetention(e)),
+        }
+    }
 
     let assignment = Arc::new(Assignment::default());
     let consumer: Arc<NotifierConsumer> = Arc::new(
@@ -562,6 +575,17 @@ async fn consume(
     };
     // Stops the workers on shutdown and on any other way out of the loop.
     let stop = shutdown.child_token();
+    if !cfg.inbox_retention.is_zero() {
+        tokio::spawn(crate::retention::run(
+            inbox.unconnected(),
+            base.clone(),
+            cfg.topic.clone(),
+            cfg.inbox_retention,
+            cfg.inbox_retention_interval,
+            shared.clone(),
+            stop.clone(),
+        ));
+    }
     let mut workers = Workers {
         topic: cfg.topic.clone(),
         consumer: consumer.clone(),

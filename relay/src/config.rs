@@ -169,6 +169,21 @@ pub struct Config {
     #[arg(long, env = "RELAY_DEAD_LETTER_REFUSED")]
     pub dead_letter_refused: bool,
 
+    /// Delete outbox rows that were delivered (the slot confirmed their
+    /// commit) and are older than this (by `created_at`), in small batches;
+    /// 0 (the default) keeps every row. Rows not yet delivered are never
+    /// deleted, however old.
+    #[arg(long, env = "RELAY_RETENTION", default_value = "0s", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// How often retention looks for rows to delete.
+    #[arg(long, env = "RELAY_RETENTION_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub retention_interval: Duration,
+
+    /// Rows deleted per statement (each its own short transaction).
+    #[arg(long, env = "RELAY_RETENTION_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub retention_batch: u32,
+
     /// Create the slot when it is missing even though the topic already
     /// holds this pipeline's events (the slot was dropped or lost: what was
     /// committed in between is skipped). Without it the relay stops, naming

@@ -109,6 +109,13 @@ pub enum RelayError {
         topic: String,
         last: Lsn,
     },
+    /// `--retention` on a table without a `created_at` timestamp. Definite.
+    #[error(
+        "--retention needs a created_at timestamp column in the outbox table {table} (found: \
+         {found}): it deletes delivered rows older than the retention; add the column or \
+         leave --retention unset"
+    )]
+    RetentionTable { table: String, found: String },
     #[error("no message from Postgres for {0:?} (--lease): stopped producing and dropped the queue, so that a relay taking over the slot cannot be overtaken by this one")]
     LeaseExpired(Duration),
     #[error("cannot listen for HTTP on {addr}")]
@@ -138,6 +145,7 @@ impl RelayError {
             | RelayError::KafkaAccess(_)
             | RelayError::Protocol(_)
             | RelayError::SlotMissing { .. }
+            | RelayError::RetentionTable { .. }
             | RelayError::Listen { .. } => false,
         }
     }

@@ -23,6 +23,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod retention;
 pub mod sink;
 pub mod slot_admin;
 pub mod topics;

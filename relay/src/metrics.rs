@@ -22,6 +22,9 @@ pub const HEARTBEATS: &str = "relay_heartbeats";
 pub const DUPLICATES_SKIPPED: &str = "relay_duplicates_skipped";
 pub const DEAD_LETTERED: &str = "relay_dead_lettered";
 pub const ROLE: &str = "relay_role";
+pub const OUTBOX_ROWS_DELETED: &str = "relay_outbox_rows_deleted";
+pub const OUTBOX_OLDEST_ROW_AGE_SECONDS: &str = "relay_outbox_oldest_row_age_seconds";
+pub const RETENTION_SECONDS: &str = "relay_retention_seconds";
 
 /// The values of `relay_role`'s `role` label.
 pub const ROLES: [&str; 2] = ["active", "standby"];
@@ -62,6 +65,12 @@ pub struct Metrics {
     pub dead_lettered: Counter,
     /// 1 for the relay's role (`active`, `standby`), 0 for the other.
     pub role: Family<RoleLabel, Gauge>,
+    /// Delivered outbox rows deleted by retention.
+    pub outbox_rows_deleted: Counter,
+    /// Age of the oldest row left in the outbox (sampled by retention).
+    pub outbox_oldest_row_age_seconds: Gauge<f64, AtomicU64>,
+    /// `--retention` (0: off).
+    pub retention_seconds: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -142,9 +151,30 @@ impl Metrics {
             "1 for this relay's role: active (it streams the slot) or standby (another relay does); both 0 while it connects",
             role.clone(),
         );
+        let outbox_rows_deleted = Counter::default();
+        registry.register(
+            OUTBOX_ROWS_DELETED,
+            "Delivered outbox rows deleted by retention (--retention)",
+            outbox_rows_deleted.clone(),
+        );
+        let outbox_oldest_row_age_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            OUTBOX_OLDEST_ROW_AGE_SECONDS,
+            "Age of the oldest row left in the outbox table, sampled by retention (0 while retention is off or the table is empty); above the retention, rows wait for delivery",
+            outbox_oldest_row_age_seconds.clone(),
+        );
+        let retention_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            RETENTION_SECONDS,
+            "The retention of delivered outbox rows (--retention; 0: off)",
+            retention_seconds.clone(),
+        );
         Metrics {
             registry,
             role,
+            outbox_rows_deleted,
+            outbox_oldest_row_age_seconds,
+            retention_seconds,
             duplicates_skipped,
             dead_lettered,
             commit_to_ack_seconds,

@@ -75,36 +75,13 @@ pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[String]) -> Result<(), S
 /// the topic overrides it), asked for up to 10 s through the Admin API;
 /// `None` if it cannot be read (e.g. no DescribeConfigs ACL).
 pub async fn max_message_bytes(cfg: &KafkaConfig, topic: &str) -> Option<usize> {
-    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-    use rdkafka::client::DefaultClientContext;
-    let timeout = Duration::from_secs(10);
-    let admin: AdminClient<DefaultClientContext> = cfg.client_config().create().ok()?;
-    let opts = AdminOptions::new().request_timeout(Some(timeout));
-    let described = tokio::time::timeout(
-        timeout,
-        admin.describe_configs([&ResourceSpecifier::Topic(topic)], &opts),
-    )
-    .await;
-    let value = match described {
-        Ok(Ok(mut results)) => match results.pop() {
-            Some(Ok(resource)) => resource
-                .get("max.message.bytes")
-                .and_then(|entry| entry.value.as_deref()?.parse().ok()),
-            Some(Err(code)) => {
-                tracing::debug!(%topic, error = %code, "cannot read the topic's max.message.bytes");
-                None
-            }
-            None => None,
-        },
-        Ok(Err(e)) => {
-            tracing::debug!(%topic, error = %e, "cannot read the topic's max.message.bytes");
+    match lifecycle::kafka::topic_config(&cfg.client_config(), topic, "max.message.bytes").await {
+        Ok(value) => value?.parse().ok(),
+        Err(reason) => {
+            tracing::debug!(%topic, error = %reason, "cannot read the topic's max.message.bytes");
             None
         }
-        Err(_) => None,
-    };
-    // Closing a client takes a while and nothing waits on it.
-    std::thread::spawn(move || drop(admin));
-    value
+    }
 }
 
 /// Whether `topic` exists (with partitions), from the cluster's metadata,

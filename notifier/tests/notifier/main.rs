@@ -7,6 +7,7 @@
 mod common;
 
 mod burst;
+mod retention;
 mod security;
 mod stack;
 mod trace;

@@ -135,6 +135,13 @@ pub async fn run_with(
         tracing::warn!(lease = ?cfg.lease, heartbeat_interval = ?cfg.heartbeat_interval,
             "--lease is off: it needs heartbeats more frequent than the lease");
     }
+    let retention = (!cfg.retention.is_zero()).then(|| {
+        tokio::spawn(crate::retention::run(
+            cfg.clone(),
+            shared.clone(),
+            shutdown.child_token(),
+        ))
+    });
     let heartbeat = match replication::connect_params(&cfg.database_url) {
         Ok(params) if !cfg.heartbeat_interval.is_zero() => Some(tokio::spawn(heartbeat::run(
             params,
@@ -155,6 +162,9 @@ pub async fn run_with(
     }
     http_stop.cancel();
     sampler.abort();
+    if let Some(h) = retention {
+        h.abort();
+    }
     if let Some(h) = heartbeat {
         h.abort();
     }

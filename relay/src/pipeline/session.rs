@@ -129,6 +129,9 @@ impl Session<'_> {
         let (schema, table) = cfg.table_parts();
         replication::ensure_publication(&client, &cfg.publication, &format!("{schema}.{table}"))
             .await?;
+        if !cfg.retention.is_zero() {
+            crate::retention::check_table(&client, &format!("{schema}.{table}")).await?;
+        }
         if self.exactly_once()
             && !cfg.allow_new_slot
             && replication::slot_state(&client, &cfg.slot).await?.is_none()

@@ -52,6 +52,8 @@ pub use pgconn::{ConnectParams, SslMode, DEFAULT_CONNECT_TIMEOUT};
 pub use slot::{ensure_publication, prepare_slot, slot_state, PreparedSlot, SlotInfo, PLUGIN};
 pub use stream::{ReplicationMessage, ReplicationStream};
 
+pub(crate) use names::quote_ident;
+
 use crate::lsn::Lsn;
 
 /// The relay's `application_name` unless the URL names one: visible in

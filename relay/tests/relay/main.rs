@@ -13,5 +13,6 @@ mod ha;
 mod observability;
 mod pipeline;
 mod replication;
+mod retention;
 mod security;
 mod transactions;
