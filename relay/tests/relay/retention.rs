@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{insert_event, outbox_ids, read_until_all, relay_config, start};
+use crate::common::{insert_event, outbox_ids, read_until_all, relay_config, start, Running};
 use devstack::testing::{wait_for, TestDb};
 use rdkafka::mocking::MockCluster;
 
@@ -16,11 +16,20 @@ async fn rows(c: &tokio_postgres::Client) -> anyhow::Result<i64> {
         .get(0))
 }
 
-#[tokio::test]
-async fn delivered_rows_are_deleted_and_undelivered_ones_never() -> anyhow::Result<()> {
+/// A mock cluster with a topic of `partitions`, a test database and a
+/// relay between them with a retention of 1 s, looked at every 200 ms.
+struct Setup {
+    mock: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    topic: String,
+    bootstrap: String,
+    db: TestDb,
+    relay: Running,
+}
+
+async fn setup(partitions: i32) -> anyhow::Result<Setup> {
     let mock = MockCluster::new(1)?;
     let topic = devstack::testing::unique_name("retention");
-    mock.create_topic(&topic, 2, 1)?;
+    mock.create_topic(&topic, partitions, 1)?;
     let bootstrap = mock.bootstrap_servers();
     let db = TestDb::create().await?;
     let relay = start(relay_config(
@@ -31,6 +40,24 @@ async fn delivered_rows_are_deleted_and_undelivered_ones_never() -> anyhow::Resu
         &["--retention", "1s", "--retention-interval", "200ms"],
     ))
     .await;
+    Ok(Setup {
+        mock,
+        topic,
+        bootstrap,
+        db,
+        relay,
+    })
+}
+
+#[tokio::test]
+async fn delivered_rows_are_deleted_and_undelivered_ones_never() -> anyhow::Result<()> {
+    let Setup {
+        mock,
+        topic,
+        bootstrap,
+        db,
+        relay,
+    } = setup(2).await?;
     let metrics = &relay.shared.metrics;
     assert_eq!(metrics.retention_seconds.get(), 1.0);
     let c = db.connect().await?;
@@ -92,19 +119,13 @@ async fn delivered_rows_are_deleted_and_undelivered_ones_never() -> anyhow::Resu
 /// rows), and once it commits it waits for its own delivery.
 #[tokio::test]
 async fn a_transaction_left_open_holds_deletion_until_it_is_delivered() -> anyhow::Result<()> {
-    let mock = MockCluster::new(1)?;
-    let topic = devstack::testing::unique_name("retention");
-    mock.create_topic(&topic, 1, 1)?;
-    let bootstrap = mock.bootstrap_servers();
-    let db = TestDb::create().await?;
-    let relay = start(relay_config(
-        &db.url,
-        &db.slot_name(),
-        &topic,
-        &bootstrap,
-        &["--retention", "1s", "--retention-interval", "200ms"],
-    ))
-    .await;
+    let Setup {
+        mock,
+        topic,
+        bootstrap,
+        db,
+        relay,
+    } = setup(1).await?;
     let c = db.connect().await?;
     let mut slow = db.connect().await?;
     let tx = slow.transaction().await?;
