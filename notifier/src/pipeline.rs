@@ -347,6 +347,11 @@ fn consumer_config(cfg: &Config) -> ClientConfig {
 /// how far records of other keys may go on past one being retried.
 const PENDING_PER_IN_FLIGHT: usize = 8;
 
+/// A partition's empty window for `max_in_flight` records in flight.
+fn new_window(max_in_flight: usize) -> Window<OwnedMessage> {
+    Window::new(max_in_flight * PENDING_PER_IN_FLIGHT)
+}
+
 /// What every worker's handler is made of.
 struct Parts {
     composer: Composer,
@@ -409,7 +414,7 @@ impl Workers {
             handlers: self.handlers.clone(),
             stop: self.stop.clone(),
             max_in_flight: self.max_in_flight,
-            window: Window::new(self.max_in_flight * PENDING_PER_IN_FLIGHT),
+            window: new_window(self.max_in_flight),
             generation: 0,
             epoch: None,
             tasks: JoinSet::new(),
@@ -835,7 +840,7 @@ impl Worker {
                 partition = self.partition,
                 "partition revoked, assigned anew or fetched again from an earlier offset; dropping the records not yet handled (they are delivered again)"
             );
-            self.window = Window::new(self.max_in_flight * PENDING_PER_IN_FLIGHT);
+            self.window = new_window(self.max_in_flight);
             self.generation += 1;
         }
         self.epoch = epoch;

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::pgoutput::LogicalDecodingMessage;
-use crate::replication::ConnectParams;
+use crate::replication::{ConnectParams, LazySql};
 
 /// The logical decoding message prefix of relay heartbeats.
 pub const PREFIX: &str = "outbox-relay.heartbeat";
@@ -40,31 +40,28 @@ pub fn is_own(message: &LogicalDecodingMessage, slot: &str) -> bool {
 pub async fn run(params: ConnectParams, slot: String, interval: Duration, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut client = None;
+    let mut sql = LazySql::new(params);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        if client.is_none() {
-            match crate::replication::sql_connect(&params).await {
-                Ok(c) => client = Some(c),
-                Err(e) => {
-                    tracing::warn!(error = %e, "heartbeat: cannot connect");
-                    continue;
-                }
+        let c = match sql.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat: cannot connect");
+                continue;
             }
-        }
-        let Some(c) = &client else { continue };
-        if let Err(e) = c
+        };
+        let sent = c
             .execute(
                 "SELECT pg_logical_emit_message(false, $1, $2::text)",
                 &[&PREFIX, &slot],
             )
-            .await
-        {
+            .await;
+        if let Err(e) = sent {
             tracing::warn!(error = %e, "heartbeat failed; reconnecting");
-            client = None;
+            sql.reset();
         }
     }
 }

@@ -94,7 +94,20 @@ pub async fn run(cfg: Config, shared: Arc<Shared>, stop: CancellationToken) {
         replication::quote_ident(&table)
     );
     let mut task = Retention {
-        table,
+        delete_sql: format!(
+            "WITH doomed AS (
+                 SELECT ctid FROM {table}
+                  WHERE created_at < now() - make_interval(secs => $1)
+                    AND age(xmin) > age($2::text::xid)
+                    AND age($2::text::xid) < $4
+                  LIMIT $3
+                  FOR UPDATE SKIP LOCKED)
+             DELETE FROM {table} t USING doomed WHERE t.ctid = doomed.ctid"
+        ),
+        oldest_sql: format!(
+            "SELECT extract(epoch FROM now() - created_at)::float8 FROM {table} \
+              ORDER BY id LIMIT 1"
+        ),
         slot: cfg.slot.clone(),
         retention: cfg.retention,
         batch: i64::from(cfg.retention_batch),
@@ -105,11 +118,11 @@ pub async fn run(cfg: Config, shared: Arc<Shared>, stop: CancellationToken) {
         .metrics
         .retention_seconds
         .set(cfg.retention.as_secs_f64());
-    tracing::info!(table = %task.table, retention = ?cfg.retention, interval = ?cfg.retention_interval,
+    tracing::info!(%table, retention = ?cfg.retention, interval = ?cfg.retention_interval,
         "retention on: delivered outbox rows older than the retention are deleted");
     let mut ticker = tokio::time::interval(cfg.retention_interval.max(Duration::from_millis(10)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut client = None;
+    let mut sql = replication::LazySql::new(params);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -118,32 +131,32 @@ pub async fn run(cfg: Config, shared: Arc<Shared>, stop: CancellationToken) {
         if shared.snapshot().state != RelayState::Streaming {
             continue;
         }
-        if client.is_none() {
-            match replication::sql_connect(&params).await {
-                Ok(c) => client = Some(c),
-                Err(e) => {
-                    tracing::warn!(error = %e, "retention: cannot connect");
-                    continue;
-                }
+        let c = match sql.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention: cannot connect");
+                continue;
             }
-        }
-        let Some(c) = &client else { continue };
-        match task.tick(c, &shared, &stop).await {
+        };
+        let round = task.tick(c, &shared, &stop).await;
+        match round {
             Ok(0) => {}
             Ok(deleted) => {
                 tracing::debug!(deleted, "retention: delivered outbox rows deleted")
             }
             Err(e) => {
                 tracing::warn!(error = %e, "retention failed; reconnecting");
-                client = None;
+                sql.reset();
             }
         }
     }
 }
 
 struct Retention {
-    /// The quoted, schema-qualified table.
-    table: String,
+    /// The batch delete and the oldest row's age, on the quoted,
+    /// schema-qualified table.
+    delete_sql: String,
+    oldest_sql: String,
     slot: String,
     retention: Duration,
     batch: i64,
@@ -191,24 +204,13 @@ impl Retention {
         if let Some(w) = self.usable {
             // The 32-bit xid of the watermark, for age().
             let xid = (w.xmin % (1 << 32)) as i64;
-            let sql = format!(
-                "WITH doomed AS (
-                     SELECT ctid FROM {table}
-                      WHERE created_at < now() - make_interval(secs => $1)
-                        AND age(xmin) > age($2::text::xid)
-                        AND age($2::text::xid) < $4
-                      LIMIT $3
-                      FOR UPDATE SKIP LOCKED)
-                 DELETE FROM {table} t USING doomed WHERE t.ctid = doomed.ctid",
-                table = self.table
-            );
             for _ in 0..MAX_BATCHES_PER_TICK {
                 if stop.is_cancelled() {
                     break;
                 }
                 let n = c
                     .execute(
-                        &sql,
+                        &self.delete_sql,
                         &[
                             &self.retention.as_secs_f64(),
                             &xid.to_string(),
@@ -224,17 +226,7 @@ impl Retention {
                 }
             }
         }
-        let oldest: Option<f64> = c
-            .query_opt(
-                &format!(
-                    "SELECT extract(epoch FROM now() - created_at)::float8 FROM {} \
-                      ORDER BY id LIMIT 1",
-                    self.table
-                ),
-                &[],
-            )
-            .await?
-            .map(|r| r.get(0));
+        let oldest: Option<f64> = c.query_opt(&self.oldest_sql, &[]).await?.map(|r| r.get(0));
         shared
             .metrics
             .outbox_oldest_row_age_seconds

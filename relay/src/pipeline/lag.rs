@@ -8,7 +8,7 @@ pub(super) async fn sample_lag(cfg: Config, shared: Arc<Shared>, stop: Cancellat
     let Ok(params) = replication::connect_params(&cfg.database_url) else {
         return;
     };
-    let mut client = None;
+    let mut sql = replication::LazySql::new(params);
     let mut ticker = tokio::time::interval(cfg.lag_sample_interval);
     // While the slot retains too much WAL: ERROR at once, then once a minute.
     let mut last_retained_error: Option<Instant> = None;
@@ -17,16 +17,13 @@ pub(super) async fn sample_lag(cfg: Config, shared: Arc<Shared>, stop: Cancellat
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        if client.is_none() {
-            match replication::sql_connect(&params).await {
-                Ok(c) => client = Some(c),
-                Err(e) => {
-                    tracing::debug!(error = %e, "lag sampler cannot connect");
-                    continue;
-                }
+        let c = match sql.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "lag sampler cannot connect");
+                continue;
             }
-        }
-        let Some(c) = &client else { continue };
+        };
         let row = c
             .query_opt(
                 "SELECT pg_current_wal_lsn()::text, restart_lsn::text \
@@ -83,7 +80,7 @@ pub(super) async fn sample_lag(cfg: Config, shared: Arc<Shared>, stop: Cancellat
             Ok(None) => {}
             Err(e) => {
                 tracing::debug!(error = %e, "lag sample failed; reconnecting");
-                client = None;
+                sql.reset();
             }
         }
     }

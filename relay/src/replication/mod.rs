@@ -73,6 +73,38 @@ pub async fn sql_connect(
     Ok(pgconn::connect(params).await?)
 }
 
+/// An ordinary SQL connection of a background task (the lag sampler,
+/// heartbeats, retention): made on first use, and again after the task
+/// found it broken.
+pub struct LazySql {
+    params: ConnectParams,
+    client: Option<tokio_postgres::Client>,
+}
+
+impl LazySql {
+    pub fn new(params: ConnectParams) -> LazySql {
+        LazySql {
+            params,
+            client: None,
+        }
+    }
+
+    /// The connection, connecting first if there is none.
+    pub async fn get(&mut self) -> Result<&tokio_postgres::Client, ReplicationError> {
+        let client = match self.client.take() {
+            Some(c) => c,
+            None => sql_connect(&self.params).await?,
+        };
+        Ok(self.client.insert(client))
+    }
+
+    /// Forgets the connection after a failed query: the next
+    /// [`LazySql::get`] connects again.
+    pub fn reset(&mut self) {
+        self.client = None;
+    }
+}
+
 /// The answer to `IDENTIFY_SYSTEM`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SystemInfo {

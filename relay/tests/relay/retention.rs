@@ -16,6 +16,21 @@ async fn rows(c: &tokio_postgres::Client) -> anyhow::Result<i64> {
         .get(0))
 }
 
+/// Runs `check` every 100 ms for `duration`: what it asserts holds
+/// throughout, round after round of retention.
+async fn throughout<F, Fut>(duration: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let began = Instant::now();
+    while began.elapsed() < duration {
+        check().await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 /// A mock cluster with a topic of `partitions`, a test database and a
 /// relay between them with a retention of 1 s, looked at every 200 ms.
 struct Setup {
@@ -84,11 +99,11 @@ async fn delivered_rows_are_deleted_and_undelivered_ones_never() -> anyhow::Resu
     for u in 0..20 {
         during.push(insert_event(&c, u, "During").await?);
     }
-    let waited = Instant::now();
-    while waited.elapsed() < Duration::from_secs(4) {
+    throughout(Duration::from_secs(4), || async {
         assert_eq!(rows(&c).await?, 20, "an undelivered row was deleted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(())
+    })
+    .await?;
     assert_eq!(metrics.outbox_rows_deleted.get(), 10);
     // The oldest row's age shows them waiting past the retention.
     assert!(
@@ -144,16 +159,15 @@ async fn a_transaction_left_open_holds_deletion_until_it_is_delivered() -> anyho
     read_until_all(&bootstrap, &topic, &others, Duration::from_secs(30)).await?;
     // Delivered and older than the retention, yet kept behind the open
     // transaction.
-    let waited = Instant::now();
-    while waited.elapsed() < Duration::from_secs(3) {
+    throughout(Duration::from_secs(3), || async {
         assert_eq!(rows(&c).await?, 10, "deleted behind an open transaction");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(())
+    })
+    .await?;
     // Kafka down, then it commits: older than the retention, not delivered.
     mock.broker_down(1)?;
     tx.commit().await?;
-    let waited = Instant::now();
-    while waited.elapsed() < Duration::from_secs(3) {
+    throughout(Duration::from_secs(3), || async {
         let ids: Vec<i64> = c
             .query("SELECT id FROM outbox WHERE id = $1", &[&late])
             .await?
@@ -161,8 +175,9 @@ async fn a_transaction_left_open_holds_deletion_until_it_is_delivered() -> anyho
             .map(|r| r.get(0))
             .collect();
         assert_eq!(ids, [late], "the late row was deleted before delivery");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(())
+    })
+    .await?;
     mock.broker_up(1)?;
     let all: std::collections::BTreeSet<i64> = others.iter().copied().chain([late]).collect();
     let records = read_until_all(&bootstrap, &topic, &all, Duration::from_secs(60)).await?;
