@@ -7,6 +7,7 @@ use clap::Parser;
 pub use lifecycle::parse_duration;
 
 use crate::event::{EventConfig, TopicRouting, ValueFormat};
+use crate::message::MessageConfig;
 use crate::sink::KafkaConfig;
 
 /// Streams outbox inserts from a Postgres logical replication slot (pgoutput)
@@ -184,6 +185,20 @@ pub struct Config {
     #[arg(long, env = "RELAY_RETENTION_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub retention_batch: u32,
 
+    /// The prefix of events written as logical decoding messages
+    /// (`pg_logical_emit_message(true, PREFIX, content)`, the table-less
+    /// outbox): each becomes the record an outbox row with the content's
+    /// fields would. Messages with other prefixes are not events.
+    #[arg(long, env = "RELAY_MESSAGE_PREFIX", default_value = crate::message::DEFAULT_PREFIX,
+          value_parser = parse_message_prefix)]
+    pub message_prefix: String,
+
+    /// Produce non-transactional event messages (written even when their
+    /// transaction rolls back), each as a transaction of its own; without
+    /// it they are logged, counted and skipped.
+    #[arg(long, env = "RELAY_ALLOW_NON_TRANSACTIONAL_MESSAGES")]
+    pub allow_non_transactional_messages: bool,
+
     /// Create the slot when it is missing even though the topic already
     /// holds this pipeline's events (the slot was dropped or lost: what was
     /// committed in between is skipped). Without it the relay stops, naming
@@ -291,6 +306,10 @@ impl Config {
                 .filter(|c| !c.is_empty())
                 .cloned()
                 .collect(),
+            messages: MessageConfig {
+                prefix: self.message_prefix.clone(),
+                allow_non_transactional: self.allow_non_transactional_messages,
+            },
         }
     }
 
@@ -322,6 +341,19 @@ pub fn parse_header_column(s: &str) -> Result<String, String> {
         ));
     }
     Ok(name.to_owned())
+}
+
+/// A message prefix: not empty, and not the relay's heartbeat prefix.
+pub fn parse_message_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("the message prefix must not be empty".into());
+    }
+    if s == crate::heartbeat::PREFIX {
+        return Err(format!(
+            "{s:?} is the prefix of the relay's heartbeats; choose another"
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 /// Parses `1048576`, `512KiB`, `64MiB`, `10GiB` (also KB/MB/GB as powers

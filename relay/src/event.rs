@@ -24,6 +24,7 @@ use outbox_record::header;
 use serde_json::{json, Value};
 
 use crate::lsn::Lsn;
+use crate::message::MessageConfig;
 use crate::pgoutput::{
     row_to_json, type_oid, Cell, JsonRow, PgTimestamp, Relation, RowError, TupleData,
 };
@@ -63,6 +64,8 @@ pub struct EventConfig {
     pub value_format: ValueFormat,
     /// Columns copied into headers of the same name.
     pub header_columns: Vec<String>,
+    /// Events written as logical decoding messages (see `message`).
+    pub messages: MessageConfig,
 }
 
 impl EventConfig {
@@ -167,6 +170,18 @@ pub fn build_record(
     seq: u64,
 ) -> Result<OutboxRecord, EventError> {
     let row = row_to_json(rel, tuple)?;
+    Ok(record_from_row(cfg, rel, &row, txn, seq))
+}
+
+/// The record of a decoded row (`rel` gives its column types); also used
+/// for events written as logical decoding messages (see `message`).
+pub fn record_from_row(
+    cfg: &EventConfig,
+    rel: &Relation,
+    row: &JsonRow,
+    txn: &TxnInfo,
+    seq: u64,
+) -> OutboxRecord {
     let text = |v: Option<&Cell>| v.and_then(Cell::as_text);
     let topic = match &cfg.routing {
         TopicRouting::Fixed(t) => t.clone(),
@@ -194,16 +209,16 @@ pub fn build_record(
         .collect();
     let value = match cfg.value_format {
         ValueFormat::Json => row.to_json_string().into_bytes(),
-        ValueFormat::ConnectJson => connect_json(rel, &row).to_string().into_bytes(),
+        ValueFormat::ConnectJson => connect_json(rel, row).to_string().into_bytes(),
     };
-    Ok(OutboxRecord {
+    OutboxRecord {
         topic,
         partition: None,
         key,
         value,
         headers,
         column_headers,
-    })
+    }
 }
 
 /// The JsonConverter envelope (`schemas.enable=true`) as the JDBC source
@@ -330,6 +345,7 @@ mod tests {
             routing,
             value_format,
             header_columns: Vec::new(),
+            messages: crate::message::MessageConfig::default(),
         }
     }
 

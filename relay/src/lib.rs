@@ -21,6 +21,7 @@ pub mod error;
 pub mod event;
 pub mod heartbeat;
 pub mod http;
+pub mod message;
 pub mod metrics;
 pub mod pipeline;
 pub mod retention;

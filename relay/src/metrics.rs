@@ -25,6 +25,7 @@ pub const ROLE: &str = "relay_role";
 pub const OUTBOX_ROWS_DELETED: &str = "relay_outbox_rows_deleted";
 pub const OUTBOX_OLDEST_ROW_AGE_SECONDS: &str = "relay_outbox_oldest_row_age_seconds";
 pub const RETENTION_SECONDS: &str = "relay_retention_seconds";
+pub const MESSAGES_REFUSED: &str = "relay_messages_refused";
 
 /// The values of `relay_role`'s `role` label.
 pub const ROLES: [&str; 2] = ["active", "standby"];
@@ -38,6 +39,11 @@ pub fn commit_to_ack_buckets() -> impl Iterator<Item = f64> {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicLabel {
     pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,6 +77,8 @@ pub struct Metrics {
     pub outbox_oldest_row_age_seconds: Gauge<f64, AtomicU64>,
     /// `--retention` (0: off).
     pub retention_seconds: Gauge<f64, AtomicU64>,
+    /// Event messages not produced as events, by reason (see `message`).
+    pub messages_refused: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -169,8 +177,24 @@ impl Metrics {
             "The retention of delivered outbox rows (--retention; 0: off)",
             retention_seconds.clone(),
         );
+        let messages_refused = Family::<ReasonLabel, Counter>::default();
+        for reason in [
+            crate::message::REFUSED_MALFORMED,
+            crate::message::REFUSED_NON_TRANSACTIONAL,
+        ] {
+            // Exported at 0 from the start, so alerts see increases.
+            let _ = messages_refused.get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            });
+        }
+        registry.register(
+            MESSAGES_REFUSED,
+            "Event messages (--message-prefix) not produced as events: malformed (dead-lettered instead) or non_transactional (skipped)",
+            messages_refused.clone(),
+        );
         Metrics {
             registry,
+            messages_refused,
             role,
             outbox_rows_deleted,
             outbox_oldest_row_age_seconds,
@@ -197,6 +221,15 @@ impl Metrics {
                 .get_or_create(&RoleLabel { role: r.to_owned() })
                 .set(i64::from(r == role));
         }
+    }
+
+    /// Counts an event message refused for `reason`.
+    pub fn message_refused(&self, reason: &str) {
+        self.messages_refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

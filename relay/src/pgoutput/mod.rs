@@ -295,6 +295,11 @@ impl PgTimestamp {
     /// Microseconds from the Unix epoch to the Postgres epoch (2000-01-01).
     const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
+    /// The instant `micros` microseconds after the Unix epoch.
+    pub fn from_unix_micros(micros: i64) -> PgTimestamp {
+        PgTimestamp(micros.saturating_sub(Self::PG_EPOCH_UNIX_MICROS))
+    }
+
     /// Microseconds since the Unix epoch. The infinities stay at
     /// `i64::MAX` / `i64::MIN`; finite values that would overflow saturate.
     pub fn unix_micros(&self) -> i64 {

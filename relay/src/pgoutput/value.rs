@@ -152,6 +152,11 @@ pub struct JsonRow {
 }
 
 impl JsonRow {
+    /// A row from `(column, value)` pairs in column order.
+    pub fn from_columns(columns: Vec<(String, Cell)>) -> JsonRow {
+        JsonRow { columns }
+    }
+
     pub fn len(&self) -> usize {
         self.columns.len()
     }

@@ -11,6 +11,8 @@ use std::future::Future;
 use futures_util::future::BoxFuture;
 
 use super::*;
+use crate::message;
+use crate::pgoutput::{LogicalDecodingMessage, PgTimestamp};
 
 /// The apply loop's view of Postgres: replication messages in, standby
 /// status updates out.
@@ -42,6 +44,12 @@ pub(super) struct PendingInsert {
     at: dedupe::Position,
     /// A dead-lettered event's reference (see `dead_letter`).
     diverted: bool,
+    /// A malformed event message, dead-lettered for this reason (see
+    /// `message`).
+    malformed: Option<String>,
+    /// A non-transactional event message is a transaction of its own,
+    /// committed at this position once its record is queued.
+    then_commit: Option<Lsn>,
 }
 
 /// A topic being readied, and the record that needs it.
@@ -217,17 +225,17 @@ impl Session<'_> {
                 let seq = txn.next_seq;
                 let record = event::build_record(self.event_cfg, rel, &ins.new, &txn.info, seq)?;
                 txn.next_seq += 1;
+                let (id, at) = (txn.id, (txn.info.commit_lsn, seq));
                 let reference = self.dead_letters.reference_for(&record);
                 let pending = PendingInsert {
                     diverted: reference.is_some(),
                     record: reference.unwrap_or(record),
-                    txn: txn.id,
-                    at: (txn.info.commit_lsn, seq),
+                    txn: id,
+                    at,
+                    malformed: None,
+                    then_commit: None,
                 };
-                if !sink.has_topic(&pending.record.topic) {
-                    return Ok(Some(pending));
-                }
-                self.admit(pending, sink, st)?;
+                return self.stage(pending, sink, st);
             }
             // Not produced: other changes, origins, types, and logical
             // messages other than heartbeats (counted; see `heartbeat`).
@@ -239,9 +247,96 @@ impl Session<'_> {
             LogicalMessage::Message(m) => {
                 if heartbeat::is_own(&m, &self.cfg.slot) {
                     self.shared.metrics.heartbeats.inc();
+                } else if message::is_event(self.event_cfg, &m) {
+                    return self.event_message(&m, sink, st);
                 }
             }
         }
+        Ok(None)
+    }
+
+    /// An event written as a logical decoding message (see `message`).
+    fn event_message<S: Sink>(
+        &mut self,
+        m: &LogicalDecodingMessage,
+        sink: &mut S,
+        st: &mut StreamState,
+    ) -> Result<Option<PendingInsert>, RelayError> {
+        let mut then_commit = None;
+        if !m.transactional {
+            if !self.event_cfg.messages.allow_non_transactional {
+                self.shared
+                    .metrics
+                    .message_refused(message::REFUSED_NON_TRANSACTIONAL);
+                tracing::warn!(lsn = %m.lsn, prefix = %m.prefix, bytes = m.content.len(),
+                    "skipped a non-transactional event message: Postgres writes it even when its \
+                     transaction rolls back; emit events with pg_logical_emit_message(true, …), \
+                     or start the relay with --allow-non-transactional-messages");
+                return Ok(None);
+            }
+            if st.open.is_some() {
+                return Err(RelayError::Protocol(
+                    "non-transactional Message inside a transaction".into(),
+                ));
+            }
+            // A transaction of its own, at the message's position.
+            let now = chrono::Utc::now().timestamp_micros();
+            st.open = Some(OpenTxn {
+                id: st.cp.begin(now),
+                info: TxnInfo {
+                    commit_lsn: m.lsn,
+                    xid: 0,
+                    commit_ts: PgTimestamp::from_unix_micros(now),
+                },
+                next_seq: 0,
+                skipped: 0,
+                produced: 0,
+            });
+            then_commit = Some(m.lsn);
+        }
+        let txn = st.open.as_mut().ok_or_else(|| {
+            RelayError::Protocol("transactional Message outside a transaction".into())
+        })?;
+        let seq = txn.next_seq;
+        txn.next_seq += 1;
+        let (record, malformed) = match message::build_record(self.event_cfg, m, &txn.info, seq) {
+            Ok(record) => (record, None),
+            Err(why) => (
+                message::dead_letter(self.event_cfg, m, &txn.info, seq, &why),
+                Some(why.0),
+            ),
+        };
+        let (id, at) = (txn.id, (txn.info.commit_lsn, seq));
+        if then_commit.is_some() {
+            st.open = None;
+        }
+        let reference = match malformed {
+            None => self.dead_letters.reference_for(&record),
+            Some(_) => None,
+        };
+        let pending = PendingInsert {
+            diverted: reference.is_some(),
+            record: reference.unwrap_or(record),
+            txn: id,
+            at,
+            malformed,
+            then_commit,
+        };
+        self.stage(pending, sink, st)
+    }
+
+    /// Admits a record now, or hands it back when its topic must be
+    /// readied first.
+    fn stage<S: Sink>(
+        &self,
+        pending: PendingInsert,
+        sink: &mut S,
+        st: &mut StreamState,
+    ) -> Result<Option<PendingInsert>, RelayError> {
+        if !sink.has_topic(&pending.record.topic) {
+            return Ok(Some(pending));
+        }
+        self.admit(pending, sink, st)?;
         Ok(None)
     }
 
@@ -254,11 +349,28 @@ impl Session<'_> {
         sink: &mut S,
         st: &mut StreamState,
     ) -> Result<(), RelayError> {
+        let (txn, then_commit) = (pending.txn, pending.then_commit);
+        self.admit_record(pending, sink, st)?;
+        if let Some(end) = then_commit {
+            self.shared.metrics.transactions.inc();
+            st.cp.commit(txn, end);
+        }
+        Ok(())
+    }
+
+    fn admit_record<S: Sink>(
+        &self,
+        pending: PendingInsert,
+        sink: &mut S,
+        st: &mut StreamState,
+    ) -> Result<(), RelayError> {
         let PendingInsert {
             mut record,
             txn,
             at,
             diverted,
+            malformed,
+            then_commit: _,
         } = pending;
         let duplicate = sink.place(&mut record, at) == Placement::Duplicate;
         if let Some(open) = st.open.as_mut() {
@@ -286,7 +398,14 @@ impl Session<'_> {
             self.shared.metrics.duplicates_skipped.inc();
             return Ok(());
         }
-        if diverted {
+        if let Some(reason) = malformed {
+            self.shared.metrics.dead_lettered.inc();
+            self.shared
+                .metrics
+                .message_refused(message::REFUSED_MALFORMED);
+            tracing::warn!(topic = %record.topic, lsn = %at.0, seq = at.1, %reason,
+                "producing a malformed event message to the dead-letter topic");
+        } else if diverted {
             self.shared.metrics.dead_lettered.inc();
             tracing::warn!(topic = %record.topic, lsn = %at.0, seq = at.1,
                 "producing a dead-lettered event's reference instead of the event");

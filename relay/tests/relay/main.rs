@@ -10,6 +10,7 @@ mod chaos;
 mod exactly_once;
 mod faults;
 mod ha;
+mod messages;
 mod observability;
 mod pipeline;
 mod replication;

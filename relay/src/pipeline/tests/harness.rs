@@ -112,33 +112,9 @@ impl Txn {
     }
 
     pub(super) fn messages(&self, with_noise: bool) -> Vec<ReplicationMessage> {
-        let ts = 848_570_400_000_000 + self.commit_lsn as i64;
-        let mut out = vec![xlog(
-            Msg::new(b'B')
-                .u64(self.commit_lsn)
-                .i64(ts)
-                .u32(1000 + self.commit_lsn as u32)
-                .build(),
-            self.commit_lsn,
-        )];
+        let mut out = vec![begin(self.commit_lsn)];
         for (i, Row(id, user, topic)) in self.rows.iter().enumerate() {
-            let id = id.to_string();
-            let payload = format!("{{\"n\":{id}}}");
-            let topic = topic.map_or(Col::Null, Col::Text);
-            out.push(xlog(
-                Msg::new(b'I')
-                    .u32(OUTBOX_OID)
-                    .u8(b'N')
-                    .tuple(&[
-                        Col::Text(&id),
-                        Col::Text(user),
-                        Col::Text("OrderCreated"),
-                        topic,
-                        Col::Text(&payload),
-                    ])
-                    .build(),
-                self.commit_lsn,
-            ));
+            out.push(insert(self.commit_lsn, *id, user, *topic));
             if with_noise && i == 0 {
                 // A row of another table in the same transaction: ignored.
                 out.push(xlog(
@@ -151,17 +127,77 @@ impl Txn {
                 ));
             }
         }
-        out.push(xlog(
-            Msg::new(b'C')
-                .u8(0)
-                .u64(self.commit_lsn)
-                .u64(self.end_lsn())
-                .i64(ts)
-                .build(),
-            self.end_lsn(),
-        ));
+        out.push(commit(self.commit_lsn, self.end_lsn()));
         out
     }
+}
+
+fn commit_ts(commit_lsn: u64) -> i64 {
+    848_570_400_000_000 + commit_lsn as i64
+}
+
+/// The Begin of the transaction that commits at `commit_lsn`.
+pub(super) fn begin(commit_lsn: u64) -> ReplicationMessage {
+    xlog(
+        Msg::new(b'B')
+            .u64(commit_lsn)
+            .i64(commit_ts(commit_lsn))
+            .u32(1000 + commit_lsn as u32)
+            .build(),
+        commit_lsn,
+    )
+}
+
+/// Its Commit, ending at `end_lsn`.
+pub(super) fn commit(commit_lsn: u64, end_lsn: u64) -> ReplicationMessage {
+    xlog(
+        Msg::new(b'C')
+            .u8(0)
+            .u64(commit_lsn)
+            .u64(end_lsn)
+            .i64(commit_ts(commit_lsn))
+            .build(),
+        end_lsn,
+    )
+}
+
+/// An outbox row of the transaction committing at `commit_lsn`.
+pub(super) fn insert(
+    commit_lsn: u64,
+    id: u64,
+    user: &str,
+    topic: Option<&str>,
+) -> ReplicationMessage {
+    let id = id.to_string();
+    let payload = format!("{{\"n\":{id}}}");
+    let topic = topic.map_or(Col::Null, Col::Text);
+    xlog(
+        Msg::new(b'I')
+            .u32(OUTBOX_OID)
+            .u8(b'N')
+            .tuple(&[
+                Col::Text(&id),
+                Col::Text(user),
+                Col::Text("OrderCreated"),
+                topic,
+                Col::Text(&payload),
+            ])
+            .build(),
+        commit_lsn,
+    )
+}
+
+/// A logical decoding message with prefix `outbox` written at `lsn`.
+pub(super) fn event_message(transactional: bool, lsn: u64, content: &str) -> ReplicationMessage {
+    xlog(
+        Msg::new(b'M')
+            .u8(u8::from(transactional))
+            .u64(lsn)
+            .cstr("outbox")
+            .len_bytes(content.as_bytes())
+            .build(),
+        lsn,
+    )
 }
 
 /// `n` transactions of `rows` rows each, ids from 1, users cycling a..e.
@@ -370,6 +406,7 @@ pub(super) fn event_config(routing: TopicRouting) -> EventConfig {
         routing,
         value_format: ValueFormat::Json,
         header_columns: Vec::new(),
+        messages: crate::message::MessageConfig::default(),
     }
 }
 
@@ -393,7 +430,8 @@ pub(super) async fn run_loop(
     ];
     args.extend_from_slice(extra_args);
     let cfg = Config::try_parse_from(args).expect("test arguments parse");
-    let event_cfg = event_config(routing);
+    let mut event_cfg = event_config(routing);
+    event_cfg.messages = cfg.event_config().messages;
     let kafka_cfg = cfg.kafka_config();
     let shared = Shared::new(&cfg.slot, &cfg.publication);
     let shutdown = CancellationToken::new();

@@ -9,6 +9,7 @@ use crate::event::TopicRouting;
 use outbox_record::header;
 
 mod harness;
+mod messages;
 use harness::*;
 
 /// Every row to the one topic the sink starts with.

@@ -1,0 +1,527 @@
+//! The table-less outbox: an event written with
+//! `pg_logical_emit_message(true, 'outbox', content)` inside the business
+//! transaction becomes the record an outbox row with the same fields would.
+//!
+//! ```text
+//!  Begin ─▶ … Insert(outbox row) … Message(prefix 'outbox', content) … ─▶ Commit
+//!                     │                          │ parse(): JSON object → row
+//!                     ▼                          ▼
+//!              event::record_from_row: same topic routing, key, value, headers;
+//!              seq counts rows and messages together, in statement order
+//! ```
+//!
+//! The content is a UTF-8 JSON object with the fields an outbox row has:
+//! `aggregate_type`, `aggregate_id`, `event_type`, `payload` and the key
+//! column (`user_id`) are required (not null); `id`, `created_at` (RFC 3339),
+//! `traceparent`, `tracestate` and any other field are optional and become
+//! columns of the row. The record's value is that row: `id` first, then the
+//! outbox table's columns in its order, then the other fields by name (the
+//! order-api row's order), `jsonb`-like values embedded, `created_at` as
+//! the commit time when the content has none.
+//!
+//! The event id (`id` in the value, header `event_id`) is the content's
+//! `id` when it has one (a positive integer: order-api draws it from the
+//! outbox table's identity sequence, so rows and messages share one id
+//! space), else the message's LSN (the end of its WAL record) as a decimal
+//! number: stable across replays, unique among messages.
+//!
+//! What is refused, never stopping the relay:
+//! - content that is not such an object goes, as it is, to the dead-letter
+//!   topic `<topic>.relay-dlq` with the reason in `dlq_reason`, through the
+//!   same path as every record, so the slot moves past it only once Kafka
+//!   has it (`relay_dead_lettered_total`, `relay_messages_refused_total
+//!   {reason="malformed"}`);
+//! - a non-transactional message (`pg_logical_emit_message(false, …)`) is
+//!   written to the WAL even when its transaction rolls back: logged,
+//!   counted (`{reason="non_transactional"}`) and skipped, unless
+//!   `--allow-non-transactional-messages` makes it a transaction of its own.
+
+use std::collections::BTreeMap;
+
+use outbox_record::header;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::dead_letter;
+use crate::event::{record_from_row, EventConfig, OutboxRecord, TopicRouting, TxnInfo};
+use crate::pgoutput::{
+    text_to_cell, type_oid, Cell, JsonRow, LogicalDecodingMessage, Relation, RelationColumn,
+};
+
+/// How events written as logical decoding messages are read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageConfig {
+    /// The prefix of event messages; others are not events.
+    pub prefix: String,
+    /// Produce non-transactional messages (each its own transaction)
+    /// instead of refusing them.
+    pub allow_non_transactional: bool,
+}
+
+impl Default for MessageConfig {
+    fn default() -> Self {
+        MessageConfig {
+            prefix: DEFAULT_PREFIX.to_owned(),
+            allow_non_transactional: false,
+        }
+    }
+}
+
+/// The default prefix of event messages.
+pub const DEFAULT_PREFIX: &str = "outbox";
+
+/// The `reason` label values of `relay_messages_refused_total`.
+pub const REFUSED_MALFORMED: &str = "malformed";
+pub const REFUSED_NON_TRANSACTIONAL: &str = "non_transactional";
+
+/// The outbox table's columns, in its order, after `id`.
+const ROW_ORDER: [&str; 6] = [
+    "aggregate_type",
+    "aggregate_id",
+    "user_id",
+    "event_type",
+    "payload",
+    "created_at",
+];
+
+/// Why a message's content is not an event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub String);
+
+/// True when `message` is an event for this relay (by its prefix).
+pub fn is_event(cfg: &EventConfig, message: &LogicalDecodingMessage) -> bool {
+    message.prefix == cfg.messages.prefix
+}
+
+/// The record of event message `message`, row `seq` of transaction `txn`.
+pub fn build_record(
+    cfg: &EventConfig,
+    message: &LogicalDecodingMessage,
+    txn: &TxnInfo,
+    seq: u64,
+) -> Result<OutboxRecord, Malformed> {
+    let (rel, row) = parse(cfg, message, txn)?;
+    Ok(record_from_row(cfg, &rel, &row, txn, seq))
+}
+
+/// The dead letter of a malformed event message: its content as it is, in
+/// the dead-letter topic of the outbox's (fallback) topic, with the relay's
+/// headers (so it is placed and deduplicated like any record), the reason
+/// and the prefix.
+pub fn dead_letter(
+    cfg: &EventConfig,
+    message: &LogicalDecodingMessage,
+    txn: &TxnInfo,
+    seq: u64,
+    why: &Malformed,
+) -> OutboxRecord {
+    // What can still be read of a broken event, for its key and headers.
+    let fields: BTreeMap<String, Value> = serde_json::from_slice(&message.content)
+        .ok()
+        .unwrap_or_default();
+    let text = |name: &str| match fields.get(name) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => Some(other.to_string()),
+    };
+    let topic = match &cfg.routing {
+        TopicRouting::Fixed(t) => t,
+        TopicRouting::ByColumn { fallback, .. } => fallback,
+    };
+    let mut headers = header::relay_headers(
+        Some(lsn_event_id(message)),
+        text("event_type"),
+        (txn.commit_lsn, seq),
+        txn.xid,
+        txn.commit_ts.to_rfc3339_micros(),
+    );
+    headers.push((header::dlq::REASON, why.0.clone()));
+    headers.push((header::dlq::ERROR_CLASS, "malformed_message".to_owned()));
+    headers.push((header::dlq::ORIGINAL_TOPIC, topic.clone()));
+    headers.push((PREFIX_HEADER, message.prefix.clone()));
+    OutboxRecord {
+        topic: dead_letter::topic_of(topic),
+        partition: None,
+        key: text(&cfg.key_column),
+        value: message.content.to_vec(),
+        headers,
+        column_headers: Box::new([]),
+    }
+}
+
+/// The header naming a dead-lettered message's prefix.
+pub const PREFIX_HEADER: &str = "message_prefix";
+
+/// The event id of a message without an `id`: its LSN as a number.
+fn lsn_event_id(message: &LogicalDecodingMessage) -> String {
+    message.lsn.0.to_string()
+}
+
+/// The row a message's content describes, and a relation giving its
+/// columns the types their JSON values have (for `connect-json`).
+fn parse(
+    cfg: &EventConfig,
+    message: &LogicalDecodingMessage,
+    txn: &TxnInfo,
+) -> Result<(Relation, JsonRow), Malformed> {
+    let text = std::str::from_utf8(&message.content)
+        .map_err(|_| Malformed("the content is not UTF-8".into()))?;
+    let mut fields: BTreeMap<String, &RawValue> = serde_json::from_str(text)
+        .map_err(|e| Malformed(format!("the content is not a JSON object: {e}")))?;
+    let mut required = vec![
+        "aggregate_type",
+        "aggregate_id",
+        "event_type",
+        "payload",
+        cfg.key_column.as_str(),
+    ];
+    if let TopicRouting::ByColumn { column, .. } = &cfg.routing {
+        required.push(column);
+    }
+    for name in required {
+        match fields.get(name) {
+            None => return Err(Malformed(format!("the content has no {name:?}"))),
+            Some(raw) if raw.get() == "null" => {
+                return Err(Malformed(format!("the content's {name:?} is null")))
+            }
+            Some(_) => {}
+        }
+    }
+    let id = match fields.remove("id") {
+        None => lsn_event_id(message),
+        Some(raw) => match raw.get().parse::<i64>() {
+            Ok(id) if id > 0 => id.to_string(),
+            _ => {
+                return Err(Malformed(format!(
+                    "the content's \"id\" is {}, not a positive integer",
+                    raw.get()
+                )))
+            }
+        },
+    };
+    let created_at = match fields.remove("created_at") {
+        None => txn.commit_ts.to_rfc3339_micros(),
+        Some(raw) => timestamp(raw).ok_or_else(|| {
+            Malformed(format!(
+                "the content's \"created_at\" is {}, not an RFC 3339 timestamp",
+                raw.get()
+            ))
+        })?,
+    };
+
+    let mut columns = Vec::with_capacity(fields.len() + 2);
+    let mut cells = Vec::with_capacity(fields.len() + 2);
+    let mut push = |name: &str, type_oid: u32, cell: Cell| {
+        columns.push(RelationColumn {
+            flags: u8::from(name == "id"),
+            name: name.to_owned(),
+            type_oid,
+            type_modifier: -1,
+        });
+        cells.push((name.to_owned(), cell));
+    };
+    push(
+        "id",
+        type_oid::INT8,
+        Cell::Value(Value::from(id.parse::<u64>().unwrap_or_default())),
+    );
+    for name in ROW_ORDER {
+        if name == "created_at" {
+            push(
+                name,
+                type_oid::TIMESTAMPTZ,
+                Cell::Value(Value::String(created_at.clone())),
+            );
+        } else if let Some(raw) = fields.remove(name) {
+            let (oid, cell) = typed(raw);
+            push(name, oid, cell);
+        }
+    }
+    for (name, raw) in fields {
+        let (oid, cell) = typed(raw);
+        push(&name, oid, cell);
+    }
+    let rel = Relation {
+        oid: 0,
+        namespace: cfg.schema.clone(),
+        name: cfg.table.clone(),
+        replica_identity: b'd',
+        columns,
+    };
+    Ok((rel, JsonRow::from_columns(cells)))
+}
+
+/// A JSON value as a column: its type and the cell a row of that type
+/// would hold (objects and arrays as `jsonb` documents, compacted alike).
+fn typed(raw: &RawValue) -> (u32, Cell) {
+    let value: Value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
+    match value {
+        Value::Object(_) | Value::Array(_) => {
+            (type_oid::JSONB, text_to_cell(type_oid::JSONB, raw.get()))
+        }
+        Value::Number(n) if n.is_i64() => (type_oid::INT8, Cell::Value(Value::Number(n))),
+        Value::Number(n) => (type_oid::FLOAT8, Cell::Value(Value::Number(n))),
+        Value::Bool(b) => (type_oid::BOOL, Cell::Value(Value::Bool(b))),
+        other => (type_oid::TEXT, Cell::Value(other)),
+    }
+}
+
+/// An RFC 3339 timestamp (`T` or a space between date and time, as
+/// Postgres' `to_json(now())` and its text output write them), as the
+/// relay writes a `timestamptz` column: UTC with microseconds.
+fn timestamp(raw: &RawValue) -> Option<String> {
+    let Ok(Value::String(s)) = serde_json::from_str::<Value>(raw.get()) else {
+        return None;
+    };
+    let s = s.trim();
+    let normalized = match s.as_bytes().get(10) {
+        Some(b' ') => format!("{}T{}", &s[..10], &s[11..]),
+        _ => s.to_owned(),
+    };
+    // Postgres writes `+00` for a whole-hour offset; RFC 3339 wants `+00:00`.
+    let with_minutes = match normalized
+        .len()
+        .checked_sub(3)
+        .map(|i| normalized.split_at(i))
+    {
+        Some((head, tail))
+            if (tail.starts_with('+') || tail.starts_with('-'))
+                && tail[1..].bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            format!("{head}{tail}:00")
+        }
+        _ => normalized,
+    };
+    let t = chrono::DateTime::parse_from_rfc3339(&with_minutes).ok()?;
+    Some(header::format_commit_ts(t.with_timezone(&chrono::Utc)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::ValueFormat;
+    use crate::lsn::Lsn;
+    use crate::pgoutput::{PgTimestamp, TupleData, TupleValue};
+
+    fn cfg(routing: TopicRouting, value_format: ValueFormat) -> EventConfig {
+        EventConfig {
+            schema: "public".into(),
+            table: "outbox".into(),
+            key_column: "user_id".into(),
+            routing,
+            value_format,
+            header_columns: vec!["traceparent".into(), "tracestate".into()],
+            messages: MessageConfig::default(),
+        }
+    }
+
+    fn fixed() -> EventConfig {
+        cfg(
+            TopicRouting::Fixed("microshop.order-outbox".into()),
+            ValueFormat::Json,
+        )
+    }
+
+    fn txn() -> TxnInfo {
+        TxnInfo {
+            commit_lsn: Lsn(0x16B_3748),
+            xid: 771,
+            // 2026-11-21T10:00:00.5Z
+            commit_ts: PgTimestamp(1_795_255_200_500_000 - 946_684_800_000_000),
+        }
+    }
+
+    fn message(content: &str) -> LogicalDecodingMessage {
+        LogicalDecodingMessage {
+            transactional: true,
+            lsn: Lsn(0x16B_3700),
+            prefix: "outbox".into(),
+            content: content.as_bytes().to_vec().into(),
+        }
+    }
+
+    /// What order-api's message mode writes (`json_build_object`'s spacing).
+    const ORDER_API: &str = r#"{"id" : 17, "aggregate_type" : "order", "aggregate_id" : "5", "user_id" : 42, "event_type" : "OrderCreated", "payload" : {"order_id": 5, "total_cents": 3998}, "created_at" : "2026-11-21T11:00:00.25+01:00", "traceparent" : "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate" : null}"#;
+
+    #[test]
+    fn a_message_makes_the_record_its_row_would() {
+        let cfg = fixed();
+        let from_message = build_record(&cfg, &message(ORDER_API), &txn(), 2).unwrap();
+
+        // The same event as an outbox row.
+        let rel = Relation {
+            oid: 16400,
+            namespace: "public".into(),
+            name: "outbox".into(),
+            replica_identity: b'd',
+            columns: [
+                ("id", type_oid::INT8),
+                ("aggregate_type", type_oid::TEXT),
+                ("aggregate_id", type_oid::TEXT),
+                ("user_id", type_oid::INT8),
+                ("event_type", type_oid::TEXT),
+                ("payload", type_oid::JSONB),
+                ("created_at", type_oid::TIMESTAMPTZ),
+                ("traceparent", type_oid::TEXT),
+                ("tracestate", type_oid::TEXT),
+            ]
+            .into_iter()
+            .map(|(name, type_oid)| RelationColumn {
+                flags: u8::from(name == "id"),
+                name: name.into(),
+                type_oid,
+                type_modifier: -1,
+            })
+            .collect(),
+        };
+        let text = |s: &str| TupleValue::Text(s.into());
+        let tuple = TupleData(vec![
+            text("17"),
+            text("order"),
+            text("5"),
+            text("42"),
+            text("OrderCreated"),
+            text(r#"{"order_id": 5, "total_cents": 3998}"#),
+            text("2026-11-21 10:00:00.25+00"),
+            text("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            TupleValue::Null,
+        ]);
+        let from_row = crate::event::build_record(&cfg, &rel, &tuple, &txn(), 2).unwrap();
+        assert_eq!(from_message, from_row);
+        assert_eq!(
+            String::from_utf8(from_message.value).unwrap(),
+            r#"{"id":17,"aggregate_type":"order","aggregate_id":"5","user_id":42,"event_type":"OrderCreated","payload":{"order_id":5,"total_cents":3998},"created_at":"2026-11-21T10:00:00.250000Z","traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01","tracestate":null}"#
+        );
+
+        // connect-json alike, types from the JSON values.
+        let cj = cfg_connect();
+        assert_eq!(
+            build_record(&cj, &message(ORDER_API), &txn(), 2)
+                .unwrap()
+                .value,
+            crate::event::build_record(&cj, &rel, &tuple, &txn(), 2)
+                .unwrap()
+                .value
+        );
+    }
+
+    fn cfg_connect() -> EventConfig {
+        cfg(
+            TopicRouting::Fixed("microshop.order-outbox".into()),
+            ValueFormat::ConnectJson,
+        )
+    }
+
+    #[test]
+    fn without_an_id_the_event_id_is_the_lsn_and_created_at_the_commit_time() {
+        let m = message(
+            r#"{"aggregate_type":"order","aggregate_id":"5","user_id":42,"event_type":"OrderPaid","payload":{}}"#,
+        );
+        let r = build_record(&fixed(), &m, &txn(), 0).unwrap();
+        let v: Value = serde_json::from_slice(&r.value).unwrap();
+        assert_eq!(v["id"], 0x16B_3700u64);
+        assert_eq!(v["created_at"], "2026-11-21T10:00:00.500000Z");
+        let id = r
+            .headers
+            .iter()
+            .find(|(k, _)| *k == header::EVENT_ID)
+            .unwrap();
+        assert_eq!(id.1, (0x16B_3700u64).to_string());
+        assert_eq!(r.key.as_deref(), Some("42"));
+        assert!(r.column_headers.is_empty());
+    }
+
+    #[test]
+    fn messages_route_by_column_like_rows() {
+        let routed = cfg(
+            TopicRouting::ByColumn {
+                column: "aggregate_type".into(),
+                prefix: "shop.".into(),
+                fallback: "shop.other".into(),
+            },
+            ValueFormat::Json,
+        );
+        let r = build_record(&routed, &message(ORDER_API), &txn(), 0).unwrap();
+        assert_eq!(r.topic, "shop.order");
+    }
+
+    #[test]
+    fn malformed_content_is_named() {
+        let cases = [
+            ("not json", "not a JSON object"),
+            ("[1,2]", "not a JSON object"),
+            (r#"{"aggregate_type":"order"}"#, "no \"aggregate_id\""),
+            (
+                r#"{"aggregate_type":"order","aggregate_id":"5","user_id":null,"event_type":"X","payload":{}}"#,
+                "\"user_id\" is null",
+            ),
+            (
+                r#"{"id":-3,"aggregate_type":"order","aggregate_id":"5","user_id":1,"event_type":"X","payload":{}}"#,
+                "not a positive integer",
+            ),
+            (
+                r#"{"id":"7","aggregate_type":"order","aggregate_id":"5","user_id":1,"event_type":"X","payload":{}}"#,
+                "not a positive integer",
+            ),
+            (
+                r#"{"aggregate_type":"order","aggregate_id":"5","user_id":1,"event_type":"X","payload":{},"created_at":"yesterday"}"#,
+                "not an RFC 3339 timestamp",
+            ),
+        ];
+        for (content, why) in cases {
+            let err = build_record(&fixed(), &message(content), &txn(), 0).unwrap_err();
+            assert!(err.0.contains(why), "{content}: {err}");
+        }
+        let mut bad = message("x");
+        bad.content = vec![0xff, 0xfe].into();
+        assert!(build_record(&fixed(), &bad, &txn(), 0)
+            .unwrap_err()
+            .0
+            .contains("UTF-8"));
+    }
+
+    #[test]
+    fn a_malformed_message_is_dead_lettered_as_it_is() {
+        let content = r#"{"user_id":42,"event_type":"OrderCreated"}"#;
+        let m = message(content);
+        let why = build_record(&fixed(), &m, &txn(), 3).unwrap_err();
+        let r = dead_letter(&fixed(), &m, &txn(), 3, &why);
+        assert_eq!(r.topic, "microshop.order-outbox.relay-dlq");
+        assert_eq!(r.value, content.as_bytes());
+        assert_eq!(r.key.as_deref(), Some("42"));
+        let h = |name: &str| {
+            r.headers
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(h(header::SEQ), Some("3"));
+        assert_eq!(h(header::LSN), Some("0/16B3748"));
+        assert_eq!(h(header::EVENT_TYPE), Some("OrderCreated"));
+        assert!(h(header::dlq::REASON).unwrap().contains("aggregate_type"));
+        assert_eq!(h(PREFIX_HEADER), Some("outbox"));
+    }
+
+    #[test]
+    fn timestamps_in_either_postgres_spelling() {
+        let raw = |s: &str| RawValue::from_string(format!("\"{s}\"")).unwrap();
+        for s in [
+            "2026-11-21T10:00:00.25Z",
+            "2026-11-21T11:00:00.25+01:00",
+            "2026-11-21 11:00:00.25+01",
+            "2026-11-21 10:00:00.25+00",
+        ] {
+            assert_eq!(
+                timestamp(&raw(s)).as_deref(),
+                Some("2026-11-21T10:00:00.250000Z"),
+                "{s}"
+            );
+        }
+        assert_eq!(timestamp(&raw("2026-11-21")), None);
+        assert_eq!(
+            timestamp(&RawValue::from_string("12".into()).unwrap()),
+            None
+        );
+    }
+}
