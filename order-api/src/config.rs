@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::store::Outbox;
+
 /// The order service: creates orders and changes their status, writing each
 /// change and its outbox event in one Postgres transaction.
 #[derive(Parser, Clone)]
@@ -50,6 +52,45 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "ORDER_API_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// How each order change writes its outbox event, in the change's
+    /// transaction. table: a row in the `outbox` table. message: no row but
+    /// a transactional logical decoding message (pg_logical_emit_message)
+    /// with prefix --outbox-message-prefix, whose content is a JSON object
+    /// with the fields of an outbox row, `id` drawn from the table's
+    /// sequence; needs wal_level=logical (checked at start) and a relay
+    /// that reads messages.
+    #[arg(
+        long,
+        env = "ORDER_API_OUTBOX_MODE",
+        value_enum,
+        default_value = "table"
+    )]
+    pub outbox_mode: OutboxMode,
+
+    /// With --outbox-mode message: the prefix of the logical decoding
+    /// messages, by which the relay tells outbox events from other messages
+    /// in the WAL. Must not be empty.
+    #[arg(long, env = "ORDER_API_OUTBOX_MESSAGE_PREFIX", default_value = "outbox", value_parser = parse_prefix)]
+    pub outbox_message_prefix: String,
+}
+
+/// `--outbox-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutboxMode {
+    /// A row in the `outbox` table (the relay streams its inserts).
+    Table,
+    /// A transactional logical decoding message; the `outbox` table gets no row.
+    Message,
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("the message prefix must not be empty: \
+                    the relay finds outbox events by it"
+            .to_owned());
+    }
+    Ok(s.to_owned())
 }
 
 impl std::fmt::Debug for Config {
@@ -63,6 +104,8 @@ impl std::fmt::Debug for Config {
             .field("body_limit", &self.body_limit)
             .field("idempotency_ttl", &self.idempotency_ttl)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("outbox_mode", &self.outbox_mode)
+            .field("outbox_message_prefix", &self.outbox_message_prefix)
             .finish_non_exhaustive()
     }
 }
@@ -76,6 +119,17 @@ impl Config {
         // Whatever the environment says, the URL given here wins.
         cfg.database_url = database_url.to_owned();
         cfg
+    }
+
+    /// Where the store writes outbox events, from `--outbox-mode` and
+    /// `--outbox-message-prefix`.
+    pub fn outbox(&self) -> Outbox {
+        match self.outbox_mode {
+            OutboxMode::Table => Outbox::Table,
+            OutboxMode::Message => Outbox::Message {
+                prefix: self.outbox_message_prefix.clone(),
+            },
+        }
     }
 }
 
@@ -92,6 +146,26 @@ mod tests {
         assert_eq!(cfg.listen, "127.0.0.1:8080".parse().expect("addr"));
         assert_eq!(cfg.idempotency_ttl, Duration::from_secs(86400));
         assert_eq!(cfg.body_limit, 65536);
+        assert_eq!(cfg.outbox_mode, OutboxMode::Table);
+        assert_eq!(cfg.outbox(), Outbox::Table);
+    }
+
+    #[test]
+    fn message_mode_carries_its_prefix() {
+        let cfg = Config::try_parse_from([
+            "order-api",
+            "--database-url",
+            "postgres://x@h/db",
+            "--outbox-mode",
+            "message",
+        ])
+        .expect("parses");
+        assert_eq!(
+            cfg.outbox(),
+            Outbox::Message {
+                prefix: "outbox".into()
+            }
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! ```text
 //!  HTTP ──▶ http (parse, validate: 400/413/415/422) ──▶ store (one transaction)
 //!                                                         ├─ orders  INSERT/UPDATE
-//!                                                         ├─ outbox  INSERT (OrderCreated / OrderStatusChanged)
+//!                                                         ├─ outbox  INSERT (OrderCreated / OrderStatusChanged),
+//!                                                         │          or a logical decoding message (--outbox-mode message)
 //!                                                         └─ idempotency_keys (with an Idempotency-Key)
 //! ```
 //!
@@ -33,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::http::AppState;
 use crate::metrics::Metrics;
-use crate::store::{PoolConfig, Store, StoreError};
+use crate::store::{Outbox, PoolConfig, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,6 +46,8 @@ pub enum Error {
     },
     #[error("cannot set up the database pool")]
     Store(#[source] StoreError),
+    #[error("cannot use the outbox mode")]
+    Outbox(#[source] StoreError),
     #[error("the HTTP server failed")]
     Serve(#[source] std::io::Error),
 }
@@ -58,8 +61,11 @@ pub struct Server {
     config: Config,
 }
 
-/// Binds the listen address and builds the pool (no connection is opened
-/// yet: the service starts with the database down and `/readyz` says so).
+/// Binds the listen address and builds the pool. In table mode no
+/// connection is opened yet: the service starts with the database down and
+/// `/readyz` says so. In message mode one connection checks `wal_level`
+/// first and a server that cannot decode the messages is refused; if the
+/// database is down the service starts and `/readyz` repeats the check.
 pub async fn bind(config: Config) -> Result<Server, Error> {
     let pool = store::pool(
         &config.database_url,
@@ -75,8 +81,27 @@ pub async fn bind(config: Config) -> Result<Server, Error> {
             addr: config.listen,
             source,
         })?;
+    let store = Store::new(pool, config.idempotency_ttl, config.outbox());
+    match store.outbox() {
+        Outbox::Table => tracing::info!(outbox_mode = "table", "outbox events are outbox rows"),
+        Outbox::Message { prefix } => {
+            match store.check_wal_level().await {
+                Ok(()) => {}
+                Err(e @ StoreError::WalLevel(_)) => return Err(Error::Outbox(e)),
+                Err(e) => tracing::warn!(
+                    error = %error_chain(&e),
+                    "cannot check wal_level now; /readyz checks it until it can"
+                ),
+            }
+            tracing::info!(
+                outbox_mode = "message",
+                prefix = %prefix,
+                "outbox events are logical decoding messages"
+            );
+        }
+    }
     let state = AppState {
-        store: Store::new(pool, config.idempotency_ttl),
+        store,
         metrics: Arc::new(Metrics::new()),
         body_limit: config.body_limit,
         request_timeout: config.request_timeout,

@@ -4,7 +4,9 @@
 //!
 //! Guarantees:
 //! - every write is one transaction holding the `orders` change *and* its
-//!   `outbox` row: both commit or neither does;
+//!   outbox event: both commit or neither does. The event is an `outbox`
+//!   row, or with [`Outbox::Message`] a transactional logical decoding
+//!   message (which a rolled-back transaction never emits);
 //! - a status change locks the order row (`SELECT .. FOR UPDATE`) before it
 //!   checks the transition, so concurrent changes of one order serialise and
 //!   at most one of two conflicting changes (and its event) happens;
@@ -12,8 +14,11 @@
 //!   concurrent retries queue on the key's primary key and one order is made.
 //!
 //! ```text
-//!  create:  BEGIN → claim key? → INSERT orders → INSERT outbox → store response? → COMMIT
-//!  status:  BEGIN → SELECT status FOR UPDATE → check → UPDATE orders → INSERT outbox → COMMIT
+//!  create:  BEGIN → claim key? → INSERT orders → event → store response? → COMMIT
+//!  status:  BEGIN → SELECT status FOR UPDATE → check → UPDATE orders → event → COMMIT
+//!
+//!  event:   table    INSERT INTO outbox                   (INSERT_EVENT)
+//!           message  SELECT pg_logical_emit_message(..)   (EMIT_EVENT)
 //! ```
 //!
 //! Failures are classified: the database unreachable, a pool timeout or a
@@ -46,6 +51,13 @@ pub enum StoreError {
     /// The database URL cannot be used.
     #[error("invalid database url: {0}")]
     Config(String),
+    /// `--outbox-mode message` on a server whose `wal_level` is not
+    /// `logical`: the messages would be written where no slot can decode them.
+    #[error(
+        "--outbox-mode message needs wal_level = logical, but the server has \
+         wal_level = {0}: no logical replication slot could read the events"
+    )]
+    WalLevel(String),
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -116,6 +128,47 @@ pub fn pool(database_url: &str, cfg: &PoolConfig) -> Result<Pool, StoreError> {
 const INSERT_EVENT: &str = "INSERT INTO outbox \
      (aggregate_type, aggregate_id, user_id, event_type, payload, traceparent, tracestate) \
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+/// The event as a logical decoding message (issue #18): parameters `$1`-`$7`
+/// as in [`INSERT_EVENT`], `$8` the prefix. The content is a JSON object with
+/// an outbox row's fields; `id` is drawn from the `outbox` table's identity
+/// sequence, so event ids are one sequence whichever way events are written.
+/// Transactional: decoded at the transaction's commit, never if it rolls back.
+const EMIT_EVENT: &str = "SELECT pg_logical_emit_message(true, $8::text, json_build_object( \
+         'id', nextval(pg_get_serial_sequence('outbox', 'id')), \
+         'aggregate_type', $1::text, 'aggregate_id', $2::text, 'user_id', $3::bigint, \
+         'event_type', $4::text, 'payload', $5::jsonb, 'created_at', now(), \
+         'traceparent', $6::text, 'tracestate', $7::text)::text)";
+
+/// Where a transaction writes its outbox event (`--outbox-mode`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outbox {
+    /// A row in the `outbox` table.
+    Table,
+    /// A transactional logical decoding message with this prefix; the
+    /// `outbox` table gets no row. Needs `wal_level = logical`.
+    Message { prefix: String },
+}
+
+impl Outbox {
+    /// The statement that writes one event.
+    fn statement(&self) -> &'static str {
+        match self {
+            Outbox::Table => INSERT_EVENT,
+            Outbox::Message { .. } => EMIT_EVENT,
+        }
+    }
+
+    /// The statement's parameters: the event's seven, and the prefix for a
+    /// message.
+    fn params<'a>(&'a self, event: [&'a (dyn ToSql + Sync); 7]) -> Vec<&'a (dyn ToSql + Sync)> {
+        let mut params = event.to_vec();
+        if let Outbox::Message { prefix } = self {
+            params.push(prefix);
+        }
+        params
+    }
+}
 
 /// The W3C trace context written into an outbox row (migration V5): the
 /// request's trace with order-api's span as the parent, and the caller's
@@ -234,13 +287,15 @@ impl Drop for Conn {
 pub struct Store {
     pool: Pool,
     idempotency_ttl: Duration,
+    outbox: Outbox,
 }
 
 impl Store {
-    pub fn new(pool: Pool, idempotency_ttl: Duration) -> Store {
+    pub fn new(pool: Pool, idempotency_ttl: Duration, outbox: Outbox) -> Store {
         Store {
             pool,
             idempotency_ttl,
+            outbox,
         }
     }
 
@@ -248,11 +303,45 @@ impl Store {
         &self.pool
     }
 
-    /// `SELECT 1` on a pooled connection.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// `SELECT 1` on a pooled connection; with [`Outbox::Message`],
+    /// [`Store::check_wal_level`] instead (as cheap, and the service is not
+    /// ready on a server that cannot decode its events).
     pub async fn ping(&self) -> Result<(), StoreError> {
+        if let Outbox::Message { .. } = self.outbox {
+            return self.check_wal_level().await;
+        }
         let client = self.pool.get().await?;
         client.simple_query("SELECT 1").await?;
         Ok(())
+    }
+
+    /// With [`Outbox::Message`], that the server's `wal_level` is `logical`
+    /// ([`StoreError::WalLevel`] if not: at any lower level Postgres writes
+    /// the messages but no logical slot can exist to decode them). Nothing
+    /// to check with [`Outbox::Table`].
+    pub async fn check_wal_level(&self) -> Result<(), StoreError> {
+        if self.outbox == Outbox::Table {
+            return Ok(());
+        }
+        let client = self.pool.get().await?;
+        let level = client
+            .simple_query("SHOW wal_level")
+            .await?
+            .into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap_or_default();
+        if level == "logical" {
+            Ok(())
+        } else {
+            Err(StoreError::WalLevel(level))
+        }
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<Order>, StoreError> {
@@ -297,13 +386,13 @@ impl Store {
         rows.iter().map(order_from_row).collect()
     }
 
-    /// Creates an order and its `OrderCreated` outbox row in one transaction;
+    /// Creates an order and its `OrderCreated` outbox event in one transaction;
     /// with a key, claims it in that transaction and stores `render(order)`
     /// as the response to replay.
     ///
     /// The statements are pipelined (sent without waiting for the previous
     /// answer where none is needed): `BEGIN` with the first statement, and
-    /// the outbox insert with `COMMIT`. An outbox insert that fails aborts
+    /// the outbox event with `COMMIT`. An event statement that fails aborts
     /// the transaction, so the pipelined `COMMIT` rolls it back.
     pub async fn create(
         &self,
@@ -334,7 +423,7 @@ impl Store {
                  VALUES ($1, $2, 'CREATED', $3, $4, $5) RETURNING {ORDER_COLUMNS}"
             ))
             .await?;
-        let outbox = client.prepare_cached(INSERT_EVENT).await?;
+        let outbox = client.prepare_cached(self.outbox.statement()).await?;
         let items = serde_json::to_value(&order.items).unwrap_or(Value::Null);
         let insert_params: [&(dyn ToSql + Sync); 5] = [
             &order.user_id,
@@ -364,7 +453,7 @@ impl Store {
         let created = order_from_row(&row)?;
         let payload = created.event_payload(None);
         let aggregate_id = created.id.to_string();
-        let event_params: [&(dyn ToSql + Sync); 7] = [
+        let event_params = self.outbox.params([
             &AGGREGATE_TYPE,
             &aggregate_id,
             &created.user_id,
@@ -372,7 +461,7 @@ impl Store {
             &payload,
             &trace.traceparent,
             &trace.tracestate,
-        ];
+        ]);
         match key {
             None => {
                 let (event, commit) = join(
@@ -480,7 +569,7 @@ impl Store {
     }
 
     /// Moves an order to `to` if its current status allows it, writing the
-    /// `OrderStatusChanged` outbox row in the same transaction.
+    /// `OrderStatusChanged` outbox event in the same transaction.
     pub async fn change_status(
         &self,
         id: i64,
@@ -513,7 +602,15 @@ impl Store {
             .await?;
         let row = tx.query_one(&update, &[&id, &to.as_str()]).await?;
         let order = order_from_row(&row)?;
-        insert_event(&tx, &order, ORDER_STATUS_CHANGED, Some((from, to)), trace).await?;
+        write_event(
+            &tx,
+            &self.outbox,
+            &order,
+            ORDER_STATUS_CHANGED,
+            Some((from, to)),
+            trace,
+        )
+        .await?;
         tx.commit().await?;
         Ok(StatusChange::Changed(order))
     }
@@ -531,27 +628,27 @@ impl Store {
     }
 }
 
-async fn insert_event(
+/// Writes `order`'s event in `tx`, as `outbox` says.
+async fn write_event(
     tx: &deadpool_postgres::Transaction<'_>,
+    outbox: &Outbox,
     order: &Order,
     event_type: &str,
     change: Option<(Status, Status)>,
     trace: &EventTrace,
 ) -> Result<(), StoreError> {
-    let stmt = tx.prepare_cached(INSERT_EVENT).await?;
+    let stmt = tx.prepare_cached(outbox.statement()).await?;
     let payload = order.event_payload(change);
-    tx.execute(
-        &stmt,
-        &[
-            &AGGREGATE_TYPE,
-            &order.id.to_string(),
-            &order.user_id,
-            &event_type,
-            &payload,
-            &trace.traceparent,
-            &trace.tracestate,
-        ],
-    )
-    .await?;
+    let aggregate_id = order.id.to_string();
+    let params = outbox.params([
+        &AGGREGATE_TYPE,
+        &aggregate_id,
+        &order.user_id,
+        &event_type,
+        &payload,
+        &trace.traceparent,
+        &trace.tracestate,
+    ]);
+    tx.execute(&stmt, &params).await?;
     Ok(())
 }

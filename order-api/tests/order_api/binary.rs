@@ -22,6 +22,8 @@ fn help_shows_every_option_with_its_env_var() {
         "ORDER_API_BODY_LIMIT",
         "ORDER_API_IDEMPOTENCY_TTL",
         "ORDER_API_SHUTDOWN_TIMEOUT",
+        "ORDER_API_OUTBOX_MODE",
+        "ORDER_API_OUTBOX_MESSAGE_PREFIX",
     ] {
         assert!(
             help.contains(&format!("env: {env}")),

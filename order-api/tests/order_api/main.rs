@@ -9,5 +9,6 @@ mod binary;
 mod bodies_never_5xx;
 mod concurrency;
 mod idempotency;
+mod outbox_mode;
 mod readme_walkthrough;
 mod trace;
