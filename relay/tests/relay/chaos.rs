@@ -16,12 +16,16 @@
 //! One test per setup: one broker or three (topic replication 3,
 //! `min.insync.replicas=2`), each in the relay's default `--delivery
 //! exactly-once` (no Kafka transactions) and with `--kafka-transactions`
-//! (the checker then reads `read_committed`). The writers keep committing,
+//! (the checker then reads `read_committed`); and the table-less outbox on
+//! one broker: each transaction writes its events as outbox rows, as
+//! logical decoding messages (`pg_logical_emit_message`), or both, in
+//! random order (a ledger table the relay never reads tells the checker
+//! which messages committed). The writers keep committing,
 //! more slowly once `CHAOS_EVENTS` rows are in, until the last fault, so
 //! every fault hits a live stream.
 //!
 //! `scripts/test` runs the short versions (see [`defaults`]);
-//! `scripts/chaos [--cluster 3] [--kafka-transactions] --events N
+//! `scripts/chaos [--cluster 3] [--kafka-transactions] [--messages] --events N
 //! --faults-per-kind K` one of them at any size. The size comes from
 //! `CHAOS_EVENTS`, `CHAOS_FAULTS_PER_KIND`, `CHAOS_WRITERS` and
 //! `CHAOS_MAX_PAUSE_MS` (between a writer's transactions), the random seed
@@ -88,6 +92,8 @@ const PARTITIONS: i32 = 3;
 struct Setup {
     brokers: usize,
     kafka_transactions: bool,
+    /// Writers emit events as messages as well as rows.
+    messages: bool,
 }
 
 impl Setup {
@@ -111,7 +117,7 @@ impl Setup {
 /// The short run's size (events, faults of each kind) when `CHAOS_EVENTS`
 /// and `CHAOS_FAULTS_PER_KIND` are not set: what `scripts/test` runs.
 fn defaults(setup: Setup) -> (u64, u64) {
-    if setup.brokers > 1 {
+    if setup.brokers > 1 || setup.messages {
         (10_000, 3)
     } else {
         (20_000, 5)
@@ -123,6 +129,7 @@ async fn serial_chaos_one_broker_exactly_once() -> anyhow::Result<()> {
     chaos(Setup {
         brokers: 1,
         kafka_transactions: false,
+        messages: false,
     })
     .await
 }
@@ -132,6 +139,7 @@ async fn serial_chaos_one_broker_kafka_transactions() -> anyhow::Result<()> {
     chaos(Setup {
         brokers: 1,
         kafka_transactions: true,
+        messages: false,
     })
     .await
 }
@@ -141,6 +149,7 @@ async fn serial_chaos_three_brokers_exactly_once() -> anyhow::Result<()> {
     chaos(Setup {
         brokers: 3,
         kafka_transactions: false,
+        messages: false,
     })
     .await
 }
@@ -150,9 +159,37 @@ async fn serial_chaos_three_brokers_kafka_transactions() -> anyhow::Result<()> {
     chaos(Setup {
         brokers: 3,
         kafka_transactions: true,
+        messages: false,
     })
     .await
 }
+
+#[tokio::test]
+async fn serial_chaos_one_broker_messages() -> anyhow::Result<()> {
+    chaos(Setup {
+        brokers: 1,
+        kafka_transactions: false,
+        messages: true,
+    })
+    .await
+}
+
+/// Rows as outbox rows (the row's id).
+const INSERT_ROWS: &str =
+    "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload) \
+     SELECT 'order', g::text, $1::bigint + g % 3, 'Chaos', '{}'::jsonb \
+     FROM generate_series(1, $2::int) g RETURNING id";
+
+/// Events as transactional messages, ids from the outbox sequence (as
+/// order-api's message mode), ledgered for the checker.
+const EMIT_MESSAGES: &str =
+    "WITH e AS (SELECT g, nextval(pg_get_serial_sequence('outbox', 'id')) AS id \
+       FROM generate_series(1, $2::int) g), \
+     ledger AS (INSERT INTO chaos_emitted SELECT id FROM e) \
+     SELECT id FROM e WHERE pg_logical_emit_message(true, 'outbox', json_build_object(\
+       'id', id, 'aggregate_type', 'order', 'aggregate_id', g::text, \
+       'user_id', $1::bigint + g % 3, 'event_type', 'Chaos', 'payload', '{}'::json)::text) \
+       IS NOT NULL ORDER BY g";
 
 /// What the writers did: ids of committed and of rolled-back rows.
 #[derive(Default)]
@@ -174,14 +211,19 @@ async fn chaos(setup: Setup) -> anyhow::Result<()> {
     );
     let faults = setup.faults();
     println!(
-        "chaos: {} broker(s), {}: {events} events, at least {per_kind} faults of each kind, seed {seed}",
+        "chaos: {} broker(s), {}{}: {events} events, at least {per_kind} faults of each kind, seed {seed}",
         setup.brokers,
-        setup.delivery()
+        setup.delivery(),
+        if setup.messages { ", rows and messages" } else { "" }
     );
     let mut rng = StdRng::seed_from_u64(seed);
 
     let cluster = PgCluster::start().await?;
     let url = cluster.url("outbox");
+    devstack::testing::connect(&url)
+        .await?
+        .batch_execute("CREATE TABLE chaos_emitted (id bigint PRIMARY KEY)")
+        .await?;
     let pg_port: u16 = url
         .rsplit_once(':')
         .and_then(|(_, rest)| rest.split('/').next())
@@ -258,17 +300,27 @@ async fn chaos(setup: Setup) -> anyhow::Result<()> {
                 let user: i64 = rng.random_range(1..=50);
                 let hold = Duration::from_millis(rng.random_range(0..30));
                 let rollback = rng.random_bool(0.05);
+                // With messages: of the n events, `as_messages` are messages,
+                // emitted before or after the rows.
+                let as_messages = if setup.messages {
+                    rng.random_range(0..=n)
+                } else {
+                    0
+                };
+                let messages_first = rng.random_bool(0.5);
                 let result: Result<Vec<i64>, tokio_postgres::Error> = async {
                     let tx = c.transaction().await?;
-                    let rows = tx
-                        .query(
-                            "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload) \
-                             SELECT 'order', g::text, $1::bigint + g % 3, 'Chaos', '{}'::jsonb \
-                             FROM generate_series(1, $2::int) g RETURNING id",
-                            &[&user, &n],
-                        )
-                        .await?;
-                    let ids = rows.iter().map(|r| r.get(0)).collect();
+                    let mut ids: Vec<i64> = Vec::new();
+                    let mut parts = [(INSERT_ROWS, n - as_messages), (EMIT_MESSAGES, as_messages)];
+                    if messages_first {
+                        parts.reverse();
+                    }
+                    for (statement, count) in parts {
+                        if count > 0 {
+                            let rows = tx.query(statement, &[&user, &count]).await?;
+                            ids.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
+                        }
+                    }
                     tokio::time::sleep(hold).await;
                     if rollback {
                         tx.rollback().await?;
@@ -453,8 +505,12 @@ async fn chaos(setup: Setup) -> anyhow::Result<()> {
 
     // The checker.
     let client = devstack::testing::connect(&url).await?;
+    // Committed events: rows, and messages by their ledger.
     let table: BTreeSet<i64> = client
-        .query("SELECT id FROM outbox", &[])
+        .query(
+            "SELECT id FROM outbox UNION ALL SELECT id FROM chaos_emitted",
+            &[],
+        )
         .await?
         .iter()
         .map(|r| r.get(0))
@@ -531,7 +587,16 @@ async fn chaos(setup: Setup) -> anyhow::Result<()> {
         }
     );
     println!("| delivery | {} |", setup.delivery());
-    println!("| events committed (rows in the table) | {} |", table.len());
+    if setup.messages {
+        let messages: i64 = client
+            .query_one("SELECT count(*) FROM chaos_emitted", &[])
+            .await?
+            .get(0);
+        println!("| events committed | {} |", table.len());
+        println!("| of them written as messages | {messages} |");
+    } else {
+        println!("| events committed (rows in the table) | {} |", table.len());
+    }
     println!("| rows rolled back | {} |", rolled_back.len());
     println!("| records in the topic | {} |", produced.len());
     if let Some(all) = &uncommitted {
