@@ -33,7 +33,9 @@ pub struct Config {
     #[arg(long, env = "RELAY_PUBLICATION", default_value = "outbox_pub")]
     pub publication: String,
 
-    /// The outbox table, optionally schema-qualified.
+    /// The outbox table, optionally schema-qualified; '' for none (the
+    /// table-less outbox: only events written as logical decoding messages
+    /// are relayed, and a missing publication is created with no tables).
     #[arg(long, env = "RELAY_TABLE", default_value = "outbox")]
     pub table: String,
 
@@ -272,6 +274,11 @@ pub enum Delivery {
 pub use lifecycle::LogFormat;
 
 impl Config {
+    /// False with `--table ''` (events only as messages).
+    pub fn has_table(&self) -> bool {
+        !self.table.trim().is_empty()
+    }
+
     /// `(schema, table)` of the outbox table.
     pub fn table_parts(&self) -> (String, String) {
         match self.table.split_once('.') {
@@ -282,10 +289,16 @@ impl Config {
 
     pub fn event_config(&self) -> EventConfig {
         let (schema, table) = self.table_parts();
+        // Without a table, the topic a table called outbox would have.
+        let named = if self.has_table() {
+            table.as_str()
+        } else {
+            crate::message::DEFAULT_PREFIX
+        };
         let default_topic = self
             .topic
             .clone()
-            .unwrap_or_else(|| format!("{}{}", self.topic_prefix, table));
+            .unwrap_or_else(|| format!("{}{named}", self.topic_prefix));
         let routing = match &self.route_by_column {
             Some(column) => TopicRouting::ByColumn {
                 column: column.clone(),

@@ -116,6 +116,9 @@ pub enum RelayError {
          leave --retention unset"
     )]
     RetentionTable { table: String, found: String },
+    /// `--retention` with `--table ''`. Definite.
+    #[error("--retention deletes outbox rows, but there is no outbox table (--table ''); leave --retention unset")]
+    RetentionWithoutTable,
     #[error("no message from Postgres for {0:?} (--lease): stopped producing and dropped the queue, so that a relay taking over the slot cannot be overtaken by this one")]
     LeaseExpired(Duration),
     #[error("cannot listen for HTTP on {addr}")]
@@ -146,6 +149,7 @@ impl RelayError {
             | RelayError::Protocol(_)
             | RelayError::SlotMissing { .. }
             | RelayError::RetentionTable { .. }
+            | RelayError::RetentionWithoutTable
             | RelayError::Listen { .. } => false,
         }
     }

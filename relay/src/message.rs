@@ -245,7 +245,13 @@ fn parse(
     let rel = Relation {
         oid: 0,
         namespace: cfg.schema.clone(),
-        name: cfg.table.clone(),
+        // Without a table (`--table ''`), the name the connect-json schema
+        // of an `outbox` table has.
+        name: if cfg.table.is_empty() {
+            DEFAULT_PREFIX.to_owned()
+        } else {
+            cfg.table.clone()
+        },
         replica_identity: b'd',
         columns,
     };

@@ -112,6 +112,9 @@ pub async fn run_with(
     shutdown: CancellationToken,
     shared: Arc<Shared>,
 ) -> Result<(), RelayError> {
+    if !cfg.retention.is_zero() && !cfg.has_table() {
+        return Err(RelayError::RetentionWithoutTable);
+    }
     let http_stop = shutdown.child_token();
     let (http_addr, http) = lifecycle::http::serve(
         cfg.listen,

@@ -127,10 +127,14 @@ impl Session<'_> {
         // Setup on an ordinary SQL connection: publication and slot state.
         let client = replication::sql_connect(params).await?;
         let (schema, table) = cfg.table_parts();
-        replication::ensure_publication(&client, &cfg.publication, &format!("{schema}.{table}"))
-            .await?;
-        if !cfg.retention.is_zero() {
-            crate::retention::check_table(&client, &format!("{schema}.{table}")).await?;
+        let qualified = format!("{schema}.{table}");
+        let table = cfg.has_table().then_some(qualified.as_str());
+        if table.is_none() {
+            tracing::info!("no outbox table (--table ''): relaying event messages only");
+        }
+        replication::ensure_publication(&client, &cfg.publication, table).await?;
+        if let (false, Some(table)) = (cfg.retention.is_zero(), table) {
+            crate::retention::check_table(&client, table).await?;
         }
         if self.exactly_once()
             && !cfg.allow_new_slot

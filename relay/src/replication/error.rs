@@ -207,7 +207,7 @@ pub enum ReplicationError {
     DatabaseMismatch { sql: String, replication: String },
 
     /// The outbox table to publish does not exist. Definite.
-    #[error("table {0} does not exist")]
+    #[error("table {0} does not exist (for events written only as logical decoding messages, start with --table '')")]
     TableMissing(String),
 
     /// Opening the ordinary SQL connection failed without a server error:

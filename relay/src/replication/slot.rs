@@ -51,13 +51,18 @@ pub enum PreparedSlot {
 /// does not exist. `table` may be schema-qualified and is resolved as SQL
 /// resolves it (search_path, quoting). An existing publication is left as
 /// it is, with a warning if it does not publish inserts of `table`.
+/// Without a table (events only as logical decoding messages, which need
+/// no publication entry) a missing publication is created with no tables.
 /// Insufficient privilege (42501) is a definite error.
 pub async fn ensure_publication(
     client: &Client,
     publication: &str,
-    table: &str,
+    table: Option<&str>,
 ) -> Result<(), ReplicationError> {
     validate_publication_name(publication)?;
+    let Some(table) = table else {
+        return ensure_empty_publication(client, publication).await;
+    };
     let resolved = client
         .query_opt(
             "SELECT n.nspname::text, c.relname::text
@@ -99,9 +104,39 @@ pub async fn ensure_publication(
         quote_ident(&schema),
         quote_ident(&relname)
     );
-    match client.batch_execute(&sql).await {
+    create_publication(client, &sql, publication, &format!("{schema}.{relname}")).await
+}
+
+/// Without an outbox table: the publication as it is, or a new one
+/// publishing no table (pgoutput needs one to exist).
+async fn ensure_empty_publication(
+    client: &Client,
+    publication: &str,
+) -> Result<(), ReplicationError> {
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| ReplicationError::from_sql("reading the publication", e))?
+        .is_some();
+    if exists {
+        return Ok(());
+    }
+    let sql = format!("CREATE PUBLICATION {}", quote_ident(publication));
+    create_publication(client, &sql, publication, "no table").await
+}
+
+async fn create_publication(
+    client: &Client,
+    sql: &str,
+    publication: &str,
+    table: &str,
+) -> Result<(), ReplicationError> {
+    match client.batch_execute(sql).await {
         Ok(()) => {
-            info!(publication, table = %format!("{schema}.{relname}"), "created publication");
+            info!(publication, table, "created publication");
             Ok(())
         }
         // Created concurrently (another relay instance): fine.

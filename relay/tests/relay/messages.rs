@@ -305,3 +305,55 @@ async fn a_burst_of_rows_and_messages_survives_kill_9_exactly_once_in_order() ->
     }
     relay.kill_9().await
 }
+
+#[tokio::test]
+async fn without_a_table_only_messages_are_relayed() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let publication = format!("{}_pub", db.slot_name());
+    let relay = start(relay_config(
+        &db.url,
+        &db.slot_name(),
+        &topic,
+        &kafka_bootstrap(),
+        &["--table", "", "--publication", &publication],
+    ))
+    .await;
+    let c = db.connect().await?;
+    let published: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?
+        .get(0);
+    assert_eq!(published, 0, "a publication of no table");
+    // The outbox table exists in the test database, but is not relayed.
+    crate::common::insert_event(&c, 7, "AsRow").await?;
+    c.execute(EMIT, &[&7i64, &3i32]).await?;
+    let records = TopicReader::new(&kafka_bootstrap(), &topic, true)?
+        .read_at_least(3, Duration::from_secs(30), Duration::from_secs(2))
+        .await?;
+    let types: Vec<&str> = records
+        .iter()
+        .map(|r| header_of(r, header::EVENT_TYPE))
+        .collect();
+    assert_eq!(types, ["E", "E", "E"], "the messages, not the row");
+    relay.stop().await?;
+
+    // Retention deletes rows: without a table it is refused at start.
+    let refused = relay::pipeline::run(
+        relay_config(
+            &db.url,
+            &db.slot_name(),
+            &topic,
+            &kafka_bootstrap(),
+            &["--table", "", "--retention", "1h"],
+        ),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect_err("refused");
+    assert!(refused.to_string().contains("no outbox table"), "{refused}");
+    Ok(())
+}

@@ -67,7 +67,7 @@ async fn drop_slots(db: &TestDb, slots: &[&str]) -> anyhow::Result<()> {
 async fn start_stream(db: &TestDb, slot: &str) -> anyhow::Result<ReplicationStream> {
     let client = db.connect().await?;
     let mut conn = ReplicationConnection::connect(&superuser(db)?).await?;
-    ensure_publication(&client, PUBLICATION, "outbox").await?;
+    ensure_publication(&client, PUBLICATION, Some("outbox")).await?;
     prepare_slot(&client, &mut conn, slot).await?;
     Ok(conn.start_replication(slot, Lsn::ZERO, PUBLICATION).await?)
 }
@@ -440,8 +440,8 @@ async fn ensure_publication_creates_a_missing_one() -> anyhow::Result<()> {
     let client = db.connect().await?;
     client.batch_execute("DROP PUBLICATION outbox_pub").await?;
 
-    ensure_publication(&client, PUBLICATION, "public.outbox").await?;
-    ensure_publication(&client, PUBLICATION, "outbox").await?; // exists: left alone
+    ensure_publication(&client, PUBLICATION, Some("public.outbox")).await?;
+    ensure_publication(&client, PUBLICATION, Some("outbox")).await?; // exists: left alone
     let row = client
         .query_one(
             "SELECT p.pubinsert, p.pubupdate, p.pubdelete,
@@ -458,7 +458,7 @@ async fn ensure_publication_creates_a_missing_one() -> anyhow::Result<()> {
 
     // Names are quoted, not interpolated.
     let odd = "Odd \"pub\"; --";
-    ensure_publication(&client, odd, "outbox").await?;
+    ensure_publication(&client, odd, Some("outbox")).await?;
     let n: i64 = client
         .query_one(
             "SELECT count(*) FROM pg_publication WHERE pubname = $1",
@@ -468,7 +468,7 @@ async fn ensure_publication_creates_a_missing_one() -> anyhow::Result<()> {
         .get(0);
     ensure!(n == 1);
 
-    let err = ensure_publication(&client, "p2", "no_such_table")
+    let err = ensure_publication(&client, "p2", Some("no_such_table"))
         .await
         .err()
         .context("published a missing table")?;
@@ -485,7 +485,7 @@ async fn ensure_publication_creates_a_missing_one() -> anyhow::Result<()> {
         url.host, url.port, url.dbname
     ))
     .await?;
-    let err = ensure_publication(&unprivileged, "p3", "outbox")
+    let err = ensure_publication(&unprivileged, "p3", Some("outbox"))
         .await
         .err()
         .context("unprivileged role created a publication")?;
