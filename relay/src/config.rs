@@ -143,6 +143,15 @@ pub struct Config {
     #[arg(long, env = "RELAY_LEASE", default_value = "30s", value_parser = parse_duration)]
     pub lease: Duration,
 
+    /// Stall detection: with records waiting for Kafka and no
+    /// acknowledgement for this long while Postgres still talks to the
+    /// relay, `/healthz` turns unhealthy, `relay_stalls_total` counts it and
+    /// the session restarts with a new producer (what was not acknowledged is
+    /// replayed, nothing lost or, exactly-once, written twice); healthy again
+    /// at the next acknowledgement. 0 disables.
+    #[arg(long, env = "RELAY_STALL_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
+
     /// How often to write a heartbeat (a logical decoding message) so the
     /// slot advances while the outbox is idle; 0 disables.
     #[arg(long, env = "RELAY_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]

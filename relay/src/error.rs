@@ -119,6 +119,12 @@ pub enum RelayError {
     /// `--retention` with `--table ''`. Definite.
     #[error("--retention deletes outbox rows, but there is no outbox table (--table ''); leave --retention unset")]
     RetentionWithoutTable,
+    #[error("stalled: {in_flight} records waited {waited:?} for Kafka with no acknowledgement (--stall-timeout {timeout:?}); restarting the session with a new producer")]
+    Stalled {
+        waited: Duration,
+        timeout: Duration,
+        in_flight: usize,
+    },
     #[error("no message from Postgres for {0:?} (--lease): stopped producing and dropped the queue, so that a relay taking over the slot cannot be overtaken by this one")]
     LeaseExpired(Duration),
     #[error("cannot listen for HTTP on {addr}")]
@@ -140,6 +146,7 @@ impl RelayError {
             RelayError::Delivery(_)
             | RelayError::ProducerFatal(_)
             | RelayError::LeaseExpired(_)
+            | RelayError::Stalled { .. }
             | RelayError::KafkaTransaction(_)
             | RelayError::PartialTransaction { .. } => true,
             RelayError::Decode(_)

@@ -1,9 +1,11 @@
 //! The relay's HTTP endpoints on port 9101: `/metrics` (Prometheus text),
-//! `/healthz` (200 while the relay is running, not failed and its slot
-//! retains less WAL than `--max-retained-wal`; else 503 and why) and `/status`
+//! `/healthz` (200 while the relay is running, not failed, not stalled
+//! (`--stall-timeout`) and its slot retains less WAL than
+//! `--max-retained-wal`; else 503 and why) and `/status`
 //! (JSON: slot, state, received/confirmed LSN, lag in bytes and seconds).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
@@ -59,6 +61,8 @@ pub struct Status {
     /// Why `/healthz` reports unhealthy while running (retained WAL above
     /// `--max-retained-wal`), if it does.
     pub health_problem: Option<String>,
+    /// The stall `/healthz` reports until Kafka acknowledges again.
+    pub stall: Option<String>,
 }
 
 fn as_text<S: serde::Serializer>(lsn: &Lsn, s: S) -> Result<S::Ok, S::Error> {
@@ -70,6 +74,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub status: Mutex<Status>,
     http_addr: Mutex<Option<SocketAddr>>,
+    /// `status.stall` is set (read on every acknowledgement, without the lock).
+    stalled: AtomicBool,
 }
 
 impl Shared {
@@ -90,9 +96,26 @@ impl Shared {
                 in_flight_records: 0,
                 last_error: None,
                 health_problem: None,
+                stall: None,
             }),
             http_addr: Mutex::new(None),
+            stalled: AtomicBool::new(false),
         })
+    }
+
+    /// Marks the relay stalled (see `--stall-timeout`) until
+    /// [`Shared::clear_stall`].
+    pub fn set_stall(&self, why: String) {
+        self.stalled.store(true, Ordering::Relaxed);
+        self.update(|s| s.stall = Some(why));
+    }
+
+    /// Kafka acknowledged a record: not stalled (any more).
+    pub fn clear_stall(&self) {
+        if self.stalled.swap(false, Ordering::Relaxed) {
+            tracing::info!("Kafka acknowledges records again; no longer stalled");
+            self.update(|s| s.stall = None);
+        }
     }
 
     /// Applies `f` to the status. A poisoned lock (a panic while updating)
@@ -151,6 +174,11 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let status = shared.snapshot();
     if status.state == RelayState::Failed {
         (StatusCode::SERVICE_UNAVAILABLE, "failed\n".to_owned())
+    } else if let Some(stall) = status.stall {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {stall}\n"),
+        )
     } else if let Some(problem) = status.health_problem {
         (
             StatusCode::SERVICE_UNAVAILABLE,

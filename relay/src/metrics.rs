@@ -26,6 +26,7 @@ pub const OUTBOX_ROWS_DELETED: &str = "relay_outbox_rows_deleted";
 pub const OUTBOX_OLDEST_ROW_AGE_SECONDS: &str = "relay_outbox_oldest_row_age_seconds";
 pub const RETENTION_SECONDS: &str = "relay_retention_seconds";
 pub const MESSAGES_REFUSED: &str = "relay_messages_refused";
+pub const STALLS: &str = "relay_stalls";
 
 /// The values of `relay_role`'s `role` label.
 pub const ROLES: [&str; 2] = ["active", "standby"];
@@ -79,6 +80,9 @@ pub struct Metrics {
     pub retention_seconds: Gauge<f64, AtomicU64>,
     /// Event messages not produced as events, by reason (see `message`).
     pub messages_refused: Family<ReasonLabel, Counter>,
+    /// Sessions restarted because Kafka acknowledged nothing for
+    /// `--stall-timeout` while records waited.
+    pub stalls: Counter,
 }
 
 impl Metrics {
@@ -192,9 +196,16 @@ impl Metrics {
             "Event messages (--message-prefix) not produced as events: malformed (dead-lettered instead) or non_transactional (skipped)",
             messages_refused.clone(),
         );
+        let stalls = Counter::default();
+        registry.register(
+            STALLS,
+            "Sessions restarted because records waited --stall-timeout for Kafka with no acknowledgement",
+            stalls.clone(),
+        );
         Metrics {
             registry,
             messages_refused,
+            stalls,
             role,
             outbox_rows_deleted,
             outbox_oldest_row_age_seconds,

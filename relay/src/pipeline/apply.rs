@@ -102,6 +102,8 @@ impl Session<'_> {
                         return Err(RelayError::ProducerFatal("delivery reports ended".into()));
                     };
                     apply_report(self.shared, &mut st.cp, report, !sink.transactional())?;
+                    st.last_ack = tokio::time::Instant::now();
+                    self.shared.clear_stall();
                     self.send_held(sink, st)?;
                 }
                 _ = &mut confirm_timer, if st.confirm_armed => {
@@ -126,6 +128,12 @@ impl Session<'_> {
                             sink.purge();
                             return Err(RelayError::LeaseExpired(lease));
                         }
+                    }
+                    if let Some(stalled) = self.stalled(sink, st) {
+                        // Postgres talks, Kafka does not acknowledge: a new
+                        // session and producer; what waited is replayed.
+                        sink.purge();
+                        return Err(stalled);
                     }
                     self.confirm_if_moved(stream, st, true).await?;
                     self.publish_status(sink, st);
@@ -449,6 +457,26 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// A stall: records wait for Kafka and none was acknowledged for
+    /// `--stall-timeout`. Marks `/healthz` unhealthy and counts it.
+    fn stalled<S: Sink>(&self, sink: &S, st: &StreamState) -> Option<RelayError> {
+        let timeout = self.cfg.stall_timeout;
+        let in_flight = sink.in_flight() + st.held.len();
+        let waited = st.last_ack.elapsed();
+        if timeout.is_zero() || in_flight == 0 || waited < timeout {
+            return None;
+        }
+        let error = RelayError::Stalled {
+            waited,
+            timeout,
+            in_flight,
+        };
+        tracing::error!(error = %error, "relay stalled");
+        self.shared.metrics.stalls.inc();
+        self.shared.set_stall(error.to_string());
+        Some(error)
+    }
+
     pub(super) async fn confirm_if_moved<W: WalSource>(
         &self,
         stream: &mut W,
@@ -494,6 +522,10 @@ pub(super) struct StreamState {
     pub(super) confirm_armed: bool,
     /// When the server last sent anything (for the lease).
     pub(super) last_contact: Instant,
+    /// When Kafka last acknowledged a record, or the session began (for
+    /// stall detection).
+    /// (tokio's clock, which tests can pause)
+    pub(super) last_ack: tokio::time::Instant,
     /// With --kafka-transactions: the open Kafka transaction.
     pub(super) kbatch: Option<KafkaBatch>,
     pub(super) received: Lsn,

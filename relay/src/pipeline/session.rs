@@ -217,6 +217,7 @@ impl Session<'_> {
             last_sent: slot_confirmed,
             confirm_armed: false,
             last_contact: Instant::now(),
+            last_ack: tokio::time::Instant::now(),
             kbatch: None,
             received: slot_confirmed,
         };

@@ -97,7 +97,9 @@ pub(super) async fn supervise(
             Err(e) if e.is_transient() => {
                 if matches!(
                     e,
-                    RelayError::ProducerFatal(_) | RelayError::LeaseExpired(_)
+                    RelayError::ProducerFatal(_)
+                        | RelayError::LeaseExpired(_)
+                        | RelayError::Stalled { .. }
                 ) {
                     // A new producer: the old one's queue was purged.
                     sink = None;

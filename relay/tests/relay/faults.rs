@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::{
-    assert_commit_order, current_wal_lsn, event_id, insert_batch, insert_event, outbox_ids,
-    read_until_all, relay_args, relay_config, slot_confirmed, spawn_writer, start, RelayProcess,
+    assert_commit_order, current_wal_lsn, event_id, http_get, insert_batch, insert_event,
+    outbox_ids, read_until_all, relay_args, relay_config, slot_confirmed, spawn_writer, start,
+    RelayProcess,
 };
 use devstack::cluster::PgCluster;
 use devstack::testing::{create_topic, kafka_bootstrap, wait_for, TestDb};
@@ -266,6 +267,70 @@ async fn broker_down_holds_confirmation_then_recovers() -> anyhow::Result<()> {
                 .await?
                 .filter(|l| *l >= end))
         },
+    )
+    .await?;
+    relay.stop().await
+}
+
+#[tokio::test]
+async fn a_stall_turns_healthz_unhealthy_restarts_the_session_and_clears() -> anyhow::Result<()> {
+    let (mock, db, topic) = mock_setup(2).await?;
+    let bootstrap = mock.bootstrap_servers();
+    let relay = start(relay_config(
+        &db.url,
+        &db.slot_name(),
+        &topic,
+        &bootstrap,
+        &["--stall-timeout", "2s"],
+    ))
+    .await;
+    let addr = relay.shared.http_addr().expect("http listening");
+    let c = db.connect().await?;
+    for u in 0..5 {
+        insert_event(&c, u, "Before").await?;
+    }
+    read_until_all(
+        &bootstrap,
+        &topic,
+        &outbox_ids(&c).await?,
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!(http_get(addr, "/healthz").await?, "ok\n");
+
+    // Postgres keeps talking; Kafka acknowledges nothing.
+    mock.broker_down(1)?;
+    for u in 0..20 {
+        insert_event(&c, u, "During").await?;
+    }
+    let health = wait_for(
+        "/healthz to report the stall",
+        Duration::from_secs(30),
+        || async {
+            let body = http_get(addr, "/healthz").await?;
+            Ok(body.contains("stalled").then_some(body))
+        },
+    )
+    .await?;
+    assert!(health.starts_with("unhealthy: stalled: "), "{health}");
+    assert!(health.contains("--stall-timeout 2s"), "{health}");
+    assert!(relay.shared.metrics.stalls.get() >= 1);
+    let metrics = http_get(addr, "/metrics").await?;
+    assert!(metrics.contains("relay_stalls_total "), "{metrics}");
+
+    mock.broker_up(1)?;
+    let expected = outbox_ids(&c).await?;
+    let records = read_until_all(&bootstrap, &topic, &expected, Duration::from_secs(60)).await?;
+    assert_eq!(
+        records.len(),
+        25,
+        "each event once after the restarted session"
+    );
+    assert_commit_order(&records);
+    wait_for(
+        "/healthz healthy again",
+        Duration::from_secs(30),
+        || async { Ok((http_get(addr, "/healthz").await? == "ok\n").then_some(())) },
     )
     .await?;
     relay.stop().await

@@ -247,6 +247,10 @@ pub(super) struct MemorySink {
     pub(super) accepted: usize,
     pub(super) transactional: bool,
     pub(super) open: Option<Vec<OutboxRecord>>,
+    /// Takes records and never reports on them (a stalled Kafka).
+    pub(super) silent: bool,
+    /// Each report comes this long after the one before.
+    pub(super) report_every: Duration,
 }
 
 impl MemorySink {
@@ -275,6 +279,8 @@ impl MemorySink {
             accepted: 0,
             transactional: false,
             open: None,
+            silent: false,
+            report_every: Duration::ZERO,
         }
     }
 }
@@ -331,6 +337,11 @@ impl Sink for MemorySink {
     }
 
     async fn next_report(&mut self) -> Option<DeliveryReport> {
+        if self.silent || self.queue.is_empty() {
+            return std::future::pending().await;
+        }
+        // Cancel-safe: the record leaves the queue only after the wait.
+        tokio::time::sleep(self.report_every).await;
         let Some((record, txn)) = self.queue.pop_front() else {
             return std::future::pending().await;
         };
@@ -460,6 +471,7 @@ pub(super) async fn run_loop(
         last_sent: Lsn::ZERO,
         confirm_armed: false,
         last_contact: Instant::now(),
+        last_ack: tokio::time::Instant::now(),
         kbatch: None,
         received: Lsn::ZERO,
     };

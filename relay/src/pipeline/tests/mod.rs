@@ -210,3 +210,66 @@ async fn with_kafka_transactions_a_partly_written_transaction_is_read_again() {
     assert!(err.is_transient());
     assert!(log.lock().unwrap().visible.is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn records_unacknowledged_for_the_stall_timeout_restart_the_session() {
+    let txns = txns(5, 2);
+    let last = txns.last().unwrap().end_lsn();
+    let (log, mut sink) = MemorySink::with_log();
+    sink.silent = true;
+    let started = tokio::time::Instant::now();
+    let run = run_loop(
+        script(&txns, false),
+        last,
+        &mut sink,
+        orders(),
+        &["--stall-timeout", "5s"],
+    )
+    .await;
+    let err = run.result.expect_err("a stall ends the session");
+    assert!(
+        matches!(err, RelayError::Stalled { in_flight: 10, .. }) && err.is_transient(),
+        "{err:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited <= Duration::from_secs(7),
+        "{waited:?}"
+    );
+    assert!(log.lock().unwrap().visible.is_empty());
+    assert_eq!(confirmed(&run.statuses), Lsn::ZERO, "nothing confirmed");
+    assert!(sink.queue.is_empty(), "the producer's queue was purged");
+    assert_eq!(run.shared.metrics.stalls.get(), 1);
+    let stall = run
+        .shared
+        .snapshot()
+        .stall
+        .expect("/healthz reports the stall");
+    assert!(stall.contains("10 records"), "{stall}");
+    // The next acknowledgement (of a later session) clears it.
+    run.shared.clear_stall();
+    assert_eq!(run.shared.snapshot().stall, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_acknowledgements_are_no_stall() {
+    // An acknowledgement every 700 ms: the session lasts 140 s, over a
+    // timeout of 1 s, yet acknowledgements keep coming.
+    let txns = txns(200, 1);
+    let last = txns.last().unwrap().end_lsn();
+    let (log, mut sink) = MemorySink::with_log();
+    sink.report_every = Duration::from_millis(700);
+    let started = tokio::time::Instant::now();
+    let run = run_loop(
+        script(&txns, false),
+        last,
+        &mut sink,
+        orders(),
+        &["--stall-timeout", "1s"],
+    )
+    .await;
+    run.result.expect("no stall");
+    assert!(started.elapsed() >= Duration::from_secs(140));
+    assert_eq!(log.lock().unwrap().visible.len(), 200);
+    assert_eq!(run.shared.metrics.stalls.get(), 0);
+}
