@@ -1,18 +1,26 @@
-//! Bursts, end to end on the test stack: 20,000 `OrderCreated` rows
-//! committed in one Postgres transaction → the relay binary →
-//! a 12-partition topic on Apache Kafka, in multi-record batches → the
-//! notifier binary (a child process, so it can be killed) → an SMTP server
-//! that records every email it accepts.
+//! Bursts, end to end on the test stack: order events written to Postgres
+//! → the relay binary → a 12-partition topic on Apache Kafka, in
+//! multi-record batches → the notifier binary (a child process, so it can
+//! be killed) → an SMTP server that records every email it accepts.
 //!
-//! The burst is 5,000 orders of 997 customers, each order four events in a
-//! row (created, paid, shipped, delivered), so a partition's window of
-//! records in flight often holds several events of one customer or order.
+//! Two sources of events ([`Source`]):
+//! - 20,000 `OrderCreated` rows committed in one Postgres transaction: 5,000
+//!   orders of 997 customers, each order four events in a row (created,
+//!   paid, shipped, delivered), so a partition's window of records in flight
+//!   often holds several events of one customer or order;
+//! - 1,000 orders of 250 customers created over HTTP by the order-api
+//!   binary, half of them then paid (1,500 events), with `--outbox-mode
+//!   table` (outbox rows) or `--outbox-mode message` (the table-less outbox
+//!   of issue #18: each event a `pg_logical_emit_message`, no row). The
+//!   events written are read back where they are: the `outbox` table, or
+//!   the WAL through a `test_decoding` slot of the test's own.
 //!
-//! Counted at the far end: one `notifier_inbox` row per event, one email
-//! per event (by its `X-Outbox-Event-Id`), every record of the topic read
-//! back; and order: each customer's (the record key's) and each order's
-//! emails reached the server in event order (a resend after a kill -9
-//! aside: the first arrival of each event counts). And while the burst runs, a sampler reads the group's committed
+//! Counted at the far end: one `notifier_inbox` row per event written (its
+//! id and type), one email per event (by its `X-Outbox-Event-Id`), every
+//! record of the topic read back; and order: each customer's (the record
+//! key's) and each order's emails reached the server in event order (a
+//! resend after a kill -9 aside: the first arrival of each event counts).
+//! And while the burst runs, a sampler reads the group's committed
 //! offsets every 200 ms and then the inbox: every record below a committed
 //! offset must already have its inbox row (the committed offset never
 //! passes an unhandled record). Rows are never deleted, so a row missing
@@ -25,28 +33,78 @@
 //! inbox rows and emails are missing and the sampler finds committed
 //! offsets past unhandled records.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::{unique_domain, FakeSmtp};
+use crate::common::{free_port, unique_domain, FakeSmtp};
 use anyhow::Context;
 use devstack::bench::RelayProcess;
 use devstack::kafka::TopicReader;
 use devstack::testing::{
-    create_topic, kafka_bootstrap, unique_name, wait_for, workspace_binary, TestDb,
+    create_topic, kafka_bootstrap, unique_name, wait_for, workspace_binary, Captured, TestDb,
 };
+use futures_util::{StreamExt, TryStreamExt};
 use outbox_record::header;
+use serde_json::{json, Value};
 
+/// The events of [`Source::Sql`].
 const EVENTS: i64 = 20_000;
+/// [`Source::OrderApi`]: customers, each creating this many orders and
+/// paying every other one.
+const CUSTOMERS: i64 = 250;
+const ORDERS_PER_CUSTOMER: i64 = 4;
+const ORDERS: i64 = CUSTOMERS * ORDERS_PER_CUSTOMER;
+/// HTTP clients at once (customers served concurrently), and order-api's
+/// `--pool-size`: no request waits for a connection.
+const CLIENTS: usize = 24;
 const PARTITIONS: i32 = 12;
 /// The notifier's `--inbox-connections`: the records in flight at once.
 const IN_FLIGHT: usize = 32;
 
+/// Where a burst's events come from.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    /// [`EVENTS`] outbox rows committed in one transaction ([`commit_burst`]).
+    Sql,
+    /// [`ORDERS`] orders created over HTTP by the order-api binary with this
+    /// outbox mode, half of them then paid ([`order_burst`]).
+    OrderApi(OutboxMode),
+}
+
+/// order-api's `--outbox-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OutboxMode {
+    /// An `outbox` row per event.
+    Table,
+    /// A transactional logical decoding message per event, no row.
+    Message,
+}
+
+impl OutboxMode {
+    fn flag(self) -> &'static str {
+        match self {
+            OutboxMode::Table => "table",
+            OutboxMode::Message => "message",
+        }
+    }
+}
+
+impl Source {
+    /// How many events the source writes.
+    fn events(self) -> i64 {
+        match self {
+            Source::Sql => EVENTS,
+            Source::OrderApi(_) => ORDERS + ORDERS / 2,
+        }
+    }
+}
+
 /// The relay binary (built beside this test), streaming the test
-/// database's outbox into `topic`; killed when dropped.
+/// database's outbox (rows and messages, its defaults) into `topic`;
+/// killed when dropped.
 async fn start_relay(db: &TestDb, topic: &str) -> anyhow::Result<RelayProcess> {
     let bin = workspace_binary("relay")?;
     let slot = db.slot_name();
@@ -93,22 +151,221 @@ async fn commit_burst(db: &TestDb, domain: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every customer's and every order's emails, by first arrival at the
-/// server, in event (outbox id) order; returns the violations.
-async fn out_of_order(
-    client: &tokio_postgres::Client,
-    arrivals: &[i64],
-) -> anyhow::Result<Vec<String>> {
+/// The order-api binary on the test database, writing its events as `mode`
+/// says.
+struct OrderApi {
+    process: Captured,
+    url: String,
+}
+
+impl OrderApi {
+    async fn start(db: &TestDb, mode: OutboxMode) -> anyhow::Result<OrderApi> {
+        let port = free_port()?;
+        let mut cmd = tokio::process::Command::new(workspace_binary("order-api")?);
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database-url", &db.url])
+            .args(["--outbox-mode", mode.flag()])
+            .args(["--pool-size", &CLIENTS.to_string()])
+            // Opening the pool's connections at once (TLS, SCRAM) can take
+            // a debug build more than the default 2 s on a busy machine;
+            // this test is about the events, not load shedding.
+            .args(["--pool-timeout", "30s", "--request-timeout", "30s"])
+            .env("RUST_LOG", "warn");
+        let process = Captured::spawn(cmd)?;
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        wait_for("order-api to be ready", Duration::from_secs(60), || async {
+            let ready = http.get(format!("{url}/readyz")).send().await;
+            Ok(ready.is_ok_and(|r| r.status().is_success()).then_some(()))
+        })
+        .await
+        .with_context(|| process.stderr())?;
+        Ok(OrderApi { process, url })
+    }
+}
+
+/// `POST` `body` to `url`; the JSON answer if its status is `expect`.
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    expect: u16,
+) -> anyhow::Result<Value> {
+    let resp = http.post(url).json(body).send().await?;
+    let status = resp.status().as_u16();
+    let text = resp.text().await?;
+    anyhow::ensure!(status == expect, "POST {url}: {status} {text}");
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// The burst over HTTP: [`CUSTOMERS`] customers, [`CLIENTS`] at a time,
+/// each sending its requests one after the other as one client would —
+/// create an order, create the next, pay the first, and so on — so that
+/// each customer's events are committed in event id order. Returns every
+/// order created and whether it was paid; counts the requests answered in
+/// `answered`.
+async fn order_burst(
+    url: String,
+    domain: String,
+    answered: Arc<AtomicUsize>,
+) -> anyhow::Result<Vec<(i64, bool)>> {
+    let began = Instant::now();
+    let http = reqwest::Client::new();
+    let (http, url, domain, answered) = (&http, url.as_str(), domain.as_str(), &answered);
+    let create = move |user: i64| async move {
+        let order = post(
+            http,
+            &format!("{url}/orders"),
+            &json!({
+                "user_id": user, "email": format!("c{user}@{domain}"), "currency": "EUR",
+                "items": [{"sku": "A-1", "quantity": 2, "unit_price_cents": 1999}],
+            }),
+            201,
+        )
+        .await?;
+        answered.fetch_add(1, Ordering::SeqCst);
+        order["id"].as_i64().context("the created order has no id")
+    };
+    let pay = move |order: i64| async move {
+        post(
+            http,
+            &format!("{url}/orders/{order}/status"),
+            &json!({"status": "PAID"}),
+            200,
+        )
+        .await?;
+        answered.fetch_add(1, Ordering::SeqCst);
+        anyhow::Ok(())
+    };
+    let per_customer: Vec<Vec<(i64, bool)>> = futures_util::stream::iter(1..=CUSTOMERS)
+        .map(|user| async move {
+            let mut orders = Vec::new();
+            for _ in 0..ORDERS_PER_CUSTOMER / 2 {
+                let paid = create(user).await?;
+                let unpaid = create(user).await?;
+                pay(paid).await?;
+                orders.extend([(paid, true), (unpaid, false)]);
+            }
+            anyhow::Ok(orders)
+        })
+        .buffer_unordered(CLIENTS)
+        .try_collect()
+        .await?;
+    println!(
+        "{} requests answered in {:.1} s",
+        answered.load(Ordering::SeqCst),
+        began.elapsed().as_secs_f64()
+    );
+    Ok(per_customer.into_iter().flatten().collect())
+}
+
+/// A temporary `test_decoding` slot on the test's database, created before
+/// the events are written: it decodes every change committed after, as the
+/// relay's slot does — here, to read the events written as messages.
+/// Temporary, so it goes with its connection whatever the test's outcome.
+struct Wal {
+    client: tokio_postgres::Client,
+    slot: String,
+}
+
+impl Wal {
+    async fn watch(db: &TestDb) -> anyhow::Result<Wal> {
+        let client = db.connect().await?;
+        let slot = format!("{}_check", db.slot_name());
+        client
+            .query_one(
+                "SELECT pg_create_logical_replication_slot($1, 'test_decoding', true)",
+                &[&slot],
+            )
+            .await
+            .context("creating the test_decoding slot")?;
+        Ok(Wal { client, slot })
+    }
+
+    /// The contents of the `outbox` messages committed since [`Wal::watch`],
+    /// in commit order, as `test_decoding` prints them
+    /// (`message: transactional: 1 prefix: outbox, sz: 42 content:{...}`);
+    /// fails on a non-transactional one.
+    async fn outbox_messages(&self) -> anyhow::Result<Vec<Value>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL)",
+                &[&self.slot],
+            )
+            .await?;
+        let mut contents = Vec::new();
+        for row in &rows {
+            let line: &str = row.get(0);
+            let Some(rest) = line.strip_prefix("message: transactional: ") else {
+                continue;
+            };
+            let parsed = rest.split_once(" prefix: ").and_then(|(tx, rest)| {
+                let (prefix, rest) = rest.split_once(", sz: ")?;
+                let (_, content) = rest.split_once(" content:")?;
+                Some((tx, prefix, content))
+            });
+            let (transactional, prefix, content) =
+                parsed.with_context(|| format!("unexpected test_decoding line: {line}"))?;
+            if prefix != "outbox" {
+                continue;
+            }
+            anyhow::ensure!(transactional == "1", "non-transactional event: {line}");
+            contents.push(serde_json::from_str(content).with_context(|| line.to_owned())?);
+        }
+        Ok(contents)
+    }
+}
+
+/// One event as written: an `outbox` row or an `outbox` message.
+#[derive(Debug)]
+struct Written {
+    id: i64,
+    user_id: i64,
+    order_id: i64,
+    event_type: String,
+}
+
+/// The events in the `outbox` table, by id.
+async fn outbox_rows(client: &tokio_postgres::Client) -> anyhow::Result<Vec<Written>> {
     let rows = client
         .query(
-            "SELECT id, user_id, (payload->>'order_id')::bigint FROM outbox",
+            "SELECT id, user_id, (payload->>'order_id')::bigint, event_type FROM outbox ORDER BY id",
             &[],
         )
         .await?;
-    let owner: HashMap<i64, (i64, i64)> = rows
+    Ok(rows
         .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
+        .map(|r| Written {
+            id: r.get(0),
+            user_id: r.get(1),
+            order_id: r.get(2),
+            event_type: r.get(3),
+        })
+        .collect())
+}
+
+/// The event of one `outbox` message's content (order-api's fields).
+fn written_message(content: &Value) -> anyhow::Result<Written> {
+    let int = |v: &Value| {
+        v.as_i64()
+            .with_context(|| format!("not an integer in {content}"))
+    };
+    Ok(Written {
+        id: int(&content["id"])?,
+        user_id: int(&content["user_id"])?,
+        order_id: int(&content["payload"]["order_id"])?,
+        event_type: content["event_type"]
+            .as_str()
+            .with_context(|| format!("no event_type in {content}"))?
+            .to_owned(),
+    })
+}
+
+/// Every customer's and every order's emails, by first arrival at the
+/// server, in event (outbox id) order; returns the violations. `owner`:
+/// each event's customer and order.
+fn out_of_order(owner: &HashMap<i64, (i64, i64)>, arrivals: &[i64]) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
     let mut last_of_user: HashMap<i64, i64> = HashMap::new();
     let mut last_of_order: HashMap<i64, i64> = HashMap::new();
@@ -117,7 +374,10 @@ async fn out_of_order(
         if !seen.insert(*id) {
             continue; // a resend after a kill -9
         }
-        let (user, order) = owner[id];
+        let Some(&(user, order)) = owner.get(id) else {
+            violations.push(format!("event {id} was emailed but never written"));
+            continue;
+        };
         for (what, whose, last) in [
             ("customer", user, &mut last_of_user),
             ("order", order, &mut last_of_order),
@@ -131,7 +391,12 @@ async fn out_of_order(
             }
         }
     }
-    Ok(violations)
+    violations
+}
+
+/// Up to five of `ids`, for a message.
+fn some(ids: &[i64]) -> &[i64] {
+    &ids[..ids.len().min(5)]
 }
 
 /// The notifier binary as a child process.
@@ -276,16 +541,25 @@ struct Outcome {
     restarts: usize,
 }
 
-/// Commits the burst, runs the notifier (disrupted as asked) until every
-/// event has its inbox row, and checks inbox, topic, committed offsets and
-/// the sampler. Returns the emails for the caller's own checks.
-async fn burst(disruptions: &[Disruption]) -> anyhow::Result<Outcome> {
+/// Writes the burst from `source`, runs the notifier (disrupted as asked)
+/// until every event has its inbox row, and checks the events written,
+/// inbox, topic, committed offsets, the sampler, the emails and their
+/// order. Returns the emails for the caller's own checks.
+async fn burst(source: Source, disruptions: &[Disruption]) -> anyhow::Result<Outcome> {
+    let events = source.events();
     let db = TestDb::create().await?;
     let topic = create_topic(PARTITIONS).await?;
     let group = unique_name("burst");
     let domain = unique_domain();
     let smtp = FakeSmtp::start("250 ok", 0).await?;
     let mut relay = start_relay(&db, &topic).await?;
+    let (mut api, wal) = match source {
+        Source::Sql => (None, None),
+        Source::OrderApi(mode) => {
+            let wal = Wal::watch(&db).await?;
+            (Some(OrderApi::start(&db, mode).await?), Some(wal))
+        }
+    };
 
     let client = db.connect().await?;
     let stop_sampler = Arc::new(AtomicBool::new(false));
@@ -297,8 +571,22 @@ async fn burst(disruptions: &[Disruption]) -> anyhow::Result<Outcome> {
     );
     let mut spawned = 0;
     let mut notifier = Notifier::spawn(&db, &topic, &group, &smtp.url, spawned)?;
-    commit_burst(&db, &domain).await?;
     let started = Instant::now();
+    // The SQL burst is committed at once; the HTTP requests run in the
+    // background (one request, one event), the disruptions waiting on the
+    // notifier's progress only.
+    let answered = Arc::new(AtomicUsize::new(0));
+    let requests = match &api {
+        None => {
+            commit_burst(&db, &domain).await?;
+            None
+        }
+        Some(api) => Some(tokio::spawn(order_burst(
+            api.url.clone(),
+            domain.clone(),
+            answered.clone(),
+        ))),
+    };
 
     let mut restarts = 0;
     for d in disruptions {
@@ -321,6 +609,7 @@ async fn burst(disruptions: &[Disruption]) -> anyhow::Result<Outcome> {
         }
         let restarted = Instant::now();
         let handled = inbox_count(&client).await?;
+        let answered_then = answered.load(Ordering::SeqCst);
         spawned += 1;
         restarts += 1;
         notifier = Notifier::spawn(&db, &topic, &group, &smtp.url, spawned)?;
@@ -333,21 +622,37 @@ async fn burst(disruptions: &[Disruption]) -> anyhow::Result<Outcome> {
         .await
         .with_context(|| notifier.tail())?;
         println!(
-            "{} at {handled} handled events; the new process handled its first event {:.1} s after the restart",
+            "{} at {handled} handled events{}; the new process handled its first event {:.1} s after the restart",
             if kill { "kill -9" } else { "SIGTERM" },
+            if requests.is_some() {
+                format!(" ({answered_then} of {events} requests answered)")
+            } else {
+                String::new()
+            },
             restarted.elapsed().as_secs_f64()
         );
     }
 
+    // Every order the requests created, and whether it was paid.
+    let orders = match requests {
+        None => None,
+        Some(task) => {
+            let orders = task.await?.with_context(|| {
+                let api = api.as_ref().map(|a| a.process.stderr());
+                format!("order-api log:\n{}", api.unwrap_or_default())
+            })?;
+            Some(orders)
+        }
+    };
     wait_for(
         "every event's inbox row",
         Duration::from_secs(600),
-        || async { Ok((inbox_count(&client).await? >= EVENTS).then_some(())) },
+        || async { Ok((inbox_count(&client).await? >= events).then_some(())) },
     )
     .await
     .with_context(|| format!("notifier log:\n{}", notifier.tail()))?;
     println!(
-        "{EVENTS} events handled {:.1} s after the commit",
+        "{events} events handled {:.1} s after the burst began",
         started.elapsed().as_secs_f64()
     );
     notifier.terminate().await?;
@@ -355,18 +660,101 @@ async fn burst(disruptions: &[Disruption]) -> anyhow::Result<Outcome> {
     let sampled = sampler.await??;
     relay.check_running()?;
     relay.kill().await?;
+    if let Some(api) = &mut api {
+        let (status, log) = api.process.terminate(Duration::from_secs(30)).await?;
+        anyhow::ensure!(status.success(), "order-api exited with {status}: {log}");
+    }
 
-    // The inbox: one row per outbox event, nothing else.
-    let missing: i64 = client
-        .query_one(
-            "SELECT count(*) FROM outbox o LEFT JOIN notifier_inbox i ON i.event_id = o.id
-             WHERE i.event_id IS NULL",
-            &[],
-        )
+    // The events written: outbox rows, or in message mode messages in the
+    // WAL and not a single row.
+    let rows = outbox_rows(&client).await?;
+    let messages = match &wal {
+        Some(wal) => wal.outbox_messages().await?,
+        None => Vec::new(),
+    };
+    match source {
+        Source::OrderApi(OutboxMode::Message) => {
+            assert_eq!(rows.len(), 0, "message mode wrote outbox rows");
+        }
+        Source::OrderApi(OutboxMode::Table) | Source::Sql => {
+            assert_eq!(messages.len(), 0, "table mode wrote outbox messages");
+        }
+    }
+    let mut written = rows;
+    for content in &messages {
+        written.push(written_message(content)?);
+    }
+    written.sort_by_key(|w| w.id);
+    assert_eq!(written.len() as i64, events, "events written");
+    let written_ids: Vec<i64> = written.iter().map(|w| w.id).collect();
+    let distinct: BTreeSet<i64> = written_ids.iter().copied().collect();
+    assert_eq!(distinct.len(), written.len(), "event ids written twice");
+    if let Some(orders) = &orders {
+        // One OrderCreated per order created, one OrderStatusChanged per
+        // order paid, and nothing else.
+        let mut expected: Vec<(i64, &str)> = Vec::new();
+        for (order, paid) in orders {
+            expected.push((*order, "OrderCreated"));
+            if *paid {
+                expected.push((*order, "OrderStatusChanged"));
+            }
+        }
+        let mut got: Vec<(i64, &str)> = written
+            .iter()
+            .map(|w| (w.order_id, w.event_type.as_str()))
+            .collect();
+        expected.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(expected.len() as i64, events, "requests answered");
+        let first_difference = expected.iter().zip(&got).find(|(e, g)| e != g);
+        assert!(
+            got == expected,
+            "the events written are not the orders' changes: first difference \
+             (expected, written) {first_difference:?}"
+        );
+    }
+
+    // The inbox: one row per event written, with its id and type, nothing
+    // else.
+    let inbox: BTreeMap<i64, String> = client
+        .query("SELECT event_id, event_type FROM notifier_inbox", &[])
         .await?
-        .get(0);
-    assert_eq!(missing, 0, "outbox events without an inbox row");
-    assert_eq!(inbox_count(&client).await?, EVENTS);
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let missing: Vec<i64> = written_ids
+        .iter()
+        .copied()
+        .filter(|id| !inbox.contains_key(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} events without an inbox row, e.g. {:?}",
+        missing.len(),
+        some(&missing)
+    );
+    let foreign: Vec<i64> = inbox
+        .keys()
+        .copied()
+        .filter(|id| !distinct.contains(id))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "{} inbox rows of events never written, e.g. {:?}",
+        foreign.len(),
+        some(&foreign)
+    );
+    let mistyped: Vec<i64> = written
+        .iter()
+        .filter(|w| inbox.get(&w.id) != Some(&w.event_type))
+        .map(|w| w.id)
+        .collect();
+    assert!(
+        mistyped.is_empty(),
+        "inbox rows with another event type, e.g. {:?}",
+        some(&mistyped)
+    );
+    assert_eq!(inbox_count(&client).await?, events);
 
     // The topic: every event once, offsets 0, 1, 2, … in each partition
     // (what the sampler's check relies on), spread over the partitions.
@@ -379,7 +767,11 @@ async fn burst(disruptions: &[Disruption]) -> anyhow::Result<Outcome> {
     }
     ids.sort_unstable();
     ids.dedup();
-    assert_eq!(ids.len() as i64, EVENTS, "distinct events in the topic");
+    assert_eq!(ids.len() as i64, events, "distinct events in the topic");
+    assert!(
+        ids == written_ids,
+        "the topic's event ids are not those written"
+    );
     assert_eq!(per_partition.len() as i32, PARTITIONS);
     for (p, offsets) in &per_partition {
         let expected: Vec<i64> = (0..offsets.len() as i64).collect();
@@ -413,11 +805,35 @@ async fn burst(disruptions: &[Disruption]) -> anyhow::Result<Outcome> {
     );
 
     let emails = smtp.emails_per_event();
-    let missing_emails = (1..=EVENTS).filter(|id| !emails.contains_key(id)).count();
-    assert_eq!(missing_emails, 0, "events without an email");
+    let missing_emails: Vec<i64> = written_ids
+        .iter()
+        .copied()
+        .filter(|id| !emails.contains_key(id))
+        .collect();
+    assert_eq!(
+        missing_emails.len(),
+        0,
+        "events without an email, e.g. {:?}",
+        some(&missing_emails)
+    );
+    let foreign_emails: Vec<i64> = emails
+        .keys()
+        .copied()
+        .filter(|id| !distinct.contains(id))
+        .collect();
+    assert_eq!(
+        foreign_emails.len(),
+        0,
+        "emails of events never written, e.g. {:?}",
+        some(&foreign_emails)
+    );
 
     // Order: each customer's and each order's emails in event order.
-    let violations = out_of_order(&client, &smtp.arrivals()).await?;
+    let owner: HashMap<i64, (i64, i64)> = written
+        .iter()
+        .map(|w| (w.id, (w.user_id, w.order_id)))
+        .collect();
+    let violations = out_of_order(&owner, &smtp.arrivals());
     assert!(
         violations.is_empty(),
         "{} emails out of event order, e.g. {:?}",
@@ -439,7 +855,7 @@ fn twice(emails: &HashMap<i64, usize>) -> Vec<i64> {
 
 #[tokio::test]
 async fn a_burst_of_20000_events_gets_20000_emails() -> anyhow::Result<()> {
-    let out = burst(&[Disruption::None]).await?;
+    let out = burst(Source::Sql, &[Disruption::None]).await?;
     assert_eq!(out.emails.len() as i64, EVENTS);
     assert_eq!(
         twice(&out.emails),
@@ -453,7 +869,7 @@ async fn a_burst_of_20000_events_gets_20000_emails() -> anyhow::Result<()> {
 /// the group, so the next process sends nothing twice.
 #[tokio::test]
 async fn a_burst_with_the_notifier_restarted_mid_way_gets_each_email_once() -> anyhow::Result<()> {
-    let out = burst(&[Disruption::TerminateAt(EVENTS / 3)]).await?;
+    let out = burst(Source::Sql, &[Disruption::TerminateAt(EVENTS / 3)]).await?;
     assert_eq!(out.restarts, 1);
     assert_eq!(
         twice(&out.emails),
@@ -470,10 +886,13 @@ async fn a_burst_with_the_notifier_restarted_mid_way_gets_each_email_once() -> a
 /// one per handler, which is all that can be in flight.
 #[tokio::test]
 async fn a_burst_with_the_notifier_killed_mid_way_loses_nothing() -> anyhow::Result<()> {
-    let out = burst(&[
-        Disruption::Kill9At(EVENTS / 4),
-        Disruption::Kill9At(EVENTS * 3 / 5),
-    ])
+    let out = burst(
+        Source::Sql,
+        &[
+            Disruption::Kill9At(EVENTS / 4),
+            Disruption::Kill9At(EVENTS * 3 / 5),
+        ],
+    )
     .await?;
     assert_eq!(out.restarts, 2);
     let again = twice(&out.emails);
@@ -484,4 +903,55 @@ async fn a_burst_with_the_notifier_killed_mid_way_loses_nothing() -> anyhow::Res
         again.len()
     );
     Ok(())
+}
+
+/// 1,000 orders created over HTTP and 500 of them paid, through the
+/// order-api binary with `--outbox-mode mode`, the relay, Apache Kafka and
+/// the notifier, killed (-9) once a third of the events are handled if
+/// `kill`: every `OrderCreated` and `OrderStatusChanged` has exactly one
+/// inbox row (its id the one written) and at least one email, each order's
+/// and customer's emails in event order. Without the kill every event is
+/// emailed exactly once; with it, a send completed just before the kill is
+/// repeated — at most one per handler.
+async fn orders_over_http(mode: OutboxMode, kill: bool) -> anyhow::Result<()> {
+    let source = Source::OrderApi(mode);
+    let disruption = if kill {
+        Disruption::Kill9At(source.events() / 3)
+    } else {
+        Disruption::None
+    };
+    let out = burst(source, &[disruption]).await?;
+    assert_eq!(out.restarts, usize::from(kill));
+    assert_eq!(out.emails.len() as i64, source.events());
+    let again = twice(&out.emails);
+    if kill {
+        println!("emailed twice after kill -9: {again:?}");
+        assert!(
+            again.len() <= IN_FLIGHT,
+            "{} events emailed twice, more than were in flight: {again:?}",
+            again.len()
+        );
+    } else {
+        assert_eq!(again, Vec::<i64>::new(), "events emailed twice");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn orders_over_http_with_outbox_rows_are_each_emailed_through_a_kill_9() -> anyhow::Result<()>
+{
+    orders_over_http(OutboxMode::Table, true).await
+}
+
+/// The table-less outbox (issue #18): no outbox row, and the notifier, its
+/// inbox included, unchanged.
+#[tokio::test]
+async fn orders_over_http_with_outbox_messages_are_each_emailed_through_a_kill_9(
+) -> anyhow::Result<()> {
+    orders_over_http(OutboxMode::Message, true).await
+}
+
+#[tokio::test]
+async fn orders_over_http_with_outbox_messages_are_each_emailed_once() -> anyhow::Result<()> {
+    orders_over_http(OutboxMode::Message, false).await
 }
