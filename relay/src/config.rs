@@ -240,6 +240,25 @@ pub enum Command {
         #[command(subcommand)]
         action: SlotAction,
     },
+    /// Compare the outbox table with the topics (`--topic`, or the routed
+    /// ones): events missing from Kafka, present more than once, out of
+    /// per-key commit order, and records with no row. Exit status 0 when
+    /// there are none, 1 when there are, 2 when the comparison failed.
+    Verify {
+        /// First outbox id compared (default: the table's smallest).
+        #[arg(long)]
+        from_id: Option<i64>,
+        /// Last outbox id compared (default: the table's largest).
+        #[arg(long)]
+        to_id: Option<i64>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for the slot (`--slot`) to confirm every row
+        /// compared before reading the topics.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait: Duration,
+    },
 }
 
 #[derive(clap::Subcommand, Clone, Debug)]

@@ -28,3 +28,4 @@ pub mod retention;
 pub mod sink;
 pub mod slot_admin;
 pub mod topics;
+pub mod verify;

@@ -4,7 +4,7 @@
 use clap::Parser;
 
 use relay::config::{Command, Config, SlotAction};
-use relay::slot_admin;
+use relay::{slot_admin, verify};
 
 fn main() -> std::process::ExitCode {
     let cfg = Config::parse();
@@ -12,13 +12,51 @@ fn main() -> std::process::ExitCode {
         Ok(t) => t,
         Err(code) => return code,
     };
-    if let Some(Command::Slot { action }) = cfg.command.clone() {
-        return lifecycle::block_on("relay", slot_command(&cfg, action));
+    match cfg.command.clone() {
+        Some(Command::Slot { action }) => {
+            return lifecycle::block_on("relay", slot_command(&cfg, action))
+        }
+        Some(Command::Verify {
+            from_id,
+            to_id,
+            json,
+            wait,
+        }) => {
+            let range = verify::Range {
+                from_id,
+                to_id,
+                wait,
+            };
+            return lifecycle::block_on("relay", verify_command(&cfg, range, json));
+        }
+        None => {}
     }
     let workers = Some(usize::from(cfg.worker_threads));
     lifecycle::serve_with_workers("relay", workers, |shutdown| {
         relay::pipeline::run(cfg, shutdown)
     })
+}
+
+/// `relay verify`: 0 when nothing is wrong, 1 when something is, 2 when
+/// the comparison could not be made.
+async fn verify_command(cfg: &Config, range: verify::Range, json: bool) -> std::process::ExitCode {
+    match verify::verify(cfg, &range).await {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                println!("{report}");
+            }
+            std::process::ExitCode::from(if report.ok { 0 } else { 1 })
+        }
+        Err(e) => {
+            eprintln!("relay: {}", relay::pipeline::error_chain(&e));
+            std::process::ExitCode::from(2)
+        }
+    }
 }
 
 async fn slot_command(cfg: &Config, action: SlotAction) -> std::process::ExitCode {

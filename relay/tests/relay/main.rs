@@ -17,3 +17,4 @@ mod replication;
 mod retention;
 mod security;
 mod transactions;
+mod verify;

@@ -1,0 +1,171 @@
+//! `relay verify` on Postgres and Apache Kafka: a topic the relay wrote
+//! compares clean (exit 0); then each kind of damage — a duplicate, a
+//! record out of its key's order, a record with no row, a row the relay
+//! never delivered — is found, counted and named (exit 1).
+
+use std::time::Duration;
+
+use crate::common::{insert_batch, outbox_ids, read_until_all, relay_args, relay_config, start};
+use devstack::kafka::{Record, TopicReader};
+use devstack::testing::{create_topic, kafka_bootstrap, TestDb};
+use outbox_record::header;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde_json::Value;
+
+/// Runs `relay … verify --json extra` for the test's slot and topic.
+async fn verify(db: &TestDb, topic: &str, extra: &[&str]) -> anyhow::Result<(i32, Value)> {
+    let mut args = relay_args(&db.url, &db.slot_name(), topic, &kafka_bootstrap(), &[]);
+    args.remove(0);
+    args.extend(["verify", "--json"].map(String::from));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await?;
+    let code = out.status.code().unwrap_or(-1);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify printed no JSON ({e}), exit {code}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Ok((code, report))
+}
+
+/// Produces a copy of `r` with `event_id` and `lsn` replaced.
+async fn forge(topic: &str, r: &Record, event_id: i64, lsn: &str) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .create()?;
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in &r.headers {
+        let v = match k.as_str() {
+            header::EVENT_ID => event_id.to_string(),
+            header::LSN => lsn.to_owned(),
+            _ => v.clone(),
+        };
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(&v),
+        });
+    }
+    let key = r.key.clone().unwrap_or_default();
+    let value = r.value.clone().unwrap_or_default();
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .partition(r.partition)
+                .key(&key)
+                .payload(&value)
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn verify_finds_every_kind_of_damage_and_nothing_on_a_clean_topic() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(3).await?;
+    let relay = start(relay_config(
+        &db.url,
+        &db.slot_name(),
+        &topic,
+        &kafka_bootstrap(),
+        &[],
+    ))
+    .await;
+    let c = db.connect().await?;
+    for t in 0..30 {
+        insert_batch(&c, t * 10, 10).await?;
+    }
+    let ids = outbox_ids(&c).await?;
+    let records = read_until_all(&kafka_bootstrap(), &topic, &ids, Duration::from_secs(30)).await?;
+
+    let (code, clean) = verify(&db, &topic, &[]).await?;
+    assert_eq!(code, 0, "{clean:#}");
+    assert_eq!(clean["ok"], true);
+    assert_eq!(clean["rows"], 300);
+    assert_eq!(clean["records"], 300);
+    assert_eq!(clean["caught_up"], true);
+    assert_eq!(clean["from_id"], *ids.first().unwrap());
+    assert_eq!(clean["to_id"], *ids.last().unwrap());
+
+    // Damage: a duplicate of the 10th record, an early record produced again
+    // under a new id after its key's later ones (out of order, and no row),
+    // and a row the relay never delivers (stopped).
+    let tenth = &records[9];
+    let tenth_id: i64 = tenth.header(header::EVENT_ID).unwrap().parse()?;
+    forge(&topic, tenth, tenth_id, tenth.header(header::LSN).unwrap()).await?;
+    let first = &records[0];
+    forge(&topic, first, 900_000, first.header(header::LSN).unwrap()).await?;
+    relay.stop().await?;
+    insert_batch(&c, 7, 1).await?;
+    let undelivered = *outbox_ids(&c).await?.last().unwrap();
+
+    let (code, damaged) = verify(&db, &topic, &["--to-id", "1000000", "--wait", "1s"]).await?;
+    assert_eq!(code, 1, "{damaged:#}");
+    assert_eq!(damaged["ok"], false);
+    assert_eq!(damaged["caught_up"], false, "the relay is stopped");
+    assert_eq!(damaged["missing"]["ids"], serde_json::json!([undelivered]));
+    assert_eq!(damaged["duplicated"]["ids"], serde_json::json!([tenth_id]));
+    assert_eq!(damaged["without_row"]["ids"], serde_json::json!([900_000]));
+    // Both forged records came after later records of their keys (the
+    // duplicate, too, when its key had moved on).
+    let late: Vec<i64> = damaged["out_of_order_examples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_id"].as_i64().unwrap())
+        .collect();
+    assert!(late.contains(&900_000), "{damaged:#}");
+    assert_eq!(damaged["out_of_order"].as_u64().unwrap() as usize, late.len());
+    assert!((1..=2).contains(&late.len()), "{damaged:#}");
+
+    // A range that leaves the damage out has no missing, duplicated or
+    // extra events (the undelivered row is the newest).
+    let (first_id, last_id) = (*ids.first().unwrap(), *ids.last().unwrap());
+    let (from, to) = if tenth_id > first_id {
+        (first_id, tenth_id - 1)
+    } else {
+        (tenth_id + 1, last_id)
+    };
+    let (code, part) = verify(
+        &db,
+        &topic,
+        &[
+            "--from-id",
+            &from.to_string(),
+            "--to-id",
+            &to.to_string(),
+            "--wait",
+            "1s",
+        ],
+    )
+    .await?;
+    assert_eq!(part["missing"]["count"], 0, "{part:#}");
+    assert_eq!(part["duplicated"]["count"], 0, "{part:#}");
+    assert_eq!(part["without_row"]["count"], 0, "{part:#}");
+    // Order is a property of the topic, whatever the range.
+    assert_eq!(part["out_of_order"], damaged["out_of_order"]);
+    assert_eq!(code, 1);
+
+    // Plain text for a person, and a clear error for a bad setup.
+    let mut args = relay_args(&db.url, &db.slot_name(), &topic, &kafka_bootstrap(), &[]);
+    args.remove(0);
+    args.extend(["--table", "", "verify"].map(String::from));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(&args)
+        .output()
+        .await?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no table"));
+    let _ = TopicReader::new(&kafka_bootstrap(), &topic, true)?;
+    Ok(())
+}
