@@ -1,8 +1,9 @@
-//! What the benchmark programs (`relay/examples/*`) share: reading a
-//! process's memory and CPU from `/proc`, running the release relay as a
-//! child process and reading its `/metrics`, and a Kafka producer
-//! configured like the relay's sink that counts its acknowledgements, and a
-//! scratch database per run.
+//! What the benchmark programs (`relay/examples/*`, `order-api/examples/*`,
+//! `notifier/examples/*`) share: reading a process's memory and CPU from
+//! `/proc`, running the release relay as a child process and reading its
+//! `/metrics`, a Kafka producer configured like the relay's sink that
+//! counts its acknowledgements, a scratch database per run, and a lean
+//! keep-alive HTTP client for load ([`RawConn`]).
 //!
 //! ```text
 //!   benchmark ──spawn──▶ relay (release binary) ──/metrics──▶ RelayProcess::events_total
@@ -346,6 +347,87 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut buf = String::new();
     s.read_to_string(&mut buf).await?;
     Ok(buf)
+}
+
+/// `POST path` with a JSON `body` to `addr`, as the bytes [`RawConn::send`]
+/// sends (built once, sent many times).
+pub fn json_post(addr: SocketAddr, path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// One keep-alive HTTP/1.1 connection sending a prebuilt request (like
+/// wrk): little CPU per request, so a load generator's figures are the
+/// service's, not its HTTP client's. One request at a time; responses must
+/// carry `Content-Length`.
+pub struct RawConn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawConn {
+    pub async fn connect(addr: SocketAddr) -> std::io::Result<RawConn> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(RawConn {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Sends `request`, reads the whole response, returns its status.
+    pub async fn send(&mut self, request: &[u8]) -> std::io::Result<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad response");
+        self.stream.write_all(request).await?;
+        self.buf.clear();
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end]).map_err(|_| invalid())?;
+                let status: u16 = head
+                    .get(9..12)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(invalid)?;
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())
+                            .flatten()
+                    })
+                    .ok_or_else(invalid)?;
+                while self.buf.len() < end + 4 + len {
+                    if self.stream.read_buf(&mut self.buf).await? == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+                return Ok(status);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+}
+
+/// The pid of the walsender streaming `slot` (its `active_pid`), once a
+/// client streams it: on the same machine its CPU time is in `/proc`
+/// ([`cpu_seconds`]), the share of a drain Postgres spent decoding.
+pub async fn walsender_pid(db: &tokio_postgres::Client, slot: &str) -> Option<u32> {
+    db.query_opt(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+        &[&slot],
+    )
+    .await
+    .ok()
+    .flatten()
+    .and_then(|row| row.get::<_, Option<i32>>(0))
+    .and_then(|p| u32::try_from(p).ok())
 }
 
 /// `pg_recvlogical` (`bin`) streaming `slot` of the database at `url` to

@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use anyhow::{bail, ensure, Context};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -44,6 +44,35 @@ pub async fn create_topic_replicated(
         }
     }
     Ok(())
+}
+
+/// The number of partitions of `topic`, from the broker's metadata (a
+/// benchmark's fresh topics get as many as the stack's outbox topic).
+pub async fn partition_count(bootstrap: &str, topic: &str) -> anyhow::Result<i32> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("creating a metadata client")?;
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let md = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .with_context(|| format!("fetching the metadata of {topic}"))?;
+        let t = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .with_context(|| format!("{topic} is not in the broker's metadata"))?;
+        if let Some(err) = t.error() {
+            bail!("topic {topic}: {err:?} (is the stack up? scripts/up)");
+        }
+        ensure!(
+            !t.partitions().is_empty(),
+            "topic {topic} has no partitions"
+        );
+        Ok(i32::try_from(t.partitions().len())?)
+    })
+    .await?
 }
 
 /// A record as read back from a topic, with text key, headers and value.

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use devstack::bench::{json_post, RawConn};
 use devstack::testing::TestDb;
 use tokio_util::sync::CancellationToken;
 
@@ -255,58 +256,6 @@ enum LoadClient {
     Reqwest,
 }
 
-/// One keep-alive HTTP/1.1 connection sending a prebuilt request.
-struct RawConn {
-    stream: tokio::net::TcpStream,
-    buf: Vec<u8>,
-}
-
-impl RawConn {
-    async fn connect(addr: std::net::SocketAddr) -> std::io::Result<RawConn> {
-        let stream = tokio::net::TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(RawConn {
-            stream,
-            buf: Vec::with_capacity(4096),
-        })
-    }
-
-    /// Sends `request`, reads the whole response, returns its status.
-    async fn send(&mut self, request: &[u8]) -> std::io::Result<u16> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidData, "bad response");
-        self.stream.write_all(request).await?;
-        self.buf.clear();
-        loop {
-            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = std::str::from_utf8(&self.buf[..end]).map_err(|_| invalid())?;
-                let status: u16 = head
-                    .get(9..12)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(invalid)?;
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())
-                            .flatten()
-                    })
-                    .ok_or_else(invalid)?;
-                while self.buf.len() < end + 4 + len {
-                    if self.stream.read_buf(&mut self.buf).await? == 0 {
-                        return Err(std::io::ErrorKind::UnexpectedEof.into());
-                    }
-                }
-                return Ok(status);
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-    }
-}
-
 /// `concurrency` loops of POST /orders for `duration`: (created, errors, elapsed).
 async fn closed_loop(
     http: &reqwest::Client,
@@ -319,13 +268,7 @@ async fn closed_loop(
     let errors = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let url = format!("http://{addr}/orders");
-    let raw_request: Arc<[u8]> = format!(
-        "POST /orders HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{ORDER}",
-        ORDER.len()
-    )
-    .into_bytes()
-    .into();
+    let raw_request: Arc<[u8]> = json_post(addr, "/orders", ORDER).into();
     let start = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
