@@ -125,7 +125,10 @@ async fn verify_finds_every_kind_of_damage_and_nothing_on_a_clean_topic() -> any
         .map(|e| e["event_id"].as_i64().unwrap())
         .collect();
     assert!(late.contains(&900_000), "{damaged:#}");
-    assert_eq!(damaged["out_of_order"].as_u64().unwrap() as usize, late.len());
+    assert_eq!(
+        damaged["out_of_order"].as_u64().unwrap() as usize,
+        late.len()
+    );
     assert!((1..=2).contains(&late.len()), "{damaged:#}");
 
     // A range that leaves the damage out has no missing, duplicated or
