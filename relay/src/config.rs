@@ -258,6 +258,11 @@ pub enum Command {
         /// compared before reading the topics.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         wait: Duration,
+        /// Then produce the missing events from their rows, marked late
+        /// (header `late`), except those the slot will still deliver.
+        /// Refused while a relay streams the slot.
+        #[arg(long)]
+        republish_missing: bool,
     },
 }
 

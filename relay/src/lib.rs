@@ -24,6 +24,7 @@ pub mod http;
 pub mod message;
 pub mod metrics;
 pub mod pipeline;
+pub mod republish;
 pub mod retention;
 pub mod sink;
 pub mod slot_admin;

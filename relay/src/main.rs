@@ -21,11 +21,13 @@ fn main() -> std::process::ExitCode {
             to_id,
             json,
             wait,
+            republish_missing,
         }) => {
             let range = verify::Range {
                 from_id,
                 to_id,
                 wait,
+                republish: republish_missing,
             };
             return lifecycle::block_on("relay", verify_command(&cfg, range, json));
         }

@@ -19,6 +19,11 @@
 //!
 //! Records of events written as logical decoding messages (the table-less
 //! outbox) have no row by design and count as records without row.
+//!
+//! With `--republish-missing` the missing events are then produced, marked
+//! late (see `republish`), except those the slot will still deliver.
+//! Records marked late count as present; their order is not checked (they
+//! are late by definition).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -54,6 +59,8 @@ pub enum VerifyError {
         "relay verify compares the outbox table with the topics; there is no table (--table '')"
     )]
     NoTable,
+    #[error("republishing the missing events")]
+    Republish(#[source] Box<crate::republish::RepublishError>),
     #[error("topic {topic} partition {partition}: no end reached within {waited:?}")]
     Unreadable {
         topic: String,
@@ -69,6 +76,8 @@ pub struct Range {
     pub to_id: Option<i64>,
     /// How long to wait for the slot to confirm what the snapshot holds.
     pub wait: Duration,
+    /// Produce the missing events (see `republish`).
+    pub republish: bool,
 }
 
 /// One finding with its full count and the first ids.
@@ -120,6 +129,10 @@ pub struct Report {
     pub unidentified: usize,
     /// Records without `lsn`/`seq` headers, whose order is not checked.
     pub unordered: usize,
+    /// Records marked late (republished), whose order is not checked.
+    pub late: usize,
+    /// With `--republish-missing`: what was done about the missing.
+    pub republished: Option<crate::republish::Republished>,
     pub ok: bool,
 }
 
@@ -132,6 +145,8 @@ pub struct Seen {
     pub key: Option<String>,
     pub event_id: Option<i64>,
     pub position: Option<Position>,
+    /// Marked late (`late` header): republished.
+    pub late: bool,
 }
 
 /// Runs the whole comparison.
@@ -237,6 +252,14 @@ pub async fn verify(cfg: &Config, range: &Range) -> Result<Report, VerifyError> 
             .map(|r| r.get(0))
             .collect();
         report.without_row = Ids::of(candidates.into_iter().filter(|id| !now.contains(id)));
+    }
+    if range.republish && report.missing.count > 0 {
+        let present: BTreeSet<i64> = seen.iter().filter_map(|s| s.event_id).collect();
+        let missing: Vec<i64> = ids.difference(&present).copied().collect();
+        let done = crate::republish::republish(cfg, &client, &missing)
+            .await
+            .map_err(|e| VerifyError::Republish(Box::new(e)))?;
+        report.republished = Some(done);
     }
     report.topics = topics.into_iter().collect();
     report.caught_up = caught_up;
@@ -367,6 +390,7 @@ fn seen_of<M: Message>(topic: &str, msg: &M) -> Seen {
     let mut debezium_id = None;
     let mut lsn = None;
     let mut seq = None;
+    let mut late = false;
     if let Some(headers) = msg.headers() {
         for h in headers.iter() {
             let text = h.value.and_then(|v| std::str::from_utf8(v).ok());
@@ -376,6 +400,7 @@ fn seen_of<M: Message>(topic: &str, msg: &M) -> Seen {
                 "id" => debezium_id = debezium_id.or(text.and_then(|t| t.parse().ok())),
                 header::LSN => lsn = lsn.or(text.and_then(|t| t.parse::<Lsn>().ok())),
                 header::SEQ => seq = seq.or(text.and_then(|t| t.parse::<u64>().ok())),
+                crate::republish::LATE => late = true,
                 _ => {}
             }
         }
@@ -390,6 +415,7 @@ fn seen_of<M: Message>(topic: &str, msg: &M) -> Seen {
         key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
         event_id,
         position: lsn.zip(seq),
+        late,
     }
 }
 
@@ -419,6 +445,7 @@ pub fn compare(ids: &BTreeSet<i64>, seen: &[Seen], from: i64, to: i64) -> Report
     let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
     let mut unidentified = 0;
     let mut unordered = 0;
+    let mut late = 0;
     let mut out_of_order = 0;
     let mut examples = Vec::new();
     // Per key, the last position and event seen (records of a key share a
@@ -428,6 +455,10 @@ pub fn compare(ids: &BTreeSet<i64>, seen: &[Seen], from: i64, to: i64) -> Report
         match s.event_id {
             Some(id) => *counts.entry(id).or_default() += 1,
             None => unidentified += 1,
+        }
+        if s.late {
+            late += 1;
+            continue;
         }
         let Some(pos) = s.position else {
             unordered += 1;
@@ -477,6 +508,8 @@ pub fn compare(ids: &BTreeSet<i64>, seen: &[Seen], from: i64, to: i64) -> Report
         without_row: extra,
         unidentified,
         unordered,
+        late,
+        republished: None,
         ok: false,
     }
 }
@@ -545,11 +578,23 @@ impl std::fmt::Display for Report {
             "| records without lsn/seq (order not checked) | {} |",
             self.unordered
         )?;
+        writeln!(
+            f,
+            "| records marked late (republished; order not checked) | {} |",
+            self.late
+        )?;
         for e in &self.out_of_order_examples {
             writeln!(
                 f,
                 "out of order: key {} in {}/{} at offset {}: event {:?} after event {:?}",
                 e.key, e.topic, e.partition, e.offset, e.event_id, e.after_event_id
+            )?;
+        }
+        if let Some(r) = &self.republished {
+            writeln!(
+                f,
+                "republished {} missing events (marked late); {} more are in the slot's unconfirmed changes, left to the relay",
+                r.produced, r.in_flight
             )?;
         }
         write!(f, "{}", if self.ok { "ok" } else { "NOT ok" })
@@ -568,6 +613,7 @@ mod tests {
             key: Some(key.into()),
             event_id: id,
             position: Some((Lsn(lsn), seq)),
+            late: false,
         }
     }
 

@@ -172,3 +172,88 @@ async fn verify_finds_every_kind_of_damage_and_nothing_on_a_clean_topic() -> any
     let _ = TopicReader::new(&kafka_bootstrap(), &topic, true)?;
     Ok(())
 }
+
+#[tokio::test]
+async fn republish_produces_lost_events_late_and_leaves_in_flight_ones_to_the_relay(
+) -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(3).await?;
+    let cfg = || relay_config(&db.url, &db.slot_name(), &topic, &kafka_bootstrap(), &[]);
+    let relay = start(cfg()).await;
+    let c = db.connect().await?;
+    for t in 0..10 {
+        insert_batch(&c, t * 10, 10).await?;
+    }
+    read_until_all(
+        &kafka_bootstrap(),
+        &topic,
+        &outbox_ids(&c).await?,
+        Duration::from_secs(30),
+    )
+    .await?;
+    // While a relay streams the slot, nothing is republished.
+    let refused = relay::republish::republish(&cfg(), &c, &[1]).await;
+    assert!(
+        matches!(
+            refused,
+            Err(relay::republish::RepublishError::SlotActive(_))
+        ),
+        "{refused:?}"
+    );
+    relay.stop().await?;
+
+    // Committed while the relay is stopped: in the slot's unconfirmed
+    // changes, so left to the relay.
+    insert_batch(&c, 500, 3).await?;
+    let (code, first) = verify(&db, &topic, &["--wait", "1s", "--republish-missing"]).await?;
+    assert_eq!(code, 1, "{first:#}");
+    assert_eq!(first["missing"]["count"], 3);
+    assert_eq!(first["republished"]["in_flight"], 3, "{first:#}");
+    assert_eq!(first["republished"]["produced"], 0);
+
+    // The slot moved past them (as a lost slot, or a poller that skipped
+    // them, would leave them): now they are lost, and republished.
+    c.execute(
+        "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())",
+        &[&db.slot_name()],
+    )
+    .await?;
+    let (_, second) = verify(&db, &topic, &["--wait", "1s", "--republish-missing"]).await?;
+    assert_eq!(second["republished"]["produced"], 3, "{second:#}");
+    assert_eq!(second["republished"]["in_flight"], 0);
+    let (code, after) = verify(&db, &topic, &["--wait", "1s"]).await?;
+    assert_eq!(code, 0, "{after:#}");
+    assert_eq!(after["late"], 3);
+    assert_eq!(after["records"], 103);
+
+    // The late records are the relay's records of those rows, marked late.
+    let records = TopicReader::new(&kafka_bootstrap(), &topic, true)?
+        .read_at_least(103, Duration::from_secs(30), Duration::from_secs(1))
+        .await?;
+    let late: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.header("late").is_some())
+        .collect();
+    assert_eq!(late.len(), 3);
+    for r in &late {
+        let v: Value = serde_json::from_str(r.value.as_deref().unwrap())?;
+        assert_eq!(
+            r.header(header::EVENT_ID),
+            Some(v["id"].to_string().as_str())
+        );
+        assert_eq!(r.key.as_deref(), Some(v["user_id"].to_string().as_str()));
+        assert_eq!(v["event_type"], "E");
+    }
+
+    // The relay starts again over them: exactly-once reads them as the
+    // partitions' ends, and the next events flow, once.
+    let relay = start(cfg()).await;
+    insert_batch(&c, 900, 5).await?;
+    let all = outbox_ids(&c).await?;
+    let records = read_until_all(&kafka_bootstrap(), &topic, &all, Duration::from_secs(30)).await?;
+    assert_eq!(records.len(), 108, "each event once");
+    relay.stop().await?;
+    let (code, last) = verify(&db, &topic, &["--wait", "10s"]).await?;
+    assert_eq!(code, 0, "{last:#}");
+    Ok(())
+}
