@@ -24,6 +24,9 @@ pub const XID: &str = "xid";
 pub const COMMIT_TS: &str = "commit_ts";
 /// The row's index (0-based) in its transaction's outbox inserts.
 pub const SEQ: &str = "seq";
+/// On an event `relay verify --republish-missing` produced after its time
+/// (the row's record was missing): when, RFC 3339.
+pub const LATE: &str = "late";
 /// Every header the relay writes of its own.
 pub const RELAY_NAMES: [&str; 6] = [EVENT_ID, EVENT_TYPE, LSN, XID, COMMIT_TS, SEQ];
 

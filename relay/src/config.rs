@@ -381,7 +381,7 @@ impl Config {
 /// consumers read the first).
 pub fn parse_header_column(s: &str) -> Result<String, String> {
     let name = s.trim();
-    if outbox_record::header::RELAY_NAMES.contains(&name) {
+    if outbox_record::header::RELAY_NAMES.contains(&name) || name == outbox_record::header::LATE {
         return Err(format!(
             "{name:?} is one of the relay's own headers; choose another column"
         ));

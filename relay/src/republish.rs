@@ -42,7 +42,7 @@ use crate::pgoutput::{
 };
 
 /// The header marking a republished event (its value: when, RFC 3339).
-pub const LATE: &str = "late";
+pub use outbox_record::header::LATE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepublishError {

@@ -400,7 +400,7 @@ fn seen_of<M: Message>(topic: &str, msg: &M) -> Seen {
                 "id" => debezium_id = debezium_id.or(text.and_then(|t| t.parse().ok())),
                 header::LSN => lsn = lsn.or(text.and_then(|t| t.parse::<Lsn>().ok())),
                 header::SEQ => seq = seq.or(text.and_then(|t| t.parse::<u64>().ok())),
-                crate::republish::LATE => late = true,
+                header::LATE => late = true,
                 _ => {}
             }
         }
