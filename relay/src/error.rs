@@ -100,9 +100,10 @@ pub enum RelayError {
     #[error(
         "replication slot {slot:?} does not exist, but topic {topic} already holds events up to \
          commit LSN {last}: the slot was dropped or lost, and a new slot would start at the \
-         current position, skipping whatever was committed after {last} and before it. If that \
-         is understood (e.g. the outbox rows committed after {last} were published again, or \
-         the slot was dropped on purpose), start with --allow-new-slot"
+         current position, skipping whatever was committed after {last} and before it. To go \
+         on with nothing lost: start with --allow-new-slot and stop the relay, run `relay \
+         verify --republish-missing` (publishes, marked late, the outbox rows the topic lacks), \
+         and start it again"
     )]
     SlotMissing {
         slot: String,

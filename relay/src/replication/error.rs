@@ -186,9 +186,10 @@ pub enum ReplicationError {
         "replication slot {slot:?} was invalidated by Postgres (wal_status lost: the WAL it \
          needed was removed, e.g. past max_slot_wal_keep_size); events committed after its \
          confirmed position {confirmed} may be missing from Kafka. The relay does not replace \
-         a slot by itself. To go on: `relay slot drop --slot {slot} --yes`, then start the \
-         relay with --allow-new-slot (it creates a new slot at the current position), and \
-         publish again the outbox rows committed after {confirmed} that are not in the topic"
+         a slot by itself. To go on with nothing lost: `relay slot drop --slot {slot} --yes`; \
+         start the relay with --allow-new-slot (it creates a new slot at the current position) \
+         and stop it; `relay verify --republish-missing` (publishes, marked late, the outbox \
+         rows committed in between that the topic lacks); start the relay again"
     )]
     SlotLost { slot: String, confirmed: String },
 

@@ -257,3 +257,56 @@ async fn republish_produces_lost_events_late_and_leaves_in_flight_ones_to_the_re
     assert_eq!(code, 0, "{last:#}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_dropped_slot_is_recovered_with_nothing_lost() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(3).await?;
+    let cfg =
+        |extra: &[&str]| relay_config(&db.url, &db.slot_name(), &topic, &kafka_bootstrap(), extra);
+    let c = db.connect().await?;
+    let relay = start(cfg(&[])).await;
+    insert_batch(&c, 10, 20).await?;
+    read_until_all(
+        &kafka_bootstrap(),
+        &topic,
+        &outbox_ids(&c).await?,
+        Duration::from_secs(30),
+    )
+    .await?;
+    relay.stop().await?;
+
+    // The gap: committed while the slot is gone.
+    insert_batch(&c, 20, 10).await?;
+    c.execute("SELECT pg_drop_replication_slot($1)", &[&db.slot_name()])
+        .await?;
+    let refused = relay::pipeline::run(cfg(&[]), tokio_util::sync::CancellationToken::new())
+        .await
+        .expect_err("no new slot over the topic's events unasked");
+    assert!(
+        refused.to_string().contains("--republish-missing"),
+        "{refused}"
+    );
+
+    // The way its message names: a new slot, stopped; republish; start.
+    let relay = start(cfg(&["--allow-new-slot"])).await;
+    insert_batch(&c, 30, 5).await?;
+    let (code, during) = verify(&db, &topic, &["--wait", "10s"]).await?;
+    assert_eq!(code, 1);
+    assert_eq!(during["missing"]["count"], 10, "the gap: {during:#}");
+    relay.stop().await?;
+    let (_, republished) = verify(&db, &topic, &["--republish-missing"]).await?;
+    assert_eq!(
+        republished["republished"]["produced"], 10,
+        "{republished:#}"
+    );
+    let relay = start(cfg(&[])).await;
+    insert_batch(&c, 40, 5).await?;
+    let all = outbox_ids(&c).await?;
+    let records = read_until_all(&kafka_bootstrap(), &topic, &all, Duration::from_secs(30)).await?;
+    assert_eq!(records.len(), 40, "every event once");
+    let (code, after) = verify(&db, &topic, &["--wait", "10s"]).await?;
+    assert_eq!(code, 0, "{after:#}");
+    assert_eq!(after["late"], 10);
+    relay.stop().await
+}
