@@ -616,6 +616,36 @@ async fn an_invalidated_slot_stops_the_relay_naming_it() -> anyhow::Result<()> {
         .get(0);
     assert_eq!(still, 1);
     assert_eq!(topic_ids(&topic, 1).await?, [first]);
+
+    // The way forward the message names loses nothing: drop the slot, a new
+    // one (relay started with --allow-new-slot, stopped), republish what
+    // the topic lacks, start again.
+    c.query("SELECT pg_drop_replication_slot('outbox_relay')", &[])
+        .await?;
+    let relay = start(relay_config(
+        &url,
+        "outbox_relay",
+        &topic,
+        &kafka_bootstrap(),
+        &["--allow-new-slot"],
+    ))
+    .await;
+    relay.stop().await?;
+    let check = |republish| relay::verify::Range {
+        from_id: None,
+        to_id: None,
+        wait: Duration::from_secs(5),
+        republish,
+    };
+    let report = relay::verify::verify(&cfg(), &check(true)).await?;
+    assert_eq!(report.missing.ids, [first + 1], "the event of the lost WAL");
+    assert_eq!(report.republished.map(|r| r.produced), Some(1));
+    let relay = start(cfg()).await;
+    let third = insert_event(&c, 3, "OrderCreated").await?;
+    assert_eq!(topic_ids(&topic, 3).await?, [first, first + 1, third]);
+    relay.stop().await?;
+    let report = relay::verify::verify(&cfg(), &check(false)).await?;
+    assert!(report.ok, "{report}");
     Ok(())
 }
 
