@@ -80,11 +80,9 @@ use outbox_record::event::{Item, OrderPayload, ORDER_AGGREGATE, ORDER_CREATED};
 use outbox_record::header::{self, format_commit_ts};
 use outbox_record::trace::TraceParent;
 use outbox_record::Lsn;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use serde_json::json;
 
 /// Distinct customers (record keys) in the backlog: a prime, so the keys
@@ -312,7 +310,7 @@ async fn bench_runs(bench: &mut Bench) -> anyhow::Result<Vec<Run>> {
     let args = &bench.args;
     let bootstrap = args.stack.kafka_bootstrap_servers.clone();
     let n = args.events;
-    let partitions = partition_count(&bootstrap, &args.outbox_topic).await?;
+    let partitions = devstack::kafka::partition_count(&bootstrap, &args.outbox_topic).await?;
     devstack::kafka::create_topic(&bootstrap, &bench.topic, partitions).await?;
     let t = Instant::now();
     let domain = bench.domain(None);
@@ -372,34 +370,6 @@ async fn bench_runs(bench: &mut Bench) -> anyhow::Result<Vec<Run>> {
             .push(format!("{SPOOL_RUN}: counting {}: {e:#}", dir.display())),
     }
     Ok(runs)
-}
-
-/// The number of partitions of `topic`, from the broker's metadata.
-async fn partition_count(bootstrap: &str, topic: &str) -> anyhow::Result<i32> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .context("creating a metadata client")?;
-    let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let md = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .with_context(|| format!("fetching the metadata of {topic}"))?;
-        let t = md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .with_context(|| format!("{topic} is not in the broker's metadata"))?;
-        if let Some(err) = t.error() {
-            bail!("topic {topic}: {err:?} (is the stack up? scripts/up)");
-        }
-        ensure!(
-            !t.partitions().is_empty(),
-            "topic {topic} has no partitions"
-        );
-        Ok(i32::try_from(t.partitions().len())?)
-    })
-    .await?
 }
 
 /// Event `i` (0-based) of the backlog: its outbox id and customer.

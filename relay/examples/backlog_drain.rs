@@ -213,16 +213,7 @@ struct WalSender {
 impl WalSender {
     async fn sample(&mut self, db: &Client, slot: &str) {
         if self.pid.is_none() {
-            self.pid = db
-                .query_opt(
-                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
-                    &[&slot],
-                )
-                .await
-                .ok()
-                .flatten()
-                .and_then(|row| row.get::<_, Option<i32>>(0))
-                .and_then(|p| u32::try_from(p).ok());
+            self.pid = devstack::bench::walsender_pid(db, slot).await;
         }
         if let Some(cpu) = self.pid.and_then(cpu_seconds) {
             self.cpu_seconds = Some(cpu);

@@ -281,14 +281,7 @@ fn read_ends(
     read_last: bool,
 ) -> Result<TopicState, DedupeError> {
     let kafka = kafka_error(topic);
-    let md = consumer
-        .fetch_metadata(Some(topic), METADATA_TIMEOUT)
-        .map_err(kafka)?;
-    let partitions = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .map_or(0, |t| t.partitions().len()) as i32;
+    let partitions = partition_count(consumer, topic).map_err(kafka)?;
     if partitions == 0 {
         return Err(DedupeError::NoPartitions(topic.to_owned()));
     }
@@ -417,6 +410,19 @@ fn read_ends(
         }
     }
     Ok(TopicState { partitions, last })
+}
+
+/// How many partitions `topic` has (0 when the broker does not know it).
+pub(crate) fn partition_count<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> rdkafka::error::KafkaResult<i32> {
+    let md = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len()) as i32)
 }
 
 /// Reading state of one non-empty partition.

@@ -112,6 +112,29 @@ pub struct OutboxRecord {
 }
 
 impl OutboxRecord {
+    /// What places the record on a partition: its key, else its event
+    /// id, else nothing.
+    pub fn partition_key(&self) -> &str {
+        self.key
+            .as_deref()
+            .or_else(|| {
+                self.headers
+                    .iter()
+                    .find(|(k, _)| *k == header::EVENT_ID)
+                    .map(|(_, v)| v.as_str())
+            })
+            .unwrap_or("")
+    }
+
+    /// Every header, the relay's own first, then the columns'.
+    pub fn all_headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.headers.iter().map(|(k, v)| (*k, v.as_str())).chain(
+            self.column_headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+    }
+
     /// Approximate bytes this record holds in the producer queue.
     pub fn size(&self) -> usize {
         self.topic.len()

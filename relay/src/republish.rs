@@ -30,7 +30,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use outbox_record::header;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::config::Config;
@@ -40,6 +39,8 @@ use crate::lsn::Lsn;
 use crate::pgoutput::{
     LogicalMessage, PgTimestamp, Relation, RelationCache, RelationColumn, TupleData, TupleValue,
 };
+use crate::replication::quote_ident;
+use crate::sink::kafka::kafka_headers;
 
 /// The header marking a republished event (its value: when, RFC 3339).
 pub use outbox_record::header::LATE;
@@ -150,27 +151,9 @@ pub async fn republish(
         .map_err(RepublishError::Kafka)?;
     let mut sends = Vec::with_capacity(records.len());
     for record in &records {
-        let id = record
-            .headers
-            .iter()
-            .find(|(k, _)| *k == header::EVENT_ID)
-            .map(|(_, v)| v.as_str());
-        let key = record.key.as_deref().or(id).unwrap_or("");
-        let partition = dedupe::partition_for(key.as_bytes(), partitions[&record.topic]);
-        let mut headers = OwnedHeaders::new();
-        let column_headers = record.column_headers.iter().map(|(k, v)| (k.as_str(), v));
-        for (k, v) in record
-            .headers
-            .iter()
-            .map(|(k, v)| (*k, v))
-            .chain(column_headers)
-            .chain([(LATE, &late)])
-        {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
+        let partition =
+            dedupe::partition_for(record.partition_key().as_bytes(), partitions[&record.topic]);
+        let headers = kafka_headers(record.all_headers().chain([(LATE, late.as_str())]));
         let mut out = FutureRecord::to(&record.topic)
             .partition(partition)
             .payload(&record.value)
@@ -281,7 +264,7 @@ async fn rows(
     ids: &[i64],
 ) -> Result<(Relation, Vec<(i64, TupleData)>), RepublishError> {
     let (schema, table) = cfg.table_parts();
-    let qualified = format!("{}.{}", quote(&schema), quote(&table));
+    let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
     let columns = client
         .query(
             "SELECT attname::text, atttypid::oid, atttypmod FROM pg_attribute \
@@ -302,7 +285,7 @@ async fn rows(
         .collect();
     let select = columns
         .iter()
-        .map(|c| format!("{}::text", quote(&c.name)))
+        .map(|c| format!("{}::text", quote_ident(&c.name)))
         .collect::<Vec<_>>()
         .join(", ");
     let rows = client
@@ -332,8 +315,4 @@ async fn rows(
         columns,
     };
     Ok((rel, tuples))
-}
-
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
 }

@@ -37,7 +37,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::event::TopicRouting;
 use crate::lsn::Lsn;
-use crate::replication::{self, ReplicationError};
+use crate::replication::{self, quote_ident, ReplicationError};
 
 /// Ids listed per finding (the counts are complete).
 const LISTED: usize = 100;
@@ -161,13 +161,13 @@ pub async fn verify(cfg: &Config, range: &Range) -> Result<Report, VerifyError> 
     let event_cfg = cfg.event_config();
     let table = {
         let (schema, table) = cfg.table_parts();
-        format!("{}.{}", quote(&schema), quote(&table))
+        format!("{}.{}", quote_ident(&schema), quote_ident(&table))
     };
     let routing = match &event_cfg.routing {
         TopicRouting::Fixed(_) => "NULL::text".to_owned(),
-        TopicRouting::ByColumn { column, .. } => format!("{}::text", quote(column)),
+        TopicRouting::ByColumn { column, .. } => format!("{}::text", quote_ident(column)),
     };
-    let key = quote(&event_cfg.key_column);
+    let key = quote_ident(&event_cfg.key_column);
 
     // 1. The rows, and a WAL position every one of them committed before.
     let (from_id, to_id) = (
@@ -270,11 +270,6 @@ pub async fn verify(cfg: &Config, range: &Range) -> Result<Report, VerifyError> 
     Ok(report)
 }
 
-/// SQL identifier quoting.
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
-}
-
 /// Waits until slot `slot` confirmed `wal`; false if it does not exist or
 /// did not within `wait`.
 async fn wait_confirmed(
@@ -324,14 +319,7 @@ fn read_topic(
         .set("isolation.level", "read_committed")
         .create()
         .map_err(kafka)?;
-    let md = consumer
-        .fetch_metadata(Some(topic), METADATA_TIMEOUT)
-        .map_err(kafka)?;
-    let partitions = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .map_or(0, |t| t.partitions().len()) as i32;
+    let partitions = crate::dedupe::partition_count(&consumer, topic).map_err(kafka)?;
     let mut ends: HashMap<i32, i64> = HashMap::new();
     let mut assignment = TopicPartitionList::new();
     for p in 0..partitions {

@@ -303,6 +303,20 @@ impl KafkaSink {
     }
 }
 
+/// Record headers as the producer takes them.
+pub(crate) fn kafka_headers<'a>(headers: impl Iterator<Item = (&'a str, &'a str)>) -> OwnedHeaders {
+    let capacity = headers.size_hint().0;
+    headers.fold(
+        OwnedHeaders::new_with_capacity(capacity),
+        |all, (key, value)| {
+            all.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
+        },
+    )
+}
+
 impl Sink for KafkaSink {
     type Topic = PreparedTopic;
 
@@ -349,18 +363,7 @@ impl Sink for KafkaSink {
             // partitioner is the answer for a topic it did not.
             return Placement::Produce;
         };
-        let key = record
-            .key
-            .as_deref()
-            .or_else(|| {
-                record
-                    .headers
-                    .iter()
-                    .find(|(k, _)| *k == outbox_record::header::EVENT_ID)
-                    .map(|(_, v)| v.as_str())
-            })
-            .unwrap_or("");
-        let partition = dedupe::partition_for(key.as_bytes(), topic.partitions);
+        let partition = dedupe::partition_for(record.partition_key().as_bytes(), topic.partitions);
         record.partition = Some(partition);
         if self.exactly_once && topic.holds(partition, at) {
             Placement::Duplicate
@@ -380,20 +383,7 @@ impl Sink for KafkaSink {
         if self.in_flight > 0 && self.in_flight_bytes + bytes > self.max_in_flight_bytes {
             return Err(SendError::Full(record));
         }
-        let mut headers =
-            OwnedHeaders::new_with_capacity(record.headers.len() + record.column_headers.len());
-        let column_headers = record.column_headers.iter().map(|(k, v)| (k.as_str(), v));
-        for (k, v) in record
-            .headers
-            .iter()
-            .map(|(k, v)| (*k, v))
-            .chain(column_headers)
-        {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
+        let headers = kafka_headers(record.all_headers());
         let topic = match self.topics.get(record.topic.as_str()) {
             Some(t) => t.clone(),
             None => {
