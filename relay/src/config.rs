@@ -204,6 +204,18 @@ pub struct Config {
           value_parser = parse_message_prefix)]
     pub message_prefix: String,
 
+    /// Deliver the outbox rows committed before the slot existed, then
+    /// stream: `all`, or `after:ID` for the rows with a greater id (the JDBC
+    /// source connector's last offset, say). Needs the slot not to exist:
+    /// the relay creates it and reads the table in the slot's own snapshot,
+    /// so each row comes once, from the snapshot or from the stream. A
+    /// backfill interrupted (crash, kill) is resumed by the next start; a
+    /// finished one is recorded (table outbox_relay_backfill) and the
+    /// option then does nothing.
+    #[arg(long, env = "RELAY_BACKFILL", value_name = "all|after:ID",
+          value_parser = crate::pipeline::parse_backfill)]
+    pub backfill: Option<crate::pipeline::BackfillFrom>,
+
     /// Produce non-transactional event messages (written even when their
     /// transaction rolls back), each as a transaction of its own; without
     /// it they are logged, counted and skipped.

@@ -117,6 +117,12 @@ pub enum RelayError {
          leave --retention unset"
     )]
     RetentionTable { table: String, found: String },
+    /// A backfill (`--backfill`) that cannot run as configured. Definite.
+    #[error("backfill: {0}")]
+    Backfill(String),
+    /// Another relay holds the backfill of this slot: this one stands by.
+    #[error("another relay backfills slot {0:?}")]
+    BackfillBusy(String),
     /// `--retention` with `--table ''`. Definite.
     #[error("--retention deletes outbox rows, but there is no outbox table (--table ''); leave --retention unset")]
     RetentionWithoutTable,
@@ -149,7 +155,8 @@ impl RelayError {
             | RelayError::LeaseExpired(_)
             | RelayError::Stalled { .. }
             | RelayError::KafkaTransaction(_)
-            | RelayError::PartialTransaction { .. } => true,
+            | RelayError::PartialTransaction { .. }
+            | RelayError::BackfillBusy(_) => true,
             RelayError::Decode(_)
             | RelayError::Event(_)
             | RelayError::DeliveryPermanent { .. }
@@ -158,6 +165,7 @@ impl RelayError {
             | RelayError::SlotMissing { .. }
             | RelayError::RetentionTable { .. }
             | RelayError::RetentionWithoutTable
+            | RelayError::Backfill(_)
             | RelayError::Listen { .. } => false,
         }
     }

@@ -24,6 +24,8 @@ use crate::metrics::Metrics;
 pub enum RelayState {
     Starting,
     Connecting,
+    /// Delivering the rows written before the slot existed (`--backfill`).
+    Backfilling,
     Streaming,
     Reconnecting,
     /// Another relay streams the slot; this one takes over when it is free.
@@ -63,6 +65,8 @@ pub struct Status {
     pub health_problem: Option<String>,
     /// The stall `/healthz` reports until Kafka acknowledges again.
     pub stall: Option<String>,
+    /// The backfill's progress (`--backfill`), once one ran in this process.
+    pub backfill: Option<crate::pipeline::BackfillProgress>,
 }
 
 fn as_text<S: serde::Serializer>(lsn: &Lsn, s: S) -> Result<S::Ok, S::Error> {
@@ -97,6 +101,7 @@ impl Shared {
                 last_error: None,
                 health_problem: None,
                 stall: None,
+                backfill: None,
             }),
             http_addr: Mutex::new(None),
             stalled: AtomicBool::new(false),

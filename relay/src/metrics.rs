@@ -27,6 +27,8 @@ pub const OUTBOX_OLDEST_ROW_AGE_SECONDS: &str = "relay_outbox_oldest_row_age_sec
 pub const RETENTION_SECONDS: &str = "relay_retention_seconds";
 pub const MESSAGES_REFUSED: &str = "relay_messages_refused";
 pub const STALLS: &str = "relay_stalls";
+pub const BACKFILL_ROWS: &str = "relay_backfill_rows";
+pub const BACKFILL_ROWS_DELIVERED: &str = "relay_backfill_rows_delivered";
 
 /// The values of `relay_role`'s `role` label.
 pub const ROLES: [&str; 2] = ["active", "standby"];
@@ -83,6 +85,11 @@ pub struct Metrics {
     /// Sessions restarted because Kafka acknowledged nothing for
     /// `--stall-timeout` while records waited.
     pub stalls: Counter,
+    /// Rows the running or last backfill delivers (`--backfill`).
+    pub backfill_rows: Gauge,
+    /// Of those, acknowledged by Kafka (or found there from an
+    /// interrupted attempt).
+    pub backfill_rows_delivered: Gauge,
 }
 
 impl Metrics {
@@ -202,8 +209,22 @@ impl Metrics {
             "Sessions restarted because records waited --stall-timeout for Kafka with no acknowledgement",
             stalls.clone(),
         );
+        let backfill_rows = Gauge::default();
+        registry.register(
+            BACKFILL_ROWS,
+            "Outbox rows written before the slot existed that the backfill (--backfill) delivers",
+            backfill_rows.clone(),
+        );
+        let backfill_rows_delivered = Gauge::default();
+        registry.register(
+            BACKFILL_ROWS_DELIVERED,
+            "Of relay_backfill_rows, those Kafka acknowledged (or held from an interrupted attempt)",
+            backfill_rows_delivered.clone(),
+        );
         Metrics {
             registry,
+            backfill_rows,
+            backfill_rows_delivered,
             messages_refused,
             stalls,
             role,

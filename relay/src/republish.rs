@@ -263,56 +263,89 @@ async fn rows(
     client: &tokio_postgres::Client,
     ids: &[i64],
 ) -> Result<(Relation, Vec<(i64, TupleData)>), RepublishError> {
-    let (schema, table) = cfg.table_parts();
-    let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
-    let columns = client
-        .query(
-            "SELECT attname::text, atttypid::oid, atttypmod FROM pg_attribute \
-              WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped \
-                AND attgenerated = '' ORDER BY attnum",
-            &[&qualified],
-        )
+    let table = OutboxColumns::read(cfg, client)
         .await
         .map_err(RepublishError::Query)?;
-    let columns: Vec<RelationColumn> = columns
-        .iter()
-        .map(|c| RelationColumn {
-            flags: u8::from(c.get::<_, String>(0) == "id"),
-            name: c.get(0),
-            type_oid: c.get(1),
-            type_modifier: c.get(2),
-        })
-        .collect();
-    let select = columns
-        .iter()
-        .map(|c| format!("{}::text", quote_ident(&c.name)))
-        .collect::<Vec<_>>()
-        .join(", ");
     let rows = client
         .query(
-            &format!("SELECT id, {select} FROM {qualified} WHERE id = ANY($1) ORDER BY 1"),
+            &format!(
+                "SELECT {} FROM {} WHERE id = ANY($1) ORDER BY 1",
+                table.select, table.qualified
+            ),
             &[&ids],
         )
         .await
         .map_err(RepublishError::Query)?;
-    let tuples = rows
-        .iter()
-        .map(|r| {
-            let values = (1..=columns.len())
-                .map(|i| match r.get::<_, Option<String>>(i) {
-                    Some(text) => TupleValue::Text(text),
-                    None => TupleValue::Null,
-                })
-                .collect();
-            (r.get::<_, i64>(0), TupleData(values))
+    let tuples = rows.iter().map(|r| table.tuple(r)).collect();
+    Ok((table.relation, tuples))
+}
+
+/// The outbox table read as the stream sees it: its columns as pgoutput
+/// describes them (generated columns are not sent), and a select list
+/// giving the id and then every column as text (`relay verify
+/// --republish-missing` and the backfill build records from it).
+pub(crate) struct OutboxColumns {
+    pub relation: Relation,
+    /// The table, schema-qualified and quoted.
+    pub qualified: String,
+    /// `id, "col"::text, …`
+    pub select: String,
+}
+
+impl OutboxColumns {
+    pub async fn read(
+        cfg: &Config,
+        client: &tokio_postgres::Client,
+    ) -> Result<OutboxColumns, tokio_postgres::Error> {
+        let (schema, table) = cfg.table_parts();
+        let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+        let columns = client
+            .query(
+                "SELECT attname::text, atttypid::oid, atttypmod FROM pg_attribute \
+                  WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped \
+                    AND attgenerated = '' ORDER BY attnum",
+                &[&qualified],
+            )
+            .await?;
+        let columns: Vec<RelationColumn> = columns
+            .iter()
+            .map(|c| RelationColumn {
+                flags: u8::from(c.get::<_, String>(0) == "id"),
+                name: c.get(0),
+                type_oid: c.get(1),
+                type_modifier: c.get(2),
+            })
+            .collect();
+        let select = std::iter::once("id".to_owned())
+            .chain(
+                columns
+                    .iter()
+                    .map(|c| format!("{}::text", quote_ident(&c.name))),
+            )
+            .collect::<Vec<_>>()
+            .join(", ");
+        let relation = Relation {
+            oid: 0,
+            namespace: schema,
+            name: table,
+            replica_identity: b'd',
+            columns,
+        };
+        Ok(OutboxColumns {
+            relation,
+            qualified,
+            select,
         })
-        .collect();
-    let rel = Relation {
-        oid: 0,
-        namespace: schema,
-        name: table,
-        replica_identity: b'd',
-        columns,
-    };
-    Ok((rel, tuples))
+    }
+
+    /// A row of the select list: its id and its columns as pgoutput sends them.
+    pub fn tuple(&self, row: &tokio_postgres::Row) -> (i64, TupleData) {
+        let values = (1..=self.relation.columns.len())
+            .map(|i| match row.get::<_, Option<String>>(i) {
+                Some(text) => TupleValue::Text(text),
+                None => TupleValue::Null,
+            })
+            .collect();
+        (row.get::<_, i64>(0), TupleData(values))
+    }
 }

@@ -304,7 +304,7 @@ async fn wait_confirmed(
 }
 
 /// Every record of `topic` from the start to its end when reading began.
-fn read_topic(
+pub(crate) fn read_topic(
     mut client_cfg: rdkafka::ClientConfig,
     topic: &str,
 ) -> Result<Vec<Seen>, VerifyError> {

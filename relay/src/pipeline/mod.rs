@@ -69,6 +69,7 @@ use crate::sink::{DeliveryReport, KafkaConfig, KafkaSink, Placement, SendError, 
 use crate::topics;
 
 mod apply;
+mod backfill;
 mod lag;
 mod session;
 mod supervisor;
@@ -77,6 +78,10 @@ mod tests;
 
 pub use apply::WalSource;
 use apply::*;
+use backfill::Backfilled;
+pub use backfill::{
+    parse_backfill, BackfillFrom, BackfillProgress, STATE_TABLE as BACKFILL_STATE_TABLE,
+};
 use lag::*;
 use session::*;
 use supervisor::*;

@@ -136,31 +136,36 @@ impl Session<'_> {
         if let (false, Some(table)) = (cfg.retention.is_zero(), table) {
             crate::retention::check_table(&client, table).await?;
         }
-        if self.exactly_once()
-            && !cfg.allow_new_slot
-            && replication::slot_state(&client, &cfg.slot).await?.is_none()
-        {
-            self.refuse_new_slot_over_records().await?;
-        }
         let mut conn = ReplicationConnection::connect(params).await?;
         let system = conn.identify_system().await?;
-        let slot_confirmed = match replication::prepare_slot(&client, &mut conn, &cfg.slot).await? {
-            replication::PreparedSlot::Existing(info) => {
-                info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO)
-            }
-            replication::PreparedSlot::Created { consistent_point } => {
-                tracing::info!(slot = %cfg.slot, at = %consistent_point, "created replication slot");
-                consistent_point
+        if sink_slot.is_none() {
+            *sink_slot = Some(KafkaSink::new(self.kafka_cfg, self.exactly_once())?);
+        }
+        let sink = sink_slot.as_mut().expect("set just above");
+        let slot_confirmed = match self.backfill(params, &client, &mut conn, sink).await? {
+            Backfilled::Stopped => return Ok(()),
+            Backfilled::Delivered(point) => point,
+            Backfilled::NotDue => {
+                if self.exactly_once()
+                    && !cfg.allow_new_slot
+                    && replication::slot_state(&client, &cfg.slot).await?.is_none()
+                {
+                    self.refuse_new_slot_over_records().await?;
+                }
+                match replication::prepare_slot(&client, &mut conn, &cfg.slot).await? {
+                    replication::PreparedSlot::Existing(info) => {
+                        info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO)
+                    }
+                    replication::PreparedSlot::Created { consistent_point } => {
+                        tracing::info!(slot = %cfg.slot, at = %consistent_point, "created replication slot");
+                        consistent_point
+                    }
+                }
             }
         };
         drop(client);
         tracing::info!(slot = %cfg.slot, system_id = %system.system_id, server_lsn = %system.xlogpos,
             confirmed = %slot_confirmed, "starting replication");
-
-        if sink_slot.is_none() {
-            *sink_slot = Some(KafkaSink::new(self.kafka_cfg, self.exactly_once())?);
-        }
-        let sink = sink_slot.as_mut().expect("set just above");
 
         // Fails with SlotBusy while another relay streams the slot (this one
         // is then a standby, see `supervise`).

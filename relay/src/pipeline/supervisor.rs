@@ -67,11 +67,15 @@ pub(super) async fn supervise(
         }
         match result {
             Ok(()) => return Ok(()),
-            Err(RelayError::Replication(ReplicationError::SlotBusy { error, .. })) => {
-                // Another relay streams the slot: stand by and poll, so the
-                // slot is taken over moments after it is released.
+            Err(
+                e @ (RelayError::Replication(ReplicationError::SlotBusy { .. })
+                | RelayError::BackfillBusy(_)),
+            ) => {
+                // Another relay streams (or backfills) the slot: stand by
+                // and poll, so the slot is taken over moments after it is
+                // released.
                 if shared.snapshot().state != RelayState::Standby {
-                    tracing::info!(slot = %cfg.slot, reason = %error, poll_ms = cfg.standby_poll_interval.as_millis() as u64,
+                    tracing::info!(slot = %cfg.slot, reason = %e, poll_ms = cfg.standby_poll_interval.as_millis() as u64,
                         "standby: another relay streams the slot");
                 }
                 attempt = 0;

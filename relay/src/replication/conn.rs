@@ -280,6 +280,35 @@ impl ReplicationConnection {
         parse_lsn(point)
     }
 
+    /// `CREATE_REPLICATION_SLOT "slot" LOGICAL pgoutput EXPORT_SNAPSHOT`;
+    /// returns the consistent point and the name of the snapshot it
+    /// exported: the database as of that point, importable with `SET
+    /// TRANSACTION SNAPSHOT` until this connection runs its next command.
+    /// Every transaction committed before the point is visible in it; every
+    /// later one is streamed by the slot (the backfill's hand-off).
+    pub async fn create_slot_exporting(
+        &mut self,
+        slot: &str,
+    ) -> Result<(Lsn, String), ReplicationError> {
+        validate_slot_name(slot)?;
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote_ident(slot)
+        );
+        let rows = match self.execute(&sql, "creating replication slot").await? {
+            Outcome::Rows(rows) => rows,
+            Outcome::CopyBoth => return Err(unexpected("CREATE_REPLICATION_SLOT")),
+        };
+        let field = |i: usize| rows.first().and_then(|row| row.get(i)).cloned().flatten();
+        match (field(1), field(2)) {
+            (Some(point), Some(snapshot)) => Ok((parse_lsn(&point)?, snapshot)),
+            _ => Err(ReplicationError::Protocol(
+                "CREATE_REPLICATION_SLOT … EXPORT_SNAPSHOT returned no consistent point or snapshot"
+                    .into(),
+            )),
+        }
+    }
+
     /// `START_REPLICATION SLOT "slot" LOGICAL start (proto_version '1',
     /// publication_names '"publication"', messages 'true')`. The server
     /// streams from the slot's `confirmed_flush_lsn` or `start`, whichever is

@@ -6,6 +6,7 @@
 
 mod common;
 
+mod backfill;
 mod chaos;
 mod exactly_once;
 mod faults;
