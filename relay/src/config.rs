@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 pub use lifecycle::parse_duration;
 
-use crate::event::{EventConfig, TopicRouting, ValueFormat};
+use crate::event::{self, EventConfig, TopicRouting, ValueFormat};
 use crate::message::MessageConfig;
 use crate::sink::KafkaConfig;
 
@@ -57,23 +57,33 @@ pub struct Config {
     #[arg(long, env = "RELAY_KAFKA_PROPERTIES_FILE", value_name = "PATH", value_parser = lifecycle::parse_properties_file)]
     pub kafka_properties_file: Option<lifecycle::PropertiesFile>,
 
-    /// Topic for every record; default: the topic prefix + the table name.
+    /// Topic for every record; default: the topic prefix + the table name
+    /// (with --value-format debezium-outbox: routed by aggregate_type).
     #[arg(long, env = "OUTBOX_TOPIC")]
     pub topic: Option<String>,
 
-    /// Prefix of topic names, as the JDBC source connector's topic.prefix.
-    #[arg(long, env = "RELAY_TOPIC_PREFIX", default_value = "microshop.order-")]
-    pub topic_prefix: String,
+    /// Prefix of topic names, as the JDBC source connector's topic.prefix
+    /// [default: microshop.order-; with --value-format debezium-outbox:
+    /// outbox.event., Debezium's route.topic.replacement].
+    #[arg(long, env = "RELAY_TOPIC_PREFIX")]
+    pub topic_prefix: Option<String>,
 
-    /// Route each record to prefix + the value of this column instead of one topic.
+    /// Route each record to prefix + the value of this column instead of
+    /// one topic [with --value-format debezium-outbox and no --topic:
+    /// aggregate_type, Debezium's route.by.field].
     #[arg(long, env = "RELAY_ROUTE_BY_COLUMN")]
     pub route_by_column: Option<String>,
 
-    /// Column whose value (as text) is the record key.
-    #[arg(long, env = "RELAY_KEY_COLUMN", default_value = "user_id")]
-    pub key_column: String,
+    /// Column whose value (as text) is the record key [default: user_id;
+    /// with --value-format debezium-outbox: aggregate_id, Debezium's
+    /// table.field.event.key].
+    #[arg(long, env = "RELAY_KEY_COLUMN")]
+    pub key_column: Option<String>,
 
-    /// Record value encoding.
+    /// Record value encoding: json (the row), connect-json (the JDBC
+    /// connector's envelope), debezium-outbox (Debezium's Outbox Event
+    /// Router with its defaults: value = the payload column as a JSON
+    /// string, header id; README "Debezium-compatible records").
     #[arg(long, env = "RELAY_VALUE_FORMAT", value_enum, default_value_t = ValueFormat::Json)]
     pub value_format: ValueFormat,
 
@@ -340,22 +350,44 @@ impl Config {
         } else {
             crate::message::DEFAULT_PREFIX
         };
+        let debezium = self.value_format == ValueFormat::DebeziumOutbox;
+        let prefix = self.topic_prefix.clone().unwrap_or_else(|| {
+            if debezium {
+                event::debezium::TOPIC_PREFIX
+            } else {
+                "microshop.order-"
+            }
+            .to_owned()
+        });
         let default_topic = self
             .topic
             .clone()
-            .unwrap_or_else(|| format!("{}{named}", self.topic_prefix));
-        let routing = match &self.route_by_column {
+            .unwrap_or_else(|| format!("{prefix}{named}"));
+        // Debezium's router routes by default; an explicit --topic alone
+        // still means one topic.
+        let route_by = self.route_by_column.clone().or_else(|| {
+            (debezium && self.topic.is_none()).then(|| event::debezium::ROUTE_COLUMN.to_owned())
+        });
+        let routing = match route_by {
             Some(column) => TopicRouting::ByColumn {
-                column: column.clone(),
-                prefix: self.topic_prefix.clone(),
+                column,
+                prefix,
                 fallback: default_topic,
             },
             None => TopicRouting::Fixed(default_topic),
         };
+        let key_column = self.key_column.clone().unwrap_or_else(|| {
+            if debezium {
+                event::debezium::KEY_COLUMN
+            } else {
+                "user_id"
+            }
+            .to_owned()
+        });
         EventConfig {
             schema,
             table,
-            key_column: self.key_column.clone(),
+            key_column,
             routing,
             value_format: self.value_format,
             header_columns: self
@@ -453,6 +485,36 @@ mod tests {
             TopicRouting::Fixed("microshop.order-outbox".into())
         );
         assert_eq!(cfg.event_config().key_column, "user_id");
+    }
+
+    #[test]
+    fn debezium_outbox_defaults_to_debeziums_routing_and_key() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["relay", "--database-url", "postgres://x@h/db"];
+            args.extend_from_slice(&["--value-format", "debezium-outbox"]);
+            args.extend_from_slice(extra);
+            Config::try_parse_from(args).unwrap().event_config()
+        };
+        let c = parse(&[]);
+        assert_eq!(
+            c.routing,
+            TopicRouting::ByColumn {
+                column: "aggregate_type".into(),
+                prefix: "outbox.event.".into(),
+                fallback: "outbox.event.outbox".into(),
+            }
+        );
+        assert_eq!(c.key_column, "aggregate_id");
+        assert_eq!(c.value_format, ValueFormat::DebeziumOutbox);
+        // Explicit settings win.
+        let c = parse(&["--topic", "events", "--key-column", "user_id"]);
+        assert_eq!(c.routing, TopicRouting::Fixed("events".into()));
+        assert_eq!(c.key_column, "user_id");
+        let c = parse(&["--route-by-column", "event_type", "--topic-prefix", "x."]);
+        assert!(
+            matches!(c.routing, TopicRouting::ByColumn { ref column, ref prefix, .. }
+            if column == "event_type" && prefix == "x.")
+        );
     }
 
     #[test]

@@ -19,6 +19,26 @@
 //! With `--value-format connect-json` the value is the
 //! `{"schema":…,"payload":…}` envelope Kafka Connect's JsonConverter wrote
 //! for the JDBC source connector this relay replaces.
+//!
+//! With `--value-format debezium-outbox` the record is the one Debezium
+//! 3.6's Outbox Event Router (`io.debezium.transforms.outbox.EventRouter`)
+//! writes with its defaults, behind Kafka Connect's `StringConverter` for
+//! keys, `JsonConverter` with `schemas.enable=false` for values and the
+//! default `SimpleHeaderConverter` for headers (see [`debezium_value`]):
+//!
+//! ```text
+//!  row {id: 17, aggregate_type: "order", aggregate_id: "5", payload: {"a": 1}}
+//!    ─▶ topic   outbox.event.order            route.topic.replacement outbox.event.${routedByValue}
+//!       key     5                             table.field.event.key   (aggregateid → aggregate_id)
+//!       value   "{\"a\": 1}"                   table.field.event.payload, a JSON string
+//!       headers id=17, then the relay's own   table.field.event.id
+//! ```
+//!
+//! The relay's own headers (`event_id`, `event_type`, `lsn`, `xid`,
+//! `commit_ts`, `seq`) and the `--header-columns` ones follow Debezium's
+//! `id`: `lsn` and `seq` are what its exactly-once restart reads (see
+//! `dedupe`), and a consumer that reads headers by name does not see the
+//! difference.
 
 use outbox_record::header;
 use serde_json::{json, Value};
@@ -26,7 +46,7 @@ use serde_json::{json, Value};
 use crate::lsn::Lsn;
 use crate::message::MessageConfig;
 use crate::pgoutput::{
-    row_to_json, type_oid, Cell, JsonRow, PgTimestamp, Relation, RowError, TupleData,
+    row_to_json, type_oid, Cell, JsonRow, PgTimestamp, Relation, RowError, TupleData, TupleValue,
 };
 
 /// How the record value is encoded.
@@ -36,6 +56,30 @@ pub enum ValueFormat {
     Json,
     /// Kafka Connect JsonConverter envelope with `schema` and `payload`.
     ConnectJson,
+    /// What Debezium's Outbox Event Router writes with its defaults: topic
+    /// `outbox.event.<aggregate_type>`, key `aggregate_id`, value the
+    /// `payload` column as a JSON string, header `id`.
+    DebeziumOutbox,
+}
+
+/// The Debezium outbox format's names (`--value-format debezium-outbox`),
+/// each the Outbox Event Router default of Debezium 3.6.1
+/// (`EventRouterConfigDefinition`) it stands for, mapped to this outbox
+/// table's column names.
+pub mod debezium {
+    /// `route.topic.replacement` `outbox.event.${routedByValue}`: the
+    /// default topic prefix.
+    pub const TOPIC_PREFIX: &str = "outbox.event.";
+    /// `route.by.field` `aggregatetype`: the default routing column.
+    pub const ROUTE_COLUMN: &str = "aggregate_type";
+    /// `table.field.event.key` `aggregateid`: the default key column.
+    pub const KEY_COLUMN: &str = "aggregate_id";
+    /// `table.field.event.payload` `payload`: the value.
+    pub const PAYLOAD_COLUMN: &str = "payload";
+    /// `table.field.event.id` `id`: the column copied into the `id` header.
+    pub const ID_COLUMN: &str = "id";
+    /// The header the router always adds (`headers.add("id", …)`).
+    pub const ID_HEADER: &str = "id";
 }
 
 /// Which topic a record goes to.
@@ -172,6 +216,11 @@ pub fn check_relation(cfg: &EventConfig, rel: &Relation) -> Result<(), EventErro
     if let TopicRouting::ByColumn { column, .. } = &cfg.routing {
         required.push((column.as_str(), "routing column"));
     }
+    if cfg.value_format == ValueFormat::DebeziumOutbox {
+        // Debezium stops on both ("Unable to find payload field …").
+        required.push((debezium::PAYLOAD_COLUMN, "Debezium outbox payload"));
+        required.push((debezium::ID_COLUMN, "Debezium outbox event id"));
+    }
     for (column, role) in required {
         if !rel.columns.iter().any(|c| c.name == column) {
             return Err(EventError::MissingColumn {
@@ -193,7 +242,23 @@ pub fn build_record(
     seq: u64,
 ) -> Result<OutboxRecord, EventError> {
     let row = row_to_json(rel, tuple)?;
-    Ok(record_from_row(cfg, rel, &row, txn, seq))
+    let mut record = record_from_row(cfg, rel, &row, txn, seq);
+    if cfg.value_format == ValueFormat::DebeziumOutbox {
+        // The payload exactly as Postgres printed it (the JSON row drops
+        // whitespace inside json/jsonb), as Debezium reads it.
+        let raw = rel
+            .columns
+            .iter()
+            .position(|c| c.name == debezium::PAYLOAD_COLUMN)
+            .and_then(|i| match tuple.0.get(i) {
+                Some(TupleValue::Text(text)) => Some(text.as_str()),
+                _ => None,
+            });
+        if let Some(raw) = raw {
+            record.value = debezium_value(Some(raw));
+        }
+    }
+    Ok(record)
 }
 
 /// The record of a decoded row (`rel` gives its column types); also used
@@ -218,13 +283,18 @@ pub fn record_from_row(
         },
     };
     let key = text(row.get(&cfg.key_column));
-    let headers = header::relay_headers(
+    let mut headers = header::relay_headers(
         text(row.get("id")),
         text(row.get("event_type")),
         (txn.commit_lsn, seq),
         txn.xid,
         txn.commit_ts.to_rfc3339_micros(),
     );
+    if cfg.value_format == ValueFormat::DebeziumOutbox {
+        if let Some(id) = text(row.get(debezium::ID_COLUMN)) {
+            headers.insert(0, (debezium::ID_HEADER, id));
+        }
+    }
     let column_headers = cfg
         .header_columns
         .iter()
@@ -233,6 +303,10 @@ pub fn record_from_row(
     let value = match cfg.value_format {
         ValueFormat::Json => row.to_json_string().into_bytes(),
         ValueFormat::ConnectJson => connect_json(rel, row).to_string().into_bytes(),
+        // A table row's is replaced by its raw text in `build_record`.
+        ValueFormat::DebeziumOutbox => {
+            debezium_value(text(row.get(debezium::PAYLOAD_COLUMN)).as_deref())
+        }
     };
     OutboxRecord {
         topic,
@@ -306,6 +380,65 @@ fn connect_json(rel: &Relation, row: &JsonRow) -> Value {
         },
         "payload": payload,
     })
+}
+
+/// The value Debezium's Outbox Event Router writes for a payload column
+/// through Kafka Connect's `JsonConverter` with `schemas.enable=false`.
+///
+/// The router's value is the payload column itself when no
+/// `table.fields.additional.placement` puts a field in the envelope
+/// (`EventRouterDelegate`, `onlyHeadersInOutputMessage`), and its Connect
+/// schema is the column's: for `json`/`jsonb`, `text` and `varchar` a string
+/// (`io.debezium.data.Json` for JSON, holding the text Postgres printed,
+/// `ReplicationMessageColumnValueResolver`) unless
+/// `table.expand.json.payload` is set, which is off by default. The
+/// converter writes a string as a JSON string literal with Jackson's
+/// escaping — `\"`, `\\`, `\b \f \n \r \t`, other controls as `\u00XX`,
+/// characters beyond U+FFFF as their UTF-16 surrogates `\uXXXX\uXXXX`
+/// (hex in upper case), everything else (`/`, DEL, other non-ASCII) as it
+/// is — and a NULL of an optional column as `null`. Checked against
+/// Kafka 4.3's converter by `scripts/bench debezium-compat`.
+pub fn debezium_value(payload: Option<&str>) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    fn unicode_escape(out: &mut Vec<u8>, unit: u16) {
+        out.extend_from_slice(b"\\u");
+        for shift in [12, 8, 4, 0] {
+            out.push(HEX[usize::from((unit >> shift) & 0xf)]);
+        }
+    }
+    let Some(text) = payload else {
+        return b"null".to_vec();
+    };
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(text.len() + text.len() / 8 + 2);
+    out.push(b'"');
+    let mut run = 0;
+    for (i, c) in text.char_indices() {
+        let escape: &[u8] = match c {
+            '"' => b"\\\"",
+            '\\' => b"\\\\",
+            '\n' => b"\\n",
+            '\r' => b"\\r",
+            '\t' => b"\\t",
+            '\u{8}' => b"\\b",
+            '\u{c}' => b"\\f",
+            '\0'..='\u{1f}' | '\u{10000}'.. => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[run..i]);
+        run = i + c.len_utf8();
+        if escape.is_empty() {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                unicode_escape(&mut out, *unit);
+            }
+        } else {
+            out.extend_from_slice(escape);
+        }
+    }
+    out.extend_from_slice(&bytes[run..]);
+    out.push(b'"');
+    out
 }
 
 fn timestamp_millis(s: &str) -> Option<i64> {
@@ -509,6 +642,91 @@ mod tests {
             json!(r#"{"order_id":5,"items":[1,2]}"#)
         );
         assert_eq!(v["payload"]["created_at"], json!(1_795_251_600_500_i64));
+    }
+
+    fn debezium_cfg() -> EventConfig {
+        let mut c = cfg(
+            TopicRouting::ByColumn {
+                column: debezium::ROUTE_COLUMN.into(),
+                prefix: debezium::TOPIC_PREFIX.into(),
+                fallback: "outbox.event.outbox".into(),
+            },
+            ValueFormat::DebeziumOutbox,
+        );
+        c.key_column = debezium::KEY_COLUMN.into();
+        c.header_columns = vec!["traceparent".into()];
+        c
+    }
+
+    #[test]
+    fn debezium_outbox_record() {
+        let rec = build_record(&debezium_cfg(), &outbox_relation(), &row(), &txn(), 3).unwrap();
+        assert_eq!(rec.topic, "outbox.event.order");
+        assert_eq!(rec.key.as_deref(), Some("5"), "aggregate_id");
+        // The payload as Postgres printed it, as one JSON string.
+        assert_eq!(
+            String::from_utf8(rec.value.clone()).unwrap(),
+            r#""{\"order_id\": 5, \"items\": [1, 2]}""#
+        );
+        let names: Vec<_> = rec.all_headers().map(|(k, _)| k).collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "event_id",
+                "event_type",
+                "lsn",
+                "xid",
+                "commit_ts",
+                "seq"
+            ]
+        );
+        assert_eq!(rec.headers[0], ("id", "17".to_owned()));
+        assert_eq!(rec.partition_key(), "5");
+    }
+
+    #[test]
+    fn debezium_outbox_null_payload_and_key() {
+        let mut t = row();
+        t.0[2] = TupleValue::Null;
+        t.0[5] = TupleValue::Null;
+        let rec = build_record(&debezium_cfg(), &outbox_relation(), &t, &txn(), 0).unwrap();
+        assert_eq!(rec.key, None);
+        assert_eq!(rec.value, b"null");
+        // Placed by its event id, as every keyless record.
+        assert_eq!(rec.partition_key(), "17");
+        // A NULL routing value goes to the fallback topic.
+        t.0[1] = TupleValue::Null;
+        let rec = build_record(&debezium_cfg(), &outbox_relation(), &t, &txn(), 0).unwrap();
+        assert_eq!(rec.topic, "outbox.event.outbox");
+    }
+
+    #[test]
+    fn debezium_value_escapes_as_jackson_does() {
+        let v = |s: &str| String::from_utf8(debezium_value(Some(s))).unwrap();
+        assert_eq!(v(""), r#""""#);
+        assert_eq!(v(r#"{"a": "x\"y"}"#), r#""{\"a\": \"x\\\"y\"}""#);
+        assert_eq!(v("a\nb\tc\r\u{8}\u{c}"), r#""a\nb\tc\r\b\f""#);
+        assert_eq!(v("\u{1}\u{1f}"), r#""\u0001\u001F""#);
+        // `/`, DEL and non-ASCII as they are, except beyond U+FFFF:
+        // what Kafka 4.3's JsonConverter printed for the same string.
+        assert_eq!(v("/\u{7f}é€"), "\"/\u{7f}é€\"");
+        assert_eq!(v("😀x"), r#""\uD83D\uDE00x""#);
+        assert_eq!(debezium_value(None), b"null");
+        // What a JSON parser reads back is the text.
+        let text = "{\"k\": \"\\u001f\u{1}😀\"}\n";
+        let back: String = serde_json::from_slice(&debezium_value(Some(text))).unwrap();
+        assert_eq!(back, text);
+    }
+
+    #[test]
+    fn debezium_outbox_needs_payload_and_id_columns() {
+        let mut rel = outbox_relation();
+        rel.columns.retain(|c| c.name != "payload");
+        let err = check_relation(&debezium_cfg(), &rel).unwrap_err();
+        assert!(err.to_string().contains("payload"), "{err}");
+        let c = cfg(TopicRouting::Fixed("t".into()), ValueFormat::Json);
+        check_relation(&c, &rel).unwrap();
     }
 
     #[test]

@@ -95,6 +95,17 @@ impl Connect {
         dir: &Path,
         mode: Mode,
     ) -> anyhow::Result<Connect> {
+        Connect::spawn_with(args, db, dir, mode, connector_config(db, slot)?)
+    }
+
+    /// [`Connect::spawn`] with a connector configuration of the caller's.
+    pub fn spawn_with(
+        args: &Args,
+        db: &ScratchDb,
+        dir: &Path,
+        mode: Mode,
+        mut connector: Vec<(String, String)>,
+    ) -> anyhow::Result<Connect> {
         let rest = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -109,7 +120,6 @@ impl Connect {
             bootstrap = args.stack.kafka_bootstrap_servers,
             flush = setting("offset.flush.interval.ms"),
         );
-        let mut connector = connector_config(db, slot)?;
         let (class, pending_config) = match mode {
             Mode::Standalone => {
                 worker.push_str(&format!(
@@ -247,8 +257,83 @@ fn setting(key: &str) -> &'static str {
 /// database; Debezium would stream them to `vsdbz.message` (a topic nobody
 /// created, which blocks its producer), so they are excluded by prefix.
 fn connector_config(db: &ScratchDb, slot: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut config = essentials(db, slot)?;
+    config.extend(
+        [
+            ("transforms.outbox.table.field.event.id", "id".to_owned()),
+            (
+                "transforms.outbox.table.field.event.key",
+                "user_id".to_owned(),
+            ),
+            (
+                "transforms.outbox.table.field.event.payload",
+                "payload".to_owned(),
+            ),
+            (
+                "transforms.outbox.route.by.field",
+                "aggregate_type".to_owned(),
+            ),
+            (
+                "transforms.outbox.route.topic.replacement",
+                format!("{}.${{routedByValue}}", db.name),
+            ),
+            (
+                "transforms.outbox.table.fields.additional.placement",
+                "event_type:header:event_type,created_at:header:created_at".to_owned(),
+            ),
+            (
+                "transforms.outbox.table.expand.json.payload",
+                "true".to_owned(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    for key in [
+        "poll.interval.ms",
+        "max.batch.size",
+        "max.queue.size",
+        "producer.override.linger.ms",
+        "producer.override.batch.size",
+        "heartbeat.interval.ms",
+        "heartbeat.action.query",
+    ] {
+        config.push((key.to_owned(), setting(key).to_owned()));
+    }
+    Ok(config)
+}
+
+/// The Outbox Event Router with its defaults except the names of this
+/// outbox table's columns (`scripts/bench debezium-compat`): Debezium's
+/// `aggregateid` is `aggregate_id`, `aggregatetype` is `aggregate_type`,
+/// `type` is `event_type`; `id` and `payload` are its defaults already.
+/// Everything else — `route.topic.replacement`
+/// (`outbox.event.${routedByValue}`), no additional fields, no JSON
+/// expansion, the worker's converters — is as it comes.
+pub fn router_defaults_config(db: &ScratchDb, slot: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut config = essentials(db, slot)?;
+    for (k, v) in ROUTER_COLUMN_NAMES {
+        config.push((format!("transforms.outbox.{k}"), (*v).to_owned()));
+    }
+    config.push((
+        "poll.interval.ms".into(),
+        setting("poll.interval.ms").into(),
+    ));
+    Ok(config)
+}
+
+/// The router settings `debezium-compat` changes: column names only.
+pub const ROUTER_COLUMN_NAMES: &[(&str, &str)] = &[
+    ("table.field.event.key", "aggregate_id"),
+    ("route.by.field", "aggregate_type"),
+    ("table.field.event.type", "event_type"),
+];
+
+/// The connector without router settings beyond its type: pgoutput, its
+/// slot and publication, the outbox only through the router.
+fn essentials(db: &ScratchDb, slot: &str) -> anyhow::Result<Vec<(String, String)>> {
     let pg = pgconn::ConnectParams::from_url(&db.url).context("database URL")?;
-    let mut config: Vec<(String, String)> = [
+    let config: Vec<(String, String)> = [
         ("name", "outbox-debezium".to_owned()),
         (
             "connector.class",
@@ -289,46 +374,10 @@ fn connector_config(db: &ScratchDb, slot: &str) -> anyhow::Result<Vec<(String, S
             "predicates.isOutbox.pattern",
             "vsdbz.public.outbox".to_owned(),
         ),
-        ("transforms.outbox.table.field.event.id", "id".to_owned()),
-        (
-            "transforms.outbox.table.field.event.key",
-            "user_id".to_owned(),
-        ),
-        (
-            "transforms.outbox.table.field.event.payload",
-            "payload".to_owned(),
-        ),
-        (
-            "transforms.outbox.route.by.field",
-            "aggregate_type".to_owned(),
-        ),
-        (
-            "transforms.outbox.route.topic.replacement",
-            format!("{}.${{routedByValue}}", db.name),
-        ),
-        (
-            "transforms.outbox.table.fields.additional.placement",
-            "event_type:header:event_type,created_at:header:created_at".to_owned(),
-        ),
-        (
-            "transforms.outbox.table.expand.json.payload",
-            "true".to_owned(),
-        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    for key in [
-        "poll.interval.ms",
-        "max.batch.size",
-        "max.queue.size",
-        "producer.override.linger.ms",
-        "producer.override.batch.size",
-        "heartbeat.interval.ms",
-        "heartbeat.action.query",
-    ] {
-        config.push((key.to_owned(), setting(key).to_owned()));
-    }
     Ok(config)
 }
 

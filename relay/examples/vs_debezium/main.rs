@@ -33,6 +33,7 @@
 //!
 //! Nothing here asserts anything: it prints figures and ratios.
 
+mod compat;
 mod connect;
 mod crash;
 mod latency;
@@ -55,6 +56,10 @@ enum Phase {
     Crash,
     Idle,
     Wal,
+    /// `scripts/bench debezium-compat` ([`compat`]): the relay's
+    /// `--value-format debezium-outbox` against Debezium's records, alone
+    /// (not among the defaults).
+    Compat,
 }
 
 #[derive(Parser, Debug)]
@@ -182,6 +187,10 @@ async fn main() -> anyhow::Result<()> {
     );
     let args = &args;
     let run = |p: Phase| args.phases.contains(&p);
+    if run(Phase::Compat) {
+        anyhow::ensure!(args.phases == [Phase::Compat], "--phases compat runs alone");
+        return compat::run(args).await;
+    }
     println!(
         "vs-debezium: {} events, {} partitions, one system at a time",
         args.events, args.partitions

@@ -8,6 +8,7 @@ mod common;
 
 mod backfill;
 mod chaos;
+mod debezium;
 mod exactly_once;
 mod faults;
 mod ha;
