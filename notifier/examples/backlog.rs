@@ -145,6 +145,10 @@ struct Args {
     /// Write the figures to this JSON file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The runs to do, of `smtp` (the notifier and the plain clients by
+    /// SMTP) and `spool`.
+    #[arg(long, value_delimiter = ',', default_value = "smtp,spool")]
+    runs: Vec<String>,
 }
 
 impl Args {
@@ -342,12 +346,17 @@ async fn bench_runs(bench: &mut Bench) -> anyhow::Result<Vec<Run>> {
     );
 
     let mut runs = Vec::new();
-    let smtp = Dest::Smtp(bench.args.smtp_url.clone());
-    runs.push(notifier_run(bench, SMTP_RUN, "smtp", &smtp).await?);
-    if let Some(run) = plain_nodelay(bench).await? {
-        runs.push(run);
+    if bench.args.runs.iter().any(|r| r == "smtp") {
+        let smtp = Dest::Smtp(bench.args.smtp_url.clone());
+        runs.push(notifier_run(bench, SMTP_RUN, "smtp", &smtp).await?);
+        if let Some(run) = plain_nodelay(bench).await? {
+            runs.push(run);
+        }
+        runs.push(plain_lettre_pool(bench).await?);
     }
-    runs.push(plain_lettre_pool(bench).await?);
+    if !bench.args.runs.iter().any(|r| r == "spool") {
+        return Ok(runs);
+    }
 
     let parent = bench
         .args

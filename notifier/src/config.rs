@@ -103,11 +103,18 @@ pub struct Config {
     #[arg(long, env = "NOTIFIER_MAX_IN_FLIGHT", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_in_flight_per_partition: u16,
 
-    /// Records handled at once across all partitions: the handlers, each
-    /// with its own inbox database connection (opened on first use), and
-    /// the SMTP connections kept open for reuse.
+    /// Records handled at once across all partitions (the handlers), and
+    /// the SMTP connections kept open for reuse. Their inbox claims share
+    /// the --inbox-db-connections (the name is from when each handler had
+    /// its own).
     #[arg(long, env = "NOTIFIER_INBOX_CONNECTIONS", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     pub inbox_connections: u16,
+
+    /// Inbox database connections (opened on first use), each carrying one
+    /// batch of claims at a time: the claims of the records being handled
+    /// are grouped into one transaction per free connection.
+    #[arg(long, env = "NOTIFIER_INBOX_DB_CONNECTIONS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub inbox_db_connections: u16,
 
     /// Delete notifier_inbox rows handled longer ago than this, in small
     /// batches; 0 (the default) keeps every row. Must be at least the
@@ -143,6 +150,7 @@ impl std::fmt::Debug for Config {
                 &self.max_in_flight_per_partition,
             )
             .field("inbox_connections", &self.inbox_connections)
+            .field("inbox_db_connections", &self.inbox_db_connections)
             .finish_non_exhaustive()
     }
 }
@@ -179,6 +187,7 @@ mod tests {
         assert!(cfg.smtp_url.is_none());
         assert_eq!(cfg.max_in_flight_per_partition, 16);
         assert_eq!(cfg.inbox_connections, 32);
+        assert_eq!(cfg.inbox_db_connections, 4);
         assert!(Config::try_parse_from([
             "notifier",
             "--database-url",

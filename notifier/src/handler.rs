@@ -22,20 +22,26 @@
 //! the one being retried, and no offset at or past it is stored, while
 //! records of other keys go on (up to the window's bound).
 //!
-//! Handlers come from a [`HandlerPool`] shared by every partition: each has
-//! its own inbox connection (a claim holds a transaction open while its
-//! email is sent), and the pool's size bounds the emails in flight at once.
+//! Handlers come from a [`HandlerPool`] shared by every partition; the
+//! pool's size bounds the emails in flight at once. Their inbox claims go
+//! through one batcher ([`Claims`]): the claims made at about the same time
+//! share one transaction, inserted with one statement before the sends and
+//! committed with one more after the last of them (see `inbox`).
 //!
 //! # Crash windows
 //!
-//! The inbox row is inserted in the same transaction that decides whether to
-//! send, and committed after the mail server took the email (see `inbox`).
-//! The offset is stored after that commit and committed to Kafka later.
+//! The inbox row is inserted in the transaction that decides whether to
+//! send — its batch's — and committed after the mail server took the email
+//! (and every other email of the batch was sent or given up). The handler
+//! returns, and the offset is stored, only after that commit; the offset is
+//! committed to Kafka later.
 //!
-//! 1. Crash after the email was sent, before the inbox commit: the row is
+//! 1. Crash after the email was sent, before its batch's commit: the row is
 //!    rolled back, the offset was not stored, the record is redelivered and
-//!    the email is sent **again** (at most one email per handler: those in
-//!    flight at the crash). This is the one window that duplicates;
+//!    the email is sent **again** — at most one email per handler: a
+//!    handler whose email went out holds on until its batch commits, so
+//!    the emails sent and not recorded are at most the handlers. This is
+//!    the one window that duplicates;
 //!    no ordering of "send" and "record" closes it without risking a lost
 //!    email instead. The resend carries the same `Message-ID`
 //!    (`<order-event-{event_id}@notifier.outbox-relay>`), so the receiving
@@ -47,7 +53,12 @@
 //! 3. A rebalance (or a crash) while a send is in progress: the partition's
 //!    next owner gets the record again, but the open claim locks the event
 //!    id, so it waits for the outcome and either skips (committed) or sends
-//!    (rolled back — the first instance crashed or failed).
+//!    (rolled back — the first instance crashed or failed; or its row
+//!    deleted before the commit — the send failed).
+//! 4. A send that fails (4xx, 5xx, connection): the handler releases its
+//!    claim; the batch deletes that row before it commits, so the event
+//!    counts as not sent — retried, or dead-lettered and replayable — while
+//!    the batch's other rows are recorded.
 //!
 //! # Tracing
 //!
@@ -74,7 +85,7 @@ use crate::dlq::{DeadLetterQueue, DlqError};
 use crate::email::{message_id, Composer};
 use crate::event::{self, Decoded, MalformedEvent};
 use crate::http::Shared;
-use crate::inbox::{Claim, Inbox, InboxEntry, InboxError};
+use crate::inbox::{Claim, Claims, InboxEntry, InboxError};
 use crate::mailer::{MailError, MailSink, Mailer};
 use crate::metrics::Outcome;
 
@@ -96,12 +107,12 @@ pub enum TransientError {
 #[derive(Debug)]
 pub struct Interrupted;
 
-/// Everything needed to handle records, one at a time (each has its own
-/// inbox connection, since a claim holds a transaction open).
+/// Everything needed to handle records, one at a time (the inbox claims of
+/// all handlers go through one batcher, see `inbox`).
 pub struct Handler {
     pub composer: Composer,
     pub mailer: Mailer,
-    pub inbox: Inbox,
+    pub inbox: Claims,
     pub dlq: DeadLetterQueue,
     pub shared: Arc<Shared>,
     pub backoff: Backoff,
@@ -231,14 +242,14 @@ impl Handler {
         let message_id = message_id(event.event_id);
         let entry = InboxEntry {
             event_id: event.event_id,
-            event_type: &event.event_type,
-            message_id: &message_id,
-            topic: msg.topic(),
+            event_type: event.event_type.clone(),
+            message_id,
+            topic: msg.topic().to_owned(),
             partition: msg.partition(),
             offset: msg.offset(),
         };
         let key = format!("order-event-{}", event.event_id);
-        let claim = match self.inbox.claim(&entry).await? {
+        let claim = match self.inbox.claim(entry).await? {
             Claim::Duplicate => {
                 tracing::debug!(event_id = event.event_id, "already sent; skipping");
                 return Ok(Outcome::duplicate);
@@ -263,17 +274,13 @@ impl Handler {
                 // Not recorded as sent: release the claim, so a fixed record
                 // replayed from the DLQ is sent.
                 let reason = error_chain(&e);
-                if let Err(e) = claim.release().await {
-                    tracing::debug!(error = %error_chain(&e), "releasing inbox claim");
-                }
+                claim.release();
                 tracing::warn!(event_id = event.event_id, error = %reason, "email rejected permanently");
                 dead_letter(&self.dlq, msg, "smtp_rejected", &reason).await?;
                 Ok(Outcome::dlq)
             }
             Err(e) => {
-                if let Err(e) = claim.release().await {
-                    tracing::debug!(error = %error_chain(&e), "releasing inbox claim");
-                }
+                claim.release();
                 Err(e.into())
             }
         }
@@ -281,9 +288,10 @@ impl Handler {
 }
 
 /// A fixed set of handlers shared by the partition workers: a record in
-/// flight holds one, so the pool's size bounds the records handled at once
-/// (and the inbox connections, opened on first use). Waiting for a handler
-/// is the backpressure of a slow mail server or database.
+/// flight holds one (until its inbox batch committed), so the pool's size
+/// bounds the records handled at once and the emails sent but not yet
+/// recorded. Waiting for a handler is the backpressure of a slow mail
+/// server or database.
 pub struct HandlerPool {
     idle: Mutex<Vec<Handler>>,
     available: Arc<Semaphore>,

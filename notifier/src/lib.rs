@@ -6,9 +6,9 @@
 //!
 //! ```text
 //!  pipeline ─▶ window ─▶ event ─▶ email ─▶ inbox claim ─▶ mailer ─▶ inbox commit ─▶ window: offset stored
-//!  (consumer,  (per-key   (record   (subject, (notifier_inbox, (SMTP or  (recorded as    (the handled prefix;
-//!   a worker    order,     → event)  bodies,   decides: send    .eml)     sent)           committed on interval,
-//!   per part.)  bound)               Msg-ID)   or duplicate)                              revoke, shutdown)
+//!  (consumer,  (per-key   (record   (subject, (notifier_inbox, (SMTP or  (the batch's   (the handled prefix;
+//!   a worker    order,     → event)  bodies,   a batch decides: .eml)     COMMIT: sent)  committed on interval,
+//!   per part.)  bound)               Msg-ID)   send or dup.)                             revoke, shutdown)
 //!      └── malformed record / permanent rejection ──▶ dlq (<topic>.dlq) ──▶ handled
 //! ```
 //!

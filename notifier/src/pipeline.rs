@@ -7,8 +7,9 @@
 //! ```text
 //!                 ┌─ queue p0 ─▶ worker p0: window ─▶ handler tasks (≤ --max-in-flight-per-partition)
 //!  Kafka ─fetch─▶ ┼─ queue p1 ─▶ worker p1: window ─▶ …        │ each takes a handler from the
-//!  (group         └─ queue p2 ─▶ worker p2: …                  │ pool (--inbox-connections)
-//!   notifier)      main queue ─▶ loop: rebalances, errors      ▼
+//!  (group         └─ queue p2 ─▶ worker p2: …                  │ pool (--inbox-connections); claims
+//!   notifier)      main queue ─▶ loop: rebalances, errors      │ batched (--inbox-db-connections)
+//!                                                              ▼
 //!                                      handled ─▶ window: prefix grew? ─▶ store_offset(p, last of prefix)
 //!                                                                         ─▶ commit: every --commit-interval,
 //!                                                                            on revoke, on shutdown
@@ -28,11 +29,11 @@
 //! decoded before deciding and gives nothing for records that fail to
 //! decode; the key orders a superset, and a customer rarely has many events
 //! within one window.) Each task handles
-//! its record with a handler of the shared [`HandlerPool`] — its own inbox
-//! connection, since a claim holds a transaction open while the email is
-//! sent — so the pool bounds the emails in flight across partitions, and a
-//! slow mail server or database is backpressure: tasks wait for handlers,
-//! the worker stops taking records, librdkafka stops fetching.
+//! its record with a handler of the shared [`HandlerPool`] — its inbox
+//! claim batched with the other handlers' in one transaction per batch
+//! (`inbox`) — so the pool bounds the emails in flight across partitions,
+//! and a slow mail server or database is backpressure: tasks wait for
+//! handlers, the worker stops taking records, librdkafka stops fetching.
 //!
 //! Offsets: `enable.auto.offset.store=false`, so librdkafka commits only
 //! what the workers stored. A worker stores an offset only when every
@@ -117,7 +118,7 @@ use crate::dlq::{DeadLetterQueue, DlqError};
 use crate::email::Composer;
 use crate::handler::{error_chain, Backoff, Handler, HandlerPool, Interrupted};
 use crate::http::Shared;
-use crate::inbox::{Inbox, InboxError};
+use crate::inbox::{Claims, Inbox, InboxError};
 use crate::mailer::{Mailer, MailerSetupError};
 use crate::metrics::Outcome;
 use crate::window::{Key, Window};
@@ -357,8 +358,8 @@ struct Parts {
     composer: Composer,
     mailer: Mailer,
     dlq: DeadLetterQueue,
-    /// A checked, unconnected inbox to clone the settings from.
-    inbox: Inbox,
+    /// The inbox batcher every handler claims through.
+    claims: Claims,
     shared: Arc<Shared>,
     backoff: Backoff,
 }
@@ -368,14 +369,14 @@ impl Parts {
         Handler {
             composer: self.composer.clone(),
             mailer: self.mailer.clone(),
-            inbox: self.inbox.unconnected(),
+            inbox: self.claims.clone(),
             dlq: self.dlq.clone(),
             shared: self.shared.clone(),
             backoff: self.backoff,
         }
     }
 
-    /// `size` handlers, each with its own (not yet connected) inbox.
+    /// `size` handlers.
     fn pool(&self, size: usize) -> Arc<HandlerPool> {
         HandlerPool::new((0..size.max(1)).map(|_| self.handler()).collect())
     }
@@ -568,13 +569,14 @@ async fn consume(
         mailer = %mailer.describe(),
         max_in_flight_per_partition = cfg.max_in_flight_per_partition,
         inbox_connections = cfg.inbox_connections,
+        inbox_db_connections = cfg.inbox_db_connections,
         "notifier starting"
     );
     let parts = Parts {
         composer,
         mailer,
         dlq,
-        inbox: inbox.unconnected(),
+        claims: Claims::start(&inbox, usize::from(cfg.inbox_db_connections)),
         shared: shared.clone(),
         backoff,
     };

@@ -26,6 +26,14 @@
 //! passes an unhandled record). Rows are never deleted, so a row missing
 //! after the offset was read was missing when it was committed.
 //!
+//! The inbox is written in batches (one transaction for the claims made at
+//! about the same time, see `notifier/src/inbox.rs`): the SQL bursts check
+//! that its rows came in transactions of several rows (rows of one
+//! transaction share `handled_at`; one row each fails), and every burst
+//! that each customer's rows were committed in event order. The SQL burst
+//! also runs into a spool directory (`--mail-dir`), killed twice: one file
+//! per event, named after it, nothing half-written left.
+//!
 //! The notifier once lost about a quarter of every burst: it paused a
 //! partition whose worker lagged 64 records and resumed it later, and the
 //! resumed fetch skipped records while the committed offsets moved past
@@ -406,13 +414,14 @@ struct Notifier {
 }
 
 impl Notifier {
-    fn spawn(db: &TestDb, topic: &str, group: &str, smtp: &str, n: usize) -> anyhow::Result<Self> {
+    fn spawn(db: &TestDb, topic: &str, group: &str, to: &To, n: usize) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!("{group}-{n}.log"));
         let out = std::fs::File::create(&log)?;
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_notifier"))
             .args(["--database-url", &db.url])
             .args(["--kafka-bootstrap-servers", &kafka_bootstrap()])
-            .args(["--topic", topic, "--group", group, "--smtp-url", smtp])
+            .args(["--topic", topic, "--group", group])
+            .args(to.args())
             .args(["--listen", "127.0.0.1:0", "--commit-interval", "200ms"])
             .args(["--kafka-property", "session.timeout.ms=6000"])
             .args(["--kafka-property", "heartbeat.interval.ms=500"])
@@ -539,19 +548,89 @@ enum Disruption {
 struct Outcome {
     emails: HashMap<i64, usize>,
     restarts: usize,
+    /// Inbox rows per Postgres transaction, on average.
+    rows_per_transaction: f64,
+}
+
+/// Where the notifier sends, as the test asks.
+#[derive(Clone, Copy, Debug)]
+enum Sink {
+    Smtp,
+    Spool,
+}
+
+/// The destination of one burst.
+enum To {
+    /// An SMTP server recording every email it accepts, in arrival order.
+    Smtp(FakeSmtp),
+    /// A spool directory (`--mail-dir`).
+    Spool(SpoolDir),
+}
+
+impl To {
+    fn args(&self) -> Vec<String> {
+        match self {
+            To::Smtp(smtp) => vec!["--smtp-url".into(), smtp.url.clone()],
+            To::Spool(dir) => vec!["--mail-dir".into(), dir.0.display().to_string()],
+        }
+    }
+}
+
+/// A spool directory of the test's own, removed when dropped.
+struct SpoolDir(PathBuf);
+
+impl SpoolDir {
+    fn create(name: &str) -> anyhow::Result<SpoolDir> {
+        let dir = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&dir)?;
+        Ok(SpoolDir(dir))
+    }
+
+    /// The `.eml` files per event (by their `X-Outbox-Event-Id`); fails on
+    /// any other file (a temporary file left behind, a name not the
+    /// event's).
+    fn emails_per_event(&self) -> anyhow::Result<HashMap<i64, usize>> {
+        let mut per = HashMap::new();
+        for entry in std::fs::read_dir(&self.0)? {
+            let path = entry?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let text = std::fs::read_to_string(&path)?;
+            let id: i64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("X-Outbox-Event-Id: "))
+                .with_context(|| format!("{name}: no X-Outbox-Event-Id"))?
+                .trim()
+                .parse()?;
+            anyhow::ensure!(
+                name == format!("order-event-{id}.eml"),
+                "spool file {name} holds event {id}"
+            );
+            *per.entry(id).or_insert(0) += 1;
+        }
+        Ok(per)
+    }
+}
+
+impl Drop for SpoolDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Writes the burst from `source`, runs the notifier (disrupted as asked)
 /// until every event has its inbox row, and checks the events written,
 /// inbox, topic, committed offsets, the sampler, the emails and their
 /// order. Returns the emails for the caller's own checks.
-async fn burst(source: Source, disruptions: &[Disruption]) -> anyhow::Result<Outcome> {
+async fn burst(source: Source, disruptions: &[Disruption], to: Sink) -> anyhow::Result<Outcome> {
     let events = source.events();
     let db = TestDb::create().await?;
     let topic = create_topic(PARTITIONS).await?;
     let group = unique_name("burst");
     let domain = unique_domain();
-    let smtp = FakeSmtp::start("250 ok", 0).await?;
+    let to = match to {
+        Sink::Smtp => To::Smtp(FakeSmtp::start("250 ok", 0).await?),
+        Sink::Spool => To::Spool(SpoolDir::create(&group)?),
+    };
     let mut relay = start_relay(&db, &topic).await?;
     let (mut api, wal) = match source {
         Source::Sql => (None, None),
@@ -570,7 +649,7 @@ async fn burst(source: Source, disruptions: &[Disruption]) -> anyhow::Result<Out
         stop_sampler.clone(),
     );
     let mut spawned = 0;
-    let mut notifier = Notifier::spawn(&db, &topic, &group, &smtp.url, spawned)?;
+    let mut notifier = Notifier::spawn(&db, &topic, &group, &to, spawned)?;
     let started = Instant::now();
     // The SQL burst is committed at once; the HTTP requests run in the
     // background (one request, one event), the disruptions waiting on the
@@ -612,7 +691,7 @@ async fn burst(source: Source, disruptions: &[Disruption]) -> anyhow::Result<Out
         let answered_then = answered.load(Ordering::SeqCst);
         spawned += 1;
         restarts += 1;
-        notifier = Notifier::spawn(&db, &topic, &group, &smtp.url, spawned)?;
+        notifier = Notifier::spawn(&db, &topic, &group, &to, spawned)?;
         // Time to the first event handled by the new process.
         wait_for(
             "the restarted notifier to handle events",
@@ -804,7 +883,52 @@ async fn burst(source: Source, disruptions: &[Disruption]) -> anyhow::Result<Out
         &sampled.violations[..sampled.violations.len().min(5)]
     );
 
-    let emails = smtp.emails_per_event();
+    // The inbox's order: a key's next record is claimed only after its
+    // previous one's batch committed, so each customer's rows, by their
+    // transaction's start (`handled_at`), are in event order.
+    let recorded = client
+        .query(
+            "SELECT event_id, (extract(epoch FROM handled_at) * 1000000)::bigint \
+               FROM notifier_inbox ORDER BY 2, 1",
+            &[],
+        )
+        .await?;
+    let user_of: HashMap<i64, i64> = written.iter().map(|w| (w.id, w.user_id)).collect();
+    let mut last_of_user: HashMap<i64, (i64, i64)> = HashMap::new();
+    let mut inbox_violations = Vec::new();
+    for row in &recorded {
+        let (id, at): (i64, i64) = (row.get(0), row.get(1));
+        let user = *user_of
+            .get(&id)
+            .context("inbox row of an event never written")?;
+        if let Some((before, before_at)) = last_of_user.insert(user, (id, at)) {
+            if before > id || before_at == at {
+                inbox_violations.push(format!(
+                    "customer {user}: event {id} recorded at {at} after event {before} at {before_at}"
+                ));
+            }
+        }
+    }
+    assert!(
+        inbox_violations.is_empty(),
+        "{} inbox rows out of event order, e.g. {:?}",
+        inbox_violations.len(),
+        &inbox_violations[..inbox_violations.len().min(5)]
+    );
+    // Rows per inbox transaction (a transaction's rows share `handled_at`).
+    let transactions: i64 = client
+        .query_one("SELECT count(DISTINCT handled_at) FROM notifier_inbox", &[])
+        .await?
+        .get(0);
+    let rows_per_transaction = events as f64 / transactions as f64;
+    println!(
+        "{events} inbox rows in {transactions} transactions: {rows_per_transaction:.1} rows each"
+    );
+
+    let (emails, arrivals) = match &to {
+        To::Smtp(smtp) => (smtp.emails_per_event(), smtp.arrivals()),
+        To::Spool(dir) => (dir.emails_per_event()?, Vec::new()),
+    };
     let missing_emails: Vec<i64> = written_ids
         .iter()
         .copied()
@@ -833,14 +957,18 @@ async fn burst(source: Source, disruptions: &[Disruption]) -> anyhow::Result<Out
         .iter()
         .map(|w| (w.id, (w.user_id, w.order_id)))
         .collect();
-    let violations = out_of_order(&owner, &smtp.arrivals());
+    let violations = out_of_order(&owner, &arrivals);
     assert!(
         violations.is_empty(),
         "{} emails out of event order, e.g. {:?}",
         violations.len(),
         &violations[..violations.len().min(5)]
     );
-    Ok(Outcome { emails, restarts })
+    Ok(Outcome {
+        emails,
+        restarts,
+        rows_per_transaction,
+    })
 }
 
 fn twice(emails: &HashMap<i64, usize>) -> Vec<i64> {
@@ -853,9 +981,20 @@ fn twice(emails: &HashMap<i64, usize>) -> Vec<i64> {
     ids
 }
 
+/// A backlog is recorded in multi-row inbox transactions (one per batch),
+/// not one per email.
+fn assert_batched(out: &Outcome) {
+    assert!(
+        out.rows_per_transaction >= 2.0,
+        "{:.2} inbox rows per transaction: the claims were not batched",
+        out.rows_per_transaction
+    );
+}
+
 #[tokio::test]
 async fn a_burst_of_20000_events_gets_20000_emails() -> anyhow::Result<()> {
-    let out = burst(Source::Sql, &[Disruption::None]).await?;
+    let out = burst(Source::Sql, &[Disruption::None], Sink::Smtp).await?;
+    assert_batched(&out);
     assert_eq!(out.emails.len() as i64, EVENTS);
     assert_eq!(
         twice(&out.emails),
@@ -869,7 +1008,12 @@ async fn a_burst_of_20000_events_gets_20000_emails() -> anyhow::Result<()> {
 /// the group, so the next process sends nothing twice.
 #[tokio::test]
 async fn a_burst_with_the_notifier_restarted_mid_way_gets_each_email_once() -> anyhow::Result<()> {
-    let out = burst(Source::Sql, &[Disruption::TerminateAt(EVENTS / 3)]).await?;
+    let out = burst(
+        Source::Sql,
+        &[Disruption::TerminateAt(EVENTS / 3)],
+        Sink::Smtp,
+    )
+    .await?;
     assert_eq!(out.restarts, 1);
     assert_eq!(
         twice(&out.emails),
@@ -892,9 +1036,11 @@ async fn a_burst_with_the_notifier_killed_mid_way_loses_nothing() -> anyhow::Res
             Disruption::Kill9At(EVENTS / 4),
             Disruption::Kill9At(EVENTS * 3 / 5),
         ],
+        Sink::Smtp,
     )
     .await?;
     assert_eq!(out.restarts, 2);
+    assert_batched(&out);
     let again = twice(&out.emails);
     println!("emailed twice after kill -9: {again:?}");
     assert!(
@@ -920,7 +1066,7 @@ async fn orders_over_http(mode: OutboxMode, kill: bool) -> anyhow::Result<()> {
     } else {
         Disruption::None
     };
-    let out = burst(source, &[disruption]).await?;
+    let out = burst(source, &[disruption], Sink::Smtp).await?;
     assert_eq!(out.restarts, usize::from(kill));
     assert_eq!(out.emails.len() as i64, source.events());
     let again = twice(&out.emails);
@@ -954,4 +1100,32 @@ async fn orders_over_http_with_outbox_messages_are_each_emailed_through_a_kill_9
 #[tokio::test]
 async fn orders_over_http_with_outbox_messages_are_each_emailed_once() -> anyhow::Result<()> {
     orders_over_http(OutboxMode::Message, false).await
+}
+
+/// The batched inbox into the spool, killed (-9) twice mid-burst: the
+/// 20,000 events were recorded in multi-row transactions, each has exactly
+/// one inbox row and exactly one `.eml` file (named after it, none left
+/// half-written), and each customer's rows were committed in event order.
+/// (A file written again after a kill replaces itself: the spool is
+/// idempotent per event.)
+#[tokio::test]
+async fn a_burst_into_the_spool_killed_mid_way_gets_one_file_per_event() -> anyhow::Result<()> {
+    let out = burst(
+        Source::Sql,
+        &[
+            Disruption::Kill9At(EVENTS / 4),
+            Disruption::Kill9At(EVENTS * 3 / 5),
+        ],
+        Sink::Spool,
+    )
+    .await?;
+    assert_eq!(out.restarts, 2);
+    assert_batched(&out);
+    assert_eq!(out.emails.len() as i64, EVENTS);
+    assert_eq!(
+        twice(&out.emails),
+        Vec::<i64>::new(),
+        "events with two files"
+    );
+    Ok(())
 }
