@@ -124,6 +124,14 @@ pub struct Config {
     #[arg(long, env = "RELAY_DELIVERY", value_enum, default_value_t = Delivery::ExactlyOnce)]
     pub delivery: Delivery,
 
+    /// What exactly-once does with a topic where another writer's records
+    /// (no lsn/seq headers: the JDBC source connector's, Debezium's) are the
+    /// newest of a partition. refuse: stop with an error (a topic shared by
+    /// mistake); skip: pass over them to the relay's own last record, as
+    /// when taking over a topic those wrote (see README "Migrating in").
+    #[arg(long, env = "RELAY_FOREIGN_RECORDS", value_enum, default_value_t = ForeignRecords::Refuse)]
+    pub foreign_records: ForeignRecords,
+
     /// Produce whole Postgres transactions inside Kafka transactions (the
     /// broker must support them, as Apache Kafka does): read_committed
     /// consumers never see part of one, and transactional.id
@@ -326,6 +334,13 @@ pub enum Delivery {
     AtLeastOnce,
 }
 
+/// `--foreign-records`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ForeignRecords {
+    Refuse,
+    Skip,
+}
+
 pub use lifecycle::LogFormat;
 
 impl Config {
@@ -416,6 +431,7 @@ impl Config {
             transactional_id: self
                 .kafka_transactions
                 .then(|| format!("outbox-relay.{}", self.slot)),
+            skip_foreign_records: self.foreign_records == ForeignRecords::Skip,
         }
     }
 }

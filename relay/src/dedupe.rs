@@ -50,7 +50,14 @@
 //! error instead of guessing** ([`DedupeError`]):
 //! - the last record of a partition has no `lsn`/`seq` headers (another
 //!   writer shares the topic): its position is unknown, so nothing can be
-//!   skipped safely;
+//!   skipped safely — unless `--foreign-records skip` says the topic is
+//!   being taken over from another writer (the JDBC source connector,
+//!   Debezium): then records without a position are passed over and the
+//!   newest record *with* one is the last. That is exact too: another
+//!   writer's records, before or among the relay's, change nothing of
+//!   the relay's own being a prefix, in order, of what it sent. The cost:
+//!   a partition holding none of the relay's records is read back to its
+//!   start on every session start, until the relay writes to it;
 //! - the positions read in a partition go backwards (another relay, or a
 //!   relay on another database, writes to it): the prefix argument fails.
 //!
@@ -101,7 +108,8 @@ pub enum DedupeError {
     #[error(
         "the last record of {topic}/{partition} (offset {offset}) has no lsn/seq headers: another writer \
          shares the topic, so exactly-once cannot tell what was already written; give the relay its own \
-         topic, or run with --delivery at-least-once"
+         topic, run with --foreign-records skip when taking the topic over from that writer (stopped), \
+         or with --delivery at-least-once"
     )]
     ForeignRecord {
         topic: String,
@@ -204,7 +212,8 @@ pub async fn load(
 ) -> Result<TopicState, DedupeError> {
     let client_cfg = cfg.client_config();
     let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || load_blocking(client_cfg, &topic, read_last))
+    let skip_foreign = cfg.skip_foreign_records;
+    tokio::task::spawn_blocking(move || load_blocking(client_cfg, &topic, read_last, skip_foreign))
         .await
         .unwrap_or_else(|join| {
             tracing::error!(error = %join, "dedupe reader task failed");
@@ -228,6 +237,7 @@ fn load_blocking(
     mut client_cfg: rdkafka::ClientConfig,
     topic: &str,
     read_last: bool,
+    skip_foreign: bool,
 ) -> Result<TopicState, DedupeError> {
     let kafka = kafka_error(topic);
     let consumer: BaseConsumer<EndsContext> = client_cfg
@@ -243,7 +253,7 @@ fn load_blocking(
         .set("fetch.wait.max.ms", "10")
         .create_with_context(EndsContext)
         .map_err(kafka)?;
-    let result = read_ends(&consumer, topic, read_last);
+    let result = read_ends(&consumer, topic, read_last, skip_foreign);
     // Closing a consumer takes a while (up to ~100 ms seen here) and
     // nothing waits on it: the session goes on meanwhile.
     std::thread::spawn(move || drop(consumer));
@@ -274,11 +284,14 @@ impl rdkafka::ClientContext for EndsContext {
 
 impl rdkafka::consumer::ConsumerContext for EndsContext {}
 
-/// [`load_blocking`]'s work, on its consumer.
+/// [`load_blocking`]'s work, on its consumer. With `skip_foreign`, records
+/// without a position are passed over as if invisible: reading goes back
+/// until a record of the relay's, or the partition's start.
 fn read_ends(
     consumer: &BaseConsumer<EndsContext>,
     topic: &str,
     read_last: bool,
+    skip_foreign: bool,
 ) -> Result<TopicState, DedupeError> {
     let kafka = kafka_error(topic);
     let partitions = partition_count(consumer, topic).map_err(kafka)?;
@@ -311,6 +324,7 @@ fn read_ends(
                 newest: None,
                 at_end: false,
                 empty: false,
+                foreign: 0,
             });
         }
     }
@@ -333,6 +347,10 @@ fn read_ends(
                     continue;
                 };
                 let pos = position_of(&msg);
+                if pos.is_none() && skip_foreign {
+                    tail.foreign += 1;
+                    continue;
+                }
                 let before = tail.newest.and_then(|(_, p)| p);
                 if let (Some(at), Some(before)) = (pos, before) {
                     if at <= before {
@@ -404,6 +422,10 @@ fn read_ends(
                 })
             }
             Some((offset, Some(pos))) => {
+                if tail.foreign > 0 {
+                    tracing::info!(%topic, partition = p, offset, passed_over = tail.foreign,
+                        "another writer's records (no lsn/seq) passed over to the relay's last (--foreign-records skip)");
+                }
                 tracing::debug!(%topic, partition = p, offset, lsn = %pos.0, seq = pos.1, "last record");
                 last[p as usize] = Some(pos);
             }
@@ -438,6 +460,8 @@ struct Tail {
     at_end: bool,
     /// Read from `low` to the end without a visible record.
     empty: bool,
+    /// Another writer's records passed over (`--foreign-records skip`).
+    foreign: u64,
 }
 
 /// The next, earlier start when nothing was visible from `start` to the

@@ -72,6 +72,10 @@ pub struct KafkaConfig {
     /// `transactional.id` when records go in Kafka transactions
     /// (`--kafka-transactions`).
     pub transactional_id: Option<String>,
+    /// Exactly-once: pass over records without `lsn`/`seq` headers (another
+    /// writer's) when finding each partition's last record
+    /// (`--foreign-records skip`) instead of refusing the topic.
+    pub skip_foreign_records: bool,
 }
 
 impl KafkaConfig {

@@ -586,6 +586,7 @@ mod tests {
             replication: 1,
             max_in_flight_bytes: 1 << 20,
             transactional_id: None,
+            skip_foreign_records: false,
         };
         let mut sink = KafkaSink::new(&cfg, true).expect("a producer (no connection yet)");
         sink.topic_limits.insert("t".into(), 1_048_588);
