@@ -195,12 +195,14 @@ impl Session<'_> {
         let slot = replication::slot_state(client, &cfg.slot).await?;
         let state = match (state, slot) {
             (Some(state), _) if state.finished => return Ok(Backfilled::NotDue),
-            (None, Some(_)) => return Err(RelayError::Backfill(format!(
+            (None, Some(_)) => {
+                return Err(RelayError::Backfill(format!(
                 "slot {} exists and no backfill was started with it: a backfill reads the table \
                      in the snapshot of a slot it creates. Drop the slot (relay slot drop) to \
                      backfill, or start without --backfill",
                 cfg.slot
-            ))),
+            )))
+            }
             (None, None) => {
                 client
                     .execute(

@@ -13,6 +13,7 @@ mod exactly_once;
 mod faults;
 mod ha;
 mod messages;
+mod migration;
 mod observability;
 mod pipeline;
 mod replication;

@@ -367,3 +367,44 @@ impl RelayProcess {
         Ok(())
     }
 }
+
+impl RelayProcess {
+    /// SIGTERM, the graceful stop (flush, confirm), as an operator stops
+    /// it; the exit status.
+    pub async fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| anyhow::anyhow!("the relay already exited"))?;
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(sent.success(), "kill -TERM {pid}: {sent}");
+        Ok(tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await??)
+    }
+}
+
+/// Runs the relay binary with a [`relay_args`] command line (`relay`
+/// first) followed by `command` (e.g. `verify --json`), and parses what it
+/// prints as JSON; the exit status with it.
+pub async fn relay_json(
+    args: &[String],
+    command: &[&str],
+) -> anyhow::Result<(i32, serde_json::Value)> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(&args[1..])
+        .args(command)
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .output()
+        .await?;
+    let code = out.status.code().unwrap_or(-1);
+    let json = serde_json::from_slice(&out.stdout).map_err(|e| {
+        anyhow::anyhow!(
+            "relay {command:?} printed no JSON ({e}), exit {code}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok((code, json))
+}
