@@ -456,8 +456,8 @@ pub fn spawn_pg_recvlogical(
 /// Producer settings of the relay's sink in its default (non-transactional,
 /// exactly-once) mode, as `relay/src/sink/client.rs` `KafkaConfig::producer_config`
 /// sets them: idempotent, `acks=all`, gapless, never timing a record out,
-/// `linger.ms=2`, a queue of up to 1M records / 1 GiB, no compression
-/// (librdkafka's default). Keep the two in step.
+/// `linger.ms=2`, a queue of up to 1M records / 1 GiB, zstd compression.
+/// Keep the two in step.
 pub fn relay_like_producer_config(bootstrap: &str) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", bootstrap)
@@ -465,6 +465,7 @@ pub fn relay_like_producer_config(bootstrap: &str) -> ClientConfig {
         .set("acks", "all")
         .set("enable.gapless.guarantee", "true")
         .set("message.timeout.ms", "0")
+        .set("compression.type", "zstd")
         .set("linger.ms", "2")
         .set("queue.buffering.max.messages", "1000000")
         .set("queue.buffering.max.kbytes", "1048576");
@@ -559,6 +560,110 @@ pub async fn write_backlog(url: &str, events: usize, rows_per_txn: usize) -> any
         t.await??;
     }
     Ok(())
+}
+
+/// What [`bare_produce`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct BareRun {
+    /// First send to the last acknowledgement.
+    pub seconds: f64,
+    /// CPU time of the sending thread and librdkafka's threads.
+    pub cpu_seconds: f64,
+    /// The untimed warm-up: creation to the warm-up record's ack.
+    pub first_ack_s: f64,
+}
+
+/// The broker's ceiling for `records`: a bare producer configured as the
+/// relay's sink ([`relay_like_producer_config`]) sends them to the same
+/// partitions of `topic` (fresh) and waits for every acknowledgement.
+/// Blocking: run it on a blocking thread.
+pub fn bare_produce(
+    bootstrap: &str,
+    topic: &str,
+    records: &[crate::kafka::Record],
+    timeout: Duration,
+) -> anyhow::Result<BareRun> {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, ThreadedProducer};
+
+    let mut cpu = ThreadCpu::new();
+    let created = Instant::now();
+    let counter = Arc::new(AckCounter::default());
+    let producer: ThreadedProducer<CountingContext> = relay_like_producer_config(bootstrap)
+        .create_with_context(CountingContext(counter.clone()))
+        .context("creating the bare producer")?;
+    // Warm-up, not timed: one record to partition 0 of the (fresh) topic,
+    // acknowledged. A producer sending at once after its creation waits
+    // about 0.5 s for its idempotent producer id (librdkafka retries the
+    // request on a timer when no broker connection is up yet); the relay
+    // pays that while it reads its slot and topic state.
+    let warm_up: BaseRecord<'_, str, str> = BaseRecord::to(topic)
+        .partition(0)
+        .key("warm-up")
+        .payload("{}");
+    producer
+        .send(warm_up)
+        .map_err(|(e, _)| e)
+        .context("bare producer warm-up")?;
+    while counter.reported() < 1 {
+        if created.elapsed() > Duration::from_secs(60) {
+            bail!("warm-up record not acknowledged within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let first_ack_s = created.elapsed().as_secs_f64();
+    counter.acked.store(0, Ordering::Relaxed);
+    cpu.restart();
+    let started = Instant::now();
+    for r in records {
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
+            .partition(r.partition)
+            .payload(r.value.as_deref().unwrap_or("").as_bytes())
+            .headers(headers);
+        if let Some(k) = &r.key {
+            rec = rec.key(k.as_bytes());
+        }
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // Backpressure: wait for acks to free room.
+                    rec = back;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err((e, _)) => bail!("bare producer: {e}"),
+            }
+        }
+    }
+    let n = records.len() as u64;
+    while counter.reported() < n {
+        if started.elapsed() > timeout {
+            bail!(
+                "{} of {n} acknowledged after {timeout:?}",
+                counter.acked.load(Ordering::Relaxed)
+            );
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = cpu.seconds();
+    let failed = counter.failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} records failed");
+    }
+    Ok(BareRun {
+        seconds,
+        cpu_seconds,
+        first_ack_s,
+    })
 }
 
 /// Delivery reports counted by a [`CountingContext`] producer.

@@ -24,7 +24,7 @@
 //! TCP: the relay run against it shows what the relay itself costs, the
 //! run against the stack's broker what the whole path does. The bare
 //! producer is configured like the relay's sink (`relay/src/sink/client.rs`:
-//! idempotent, `acks=all`, `linger.ms=2`, no compression) and sends the very
+//! idempotent, `acks=all`, `linger.ms=2`, zstd) and sends the very
 //! records the relay produced (read back from the relay's topic on the
 //! stack broker: same keys, values, headers and partitions; without a
 //! broker run, records of the same shape built from the table), so relay /
@@ -60,22 +60,18 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use devstack::bench::{
-    cpu_seconds, peak_rss_kib, relay_like_producer_config, rss_kib, write_backlog, AckCounter,
-    CountingContext, RelayProcess, RssSeries, ScratchDb, StackArgs, ThreadCpu,
+    cpu_seconds, peak_rss_kib, rss_kib, write_backlog, RelayProcess, RssSeries, ScratchDb,
+    StackArgs,
 };
 use devstack::kafka::{Record, TopicReader};
 use devstack::testing::{connect, redact, unique_name};
 use outbox_record::header;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, ThreadedProducer};
 use tokio_postgres::Client;
 
 /// One drain of the backlog.
@@ -783,86 +779,15 @@ async fn run_bare(
     let bootstrap = bootstrap.to_owned();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let mut cpu = ThreadCpu::new();
-        let created = Instant::now();
-        let counter = Arc::new(AckCounter::default());
-        let producer: ThreadedProducer<CountingContext> = relay_like_producer_config(&bootstrap)
-            .create_with_context(CountingContext(counter.clone()))
-            .context("creating the bare producer")?;
-        // Warm-up, not timed: one record to partition 0 of the (fresh) topic,
-        // acknowledged. A producer sending at once after its creation waits
-        // about 0.5 s for its idempotent producer id (librdkafka retries the
-        // request on a timer when no broker connection is up yet); the relay
-        // pays that while it reads its slot and topic state.
-        let warm_up: BaseRecord<'_, str, str> = BaseRecord::to(&topic)
-            .partition(0)
-            .key("warm-up")
-            .payload("{}");
-        producer
-            .send(warm_up)
-            .map_err(|(e, _)| e)
-            .context("bare producer warm-up")?;
-        while counter.reported() < 1 {
-            if created.elapsed() > Duration::from_secs(60) {
-                bail!("{name}: warm-up record not acknowledged within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let first_ack_s = created.elapsed().as_secs_f64();
-        counter.acked.store(0, Ordering::Relaxed);
-        cpu.restart();
-        let started = Instant::now();
-        for r in records.iter() {
-            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
-            for (k, v) in &r.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_bytes()),
-                });
-            }
-            let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topic)
-                .partition(r.partition)
-                .payload(r.value.as_deref().unwrap_or("").as_bytes())
-                .headers(headers);
-            if let Some(k) = &r.key {
-                rec = rec.key(k.as_bytes());
-            }
-            loop {
-                match producer.send(rec) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        // Backpressure: wait for acks to free room.
-                        rec = back;
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
-                    Err((e, _)) => bail!("bare producer: {e}"),
-                }
-            }
-        }
-        let n = records.len() as u64;
-        while counter.reported() < n {
-            if started.elapsed() > timeout {
-                bail!(
-                    "{name}: {} of {n} acknowledged after {timeout:?}",
-                    counter.acked.load(Ordering::Relaxed)
-                );
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        let cpu_seconds = cpu.seconds();
-        let failed = counter.failed.load(Ordering::Relaxed);
-        if failed > 0 {
-            bail!("{name}: {failed} records failed");
-        }
-        drop(producer);
-        println!("{name}: sent in {seconds:.2}s");
+        let bare = devstack::bench::bare_produce(&bootstrap, &topic, &records, timeout)
+            .with_context(|| name)?;
+        println!("{name}: sent in {:.2}s", bare.seconds);
         Ok(Run {
             name,
-            seconds,
-            cpu_seconds,
+            seconds: bare.seconds,
+            cpu_seconds: bare.cpu_seconds,
             walsender_cpu_seconds: None,
-            first_ack_s: Some(first_ack_s),
+            first_ack_s: Some(bare.first_ack_s),
             peak_rss_kib: None,
             rss: None,
         })
