@@ -354,7 +354,8 @@ impl Session<'_> {
                         Ok(()) => break,
                         Err(SendError::Full(back)) => {
                             pending = back;
-                            self.backfill_report(sink.next_report().await, &mut progress)?;
+                            let report = self.next_report_or_stall(sink).await?;
+                            self.backfill_report(report, &mut progress)?;
                         }
                         Err(SendError::Refused(e)) => return Err(e),
                     }
@@ -372,7 +373,7 @@ impl Session<'_> {
         while sink.in_flight() > 0 {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(Backfilled::Stopped),
-                report = sink.next_report() => self.backfill_report(report, &mut progress)?,
+                report = self.next_report_or_stall(sink) => self.backfill_report(report?, &mut progress)?,
             }
         }
         client
@@ -393,6 +394,32 @@ impl Session<'_> {
             found_in_kafka = progress.found_in_kafka, seconds = started.elapsed().as_secs_f64(),
             "backfill finished; streaming from the slot's consistent point");
         Ok(Backfilled::Delivered(point))
+    }
+
+    /// The next report; a stall (`--stall-timeout` with no report while
+    /// records wait) ends the session as in the stream, unhealthy meanwhile.
+    async fn next_report_or_stall(
+        &self,
+        sink: &mut KafkaSink,
+    ) -> Result<Option<DeliveryReport>, RelayError> {
+        let timeout = self.cfg.stall_timeout;
+        if timeout.is_zero() {
+            return Ok(sink.next_report().await);
+        }
+        match tokio::time::timeout(timeout, sink.next_report()).await {
+            Ok(report) => Ok(report),
+            Err(_) => {
+                let error = RelayError::Stalled {
+                    waited: timeout,
+                    timeout,
+                    in_flight: sink.in_flight(),
+                };
+                tracing::error!(error = %error, "backfill stalled");
+                self.shared.metrics.stalls.inc();
+                self.shared.set_stall(error.to_string());
+                Err(error)
+            }
+        }
     }
 
     fn backfill_report(

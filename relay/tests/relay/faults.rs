@@ -705,3 +705,64 @@ async fn a_missing_slot_over_a_topic_with_events_is_not_replaced_unasked() -> an
     );
     relay.stop().await
 }
+
+#[tokio::test]
+async fn a_backfill_that_kafka_stops_acknowledging_stalls_then_finishes_once() -> anyhow::Result<()>
+{
+    let (mock, db, topic) = mock_setup(2).await?;
+    let bootstrap = mock.bootstrap_servers();
+    let c = db.connect().await?;
+    for first in (0..150_000).step_by(10_000) {
+        insert_batch(&c, first, 10_000).await?;
+    }
+    let cfg = relay_config(
+        &db.url,
+        &db.slot_name(),
+        &topic,
+        &bootstrap,
+        &["--backfill", "all", "--stall-timeout", "2s"],
+    );
+    let shared = relay::http::Shared::new(&cfg.slot, &cfg.publication);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(relay::pipeline::run_with(cfg, stop.clone(), shared.clone()));
+    wait_for(
+        "the backfill to be under way",
+        Duration::from_secs(60),
+        || async {
+            let b = shared.snapshot().backfill;
+            anyhow::ensure!(!b.as_ref().is_some_and(|b| b.finished), "finished too soon");
+            Ok(b.filter(|b| b.delivered >= 1_000).map(|_| ()))
+        },
+    )
+    .await?;
+    mock.broker_down(1)?;
+    let addr = shared.http_addr().expect("http listening");
+    let health = wait_for(
+        "/healthz to report the stall",
+        Duration::from_secs(30),
+        || async {
+            let body = http_get(addr, "/healthz").await?;
+            Ok(body.contains("stalled").then_some(body))
+        },
+    )
+    .await?;
+    assert!(health.contains("--stall-timeout 2s"), "{health}");
+    assert!(shared.metrics.stalls.get() >= 1);
+
+    mock.broker_up(1)?;
+    let expected = outbox_ids(&c).await?;
+    let records = read_until_all(&bootstrap, &topic, &expected, Duration::from_secs(120)).await?;
+    assert_eq!(records.len(), expected.len(), "each row once");
+    assert_commit_order(&records);
+    wait_for("the relay to stream", Duration::from_secs(60), || async {
+        Ok((shared.snapshot().state == relay::http::RelayState::Streaming).then_some(()))
+    })
+    .await?;
+    assert!(shared
+        .snapshot()
+        .backfill
+        .is_some_and(|b| b.finished && b.attempt >= 2));
+    stop.cancel();
+    task.await??;
+    Ok(())
+}
