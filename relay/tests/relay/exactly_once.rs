@@ -12,14 +12,12 @@ use devstack::testing::{create_topic, kafka_bootstrap, TestDb};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
-#[tokio::test]
-async fn a_replay_of_what_kafka_holds_produces_nothing_twice() -> anyhow::Result<()> {
-    let db = TestDb::create().await?;
-    // One partition: its last batch is a multi-record transaction.
-    let topic = create_topic(1).await?;
-    let c = db.connect().await?;
-    // Two slots at the same position: `ahead` will stream and confirm,
-    // `behind` stays where both began and replays everything later.
+/// Two slots at the same position: `ahead` will stream and confirm,
+/// `behind` stays where both began and replays everything later.
+async fn slots_behind_and_ahead(
+    db: &TestDb,
+    c: &tokio_postgres::Client,
+) -> anyhow::Result<(String, String)> {
     let behind = db.slot_name();
     let ahead = format!("{behind}_ahead");
     c.execute(
@@ -32,6 +30,16 @@ async fn a_replay_of_what_kafka_holds_produces_nothing_twice() -> anyhow::Result
         &[&behind, &ahead],
     )
     .await?;
+    Ok((behind, ahead))
+}
+
+#[tokio::test]
+async fn a_replay_of_what_kafka_holds_produces_nothing_twice() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    // One partition: its last batch is a multi-record transaction.
+    let topic = create_topic(1).await?;
+    let c = db.connect().await?;
+    let (behind, ahead) = slots_behind_and_ahead(&db, &c).await?;
     insert_batch(&c, 10, 6).await?;
     insert_batch(&c, 20, 4).await?;
 
@@ -89,18 +97,7 @@ async fn at_least_once_mode_replays_without_checking() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let topic = create_topic(1).await?;
     let c = db.connect().await?;
-    let behind = db.slot_name();
-    let ahead = format!("{behind}_ahead");
-    c.execute(
-        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-        &[&behind],
-    )
-    .await?;
-    c.execute(
-        "SELECT pg_copy_logical_replication_slot($1, $2)",
-        &[&behind, &ahead],
-    )
-    .await?;
+    let (behind, ahead) = slots_behind_and_ahead(&db, &c).await?;
     insert_batch(&c, 10, 5).await?;
     let first = start(relay_config(
         &db.url,
@@ -226,18 +223,7 @@ async fn foreign_records_skip_takes_over_a_topic_another_writer_wrote() -> anyho
     let c = db.connect().await?;
     // The other writer's history: every partition ends in its records.
     foreign_records(&topic, 3, 5).await?;
-    let behind = db.slot_name();
-    let ahead = format!("{behind}_ahead");
-    c.execute(
-        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-        &[&behind],
-    )
-    .await?;
-    c.execute(
-        "SELECT pg_copy_logical_replication_slot($1, $2)",
-        &[&behind, &ahead],
-    )
-    .await?;
+    let (behind, ahead) = slots_behind_and_ahead(&db, &c).await?;
     // Keys 10..=11 only: one partition of three may get no relay record.
     insert_batch(&c, 10, 12).await?;
     let skip = ["--foreign-records", "skip"];

@@ -272,6 +272,19 @@ async fn broker_down_holds_confirmation_then_recovers() -> anyhow::Result<()> {
     relay.stop().await
 }
 
+/// `/healthz` once it reports a stall.
+async fn wait_stalled(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    wait_for(
+        "/healthz to report the stall",
+        Duration::from_secs(30),
+        || async {
+            let body = http_get(addr, "/healthz").await?;
+            Ok(body.contains("stalled").then_some(body))
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_stall_turns_healthz_unhealthy_restarts_the_session_and_clears() -> anyhow::Result<()> {
     let (mock, db, topic) = mock_setup(2).await?;
@@ -303,15 +316,7 @@ async fn a_stall_turns_healthz_unhealthy_restarts_the_session_and_clears() -> an
     for u in 0..20 {
         insert_event(&c, u, "During").await?;
     }
-    let health = wait_for(
-        "/healthz to report the stall",
-        Duration::from_secs(30),
-        || async {
-            let body = http_get(addr, "/healthz").await?;
-            Ok(body.contains("stalled").then_some(body))
-        },
-    )
-    .await?;
+    let health = wait_stalled(addr).await?;
     assert!(health.starts_with("unhealthy: stalled: "), "{health}");
     assert!(health.contains("--stall-timeout 2s"), "{health}");
     assert!(relay.shared.metrics.stalls.get() >= 1);
@@ -737,15 +742,7 @@ async fn a_backfill_that_kafka_stops_acknowledging_stalls_then_finishes_once() -
     .await?;
     mock.broker_down(1)?;
     let addr = shared.http_addr().expect("http listening");
-    let health = wait_for(
-        "/healthz to report the stall",
-        Duration::from_secs(30),
-        || async {
-            let body = http_get(addr, "/healthz").await?;
-            Ok(body.contains("stalled").then_some(body))
-        },
-    )
-    .await?;
+    let health = wait_stalled(addr).await?;
     assert!(health.contains("--stall-timeout 2s"), "{health}");
     assert!(shared.metrics.stalls.get() >= 1);
 
