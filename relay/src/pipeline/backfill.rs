@@ -132,6 +132,7 @@ impl Session<'_> {
         sink: &mut KafkaSink,
     ) -> Result<Backfilled, RelayError> {
         let Some(from) = self.cfg.backfill else {
+            self.refuse_unfinished_backfill(client).await?;
             return Ok(Backfilled::NotDue);
         };
         let cfg = self.cfg;
@@ -394,6 +395,43 @@ impl Session<'_> {
             found_in_kafka = progress.found_in_kafka, seconds = started.elapsed().as_secs_f64(),
             "backfill finished; streaming from the slot's consistent point");
         Ok(Backfilled::Delivered(point))
+    }
+
+    /// Without `--backfill`: refuses a slot whose backfill has not
+    /// finished. Its slot streams nothing while the snapshot is read (a
+    /// slot is inactive then), so a relay taking it without the option
+    /// would put streamed records before the backfill's.
+    async fn refuse_unfinished_backfill(&self, client: &Client) -> Result<(), RelayError> {
+        if !self.cfg.has_table() {
+            return Ok(());
+        }
+        let (schema, _) = self.cfg.table_parts();
+        let state_table = format!("{}.{}", quote_ident(&schema), STATE_TABLE);
+        let sql = |e| ReplicationError::from_sql("reading the backfill state", e);
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&state_table])
+            .await
+            .map_err(sql)?
+            .get(0);
+        // No state table: no backfill ever ran here.
+        let unfinished = exists
+            && client
+                .query_opt(
+                    &format!("SELECT 1 FROM {state_table} WHERE slot = $1 AND finished_at IS NULL"),
+                    &[&self.cfg.slot],
+                )
+                .await
+                .map_err(sql)?
+                .is_some();
+        if unfinished {
+            return Err(RelayError::Backfill(format!(
+                "slot {} has a backfill that has not finished ({state_table}): start with \
+                 --backfill to resume it; streaming the slot now would put later events \
+                 before the backfilled ones",
+                self.cfg.slot
+            )));
+        }
+        Ok(())
     }
 
     /// The next report; a stall (`--stall-timeout` with no report while

@@ -2,8 +2,9 @@
 //! slot existed reach the topic once, first, and the stream follows with
 //! no gap and no overlap — while a writer keeps committing through the
 //! slot's creation, and with the relay killed (`kill -9`) twice in the
-//! middle of the backfill. Also: `after:ID`, a finished backfill left
-//! alone on restart, and a slot the backfill did not create refused.
+//! middle of the backfill (and a relay without `--backfill` refused
+//! meanwhile). Also: `after:ID`, a finished backfill left alone on
+//! restart, and a slot the backfill did not create refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -80,6 +81,18 @@ async fn a_backfill_killed_twice_delivers_every_row_once_then_streams() -> anyho
     );
     kill_during_backfill(&args).await?;
     kill_during_backfill(&args).await?;
+    // A relay without --backfill does not take the slot meanwhile: it
+    // would stream later events before the backfilled ones.
+    let cfg = relay_config(&db.url, &db.slot_name(), &topic, &kafka_bootstrap(), &[]);
+    let shared = relay::http::Shared::new(&cfg.slot, &cfg.publication);
+    let refused = relay::pipeline::run_with(cfg, Default::default(), shared)
+        .await
+        .expect_err("an unfinished backfill")
+        .to_string();
+    assert!(
+        refused.contains("has not finished") && refused.contains("start with --backfill"),
+        "{refused}"
+    );
     let mut last = RelayProcess::spawn_only(&args)?;
     last.wait_state("streaming").await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
