@@ -304,10 +304,19 @@ async fn wait_confirmed(
 }
 
 /// Every record of `topic` from the start to its end when reading began.
-pub(crate) fn read_topic(
+fn read_topic(client_cfg: rdkafka::ClientConfig, topic: &str) -> Result<Vec<Seen>, VerifyError> {
+    let mut seen = Vec::new();
+    each_record(client_cfg, topic, |s| seen.push(s))?;
+    Ok(seen)
+}
+
+/// Hands `f` every record of `topic` from the start to its end when
+/// reading began (the backfill keeps only some: it does not hold them all).
+pub(crate) fn each_record(
     mut client_cfg: rdkafka::ClientConfig,
     topic: &str,
-) -> Result<Vec<Seen>, VerifyError> {
+    mut f: impl FnMut(Seen),
+) -> Result<(), VerifyError> {
     let kafka = |source| VerifyError::Kafka {
         topic: topic.to_owned(),
         source,
@@ -333,9 +342,8 @@ pub(crate) fn read_topic(
             ends.insert(p, high);
         }
     }
-    let mut seen = Vec::new();
     if ends.is_empty() {
-        return Ok(seen);
+        return Ok(());
     }
     consumer.assign(&assignment).map_err(kafka)?;
     let mut progress = Instant::now();
@@ -345,7 +353,7 @@ pub(crate) fn read_topic(
             let msg = msg.map_err(kafka)?;
             progress = Instant::now();
             if msg.offset() < ends.get(&msg.partition()).copied().unwrap_or(i64::MIN) {
-                seen.push(seen_of(topic, &msg));
+                f(seen_of(topic, &msg));
             }
         }
         // A partition is done once the reader's position reached its end
@@ -370,7 +378,7 @@ pub(crate) fn read_topic(
             }
         }
     }
-    Ok(seen)
+    Ok(())
 }
 
 fn seen_of<M: Message>(topic: &str, msg: &M) -> Seen {

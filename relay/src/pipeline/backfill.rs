@@ -537,13 +537,16 @@ async fn delivered_before(
     tokio::task::spawn_blocking(move || {
         let mut ids = HashSet::new();
         for topic in &topics {
-            let seen = crate::verify::read_topic(client.clone(), topic).map_err(|e| {
+            crate::verify::each_record(client.clone(), topic, |s| {
+                if let (Some((lsn, _)), Some(id)) = (s.position, s.event_id) {
+                    if lsn >= from && lsn < below {
+                        ids.insert(id);
+                    }
+                }
+            })
+            .map_err(|e| {
                 RelayError::Backfill(format!("reading topic {topic} back: {}", error_chain(&e)))
             })?;
-            ids.extend(seen.into_iter().filter_map(|s| {
-                let (lsn, _) = s.position?;
-                (lsn >= from && lsn < below).then_some(s.event_id?)
-            }));
         }
         Ok(ids)
     })
