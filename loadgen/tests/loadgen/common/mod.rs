@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
@@ -219,7 +220,66 @@ pub struct Pipeline {
     pub mail_dir: PathBuf,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+    relay: RelayChild,
     slot: String,
+}
+
+/// The relay binary, as users run it, streaming the pipeline's slot.
+struct RelayChild {
+    child: tokio::process::Child,
+}
+
+impl RelayChild {
+    /// Starts `relay` (built by `cargo build`, as `scripts/test` does) and
+    /// waits until `/status` says it streams.
+    async fn spawn(database_url: &str, slot: &str, topic: &str) -> anyhow::Result<RelayChild> {
+        let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut child = tokio::process::Command::new(devstack::testing::workspace_binary("relay")?)
+            .args([
+                "--database-url",
+                database_url,
+                "--slot",
+                slot,
+                "--topic",
+                topic,
+            ])
+            .args(["--kafka-bootstrap-servers", &kafka_bootstrap()])
+            .args(["--listen", &addr.to_string(), "--status-interval", "200ms"])
+            .args(["--max-backoff", "1s"])
+            .env("RUST_LOG", "relay=warn")
+            .kill_on_drop(true)
+            .spawn()?;
+        let needle = "\"state\":\"streaming\"";
+        let child_ref = &mut child;
+        wait_for("the relay to stream", Duration::from_secs(60), || {
+            let exited = child_ref.try_wait().ok().flatten();
+            async move {
+                anyhow::ensure!(exited.is_none(), "relay exited: {exited:?}");
+                let status = devstack::bench::http_get(addr, "/status")
+                    .await
+                    .unwrap_or_default();
+                Ok(status.contains(needle).then_some(()))
+            }
+        })
+        .await?;
+        Ok(RelayChild { child })
+    }
+
+    /// Fails if the relay exited on its own; else stops it (SIGTERM: it
+    /// confirms what Kafka acknowledged) and checks it exited cleanly.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            anyhow::bail!("the relay exited during the test: {status}");
+        }
+        let pid = self.child.id().context("relay pid")?;
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(sent.success(), "kill -TERM {pid}: {sent}");
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait()).await??;
+        anyhow::ensure!(status.success(), "the relay stopped with {status}");
+        Ok(())
+    }
 }
 
 impl Pipeline {
@@ -249,40 +309,7 @@ impl Pipeline {
         tasks.push(tokio::spawn(async move { Ok(api.serve(s).await?) }));
 
         let slot = db.slot_name();
-        let relay_cfg = relay::config::Config::try_parse_from([
-            "relay",
-            "--database-url",
-            &db.url,
-            "--slot",
-            &slot,
-            "--topic",
-            &topic,
-            "--kafka-bootstrap-servers",
-            &kafka_bootstrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--status-interval",
-            "200ms",
-            "--max-backoff",
-            "1s",
-        ])?;
-        let shared = relay::http::Shared::new(&relay_cfg.slot, &relay_cfg.publication);
-        let s = stop.clone();
-        let relay_shared = shared.clone();
-        tasks.push(tokio::spawn(async move {
-            Ok(relay::pipeline::run_with(relay_cfg, s, relay_shared).await?)
-        }));
-        wait_for("the relay to stream", Duration::from_secs(60), || async {
-            let st = shared.snapshot();
-            anyhow::ensure!(
-                st.state != relay::http::RelayState::Failed,
-                "relay failed: {:?}",
-                st.last_error
-            );
-            Ok((st.state == relay::http::RelayState::Streaming).then_some(()))
-        })
-        .await?;
-
+        let relay = RelayChild::spawn(&db.url, &slot, &topic).await?;
         let mail_dir = out_dir().join("mail");
         std::fs::create_dir_all(&mail_dir)?;
         if with_notifier {
@@ -320,6 +347,7 @@ impl Pipeline {
             mail_dir,
             stop,
             tasks,
+            relay,
             slot,
         })
     }
@@ -342,6 +370,7 @@ impl Pipeline {
         for t in self.tasks {
             tokio::time::timeout(Duration::from_secs(60), t).await???;
         }
+        self.relay.stop().await?;
         let admin = devstack::testing::connect(&devstack::testing::admin_url()).await?;
         let admin = &admin;
         let slot = &self.slot;
