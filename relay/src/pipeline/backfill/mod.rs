@@ -43,48 +43,19 @@ use crate::pgoutput::PgTimestamp;
 use crate::replication::quote_ident;
 use crate::republish::OutboxColumns;
 
+mod options;
+mod readback;
+
+use options::log_progress;
+pub use options::{parse_backfill, BackfillFrom, BackfillProgress};
+use readback::delivered_before;
+
 /// The state table's name, in the outbox table's schema.
 pub const STATE_TABLE: &str = "outbox_relay_backfill";
 /// Rows per `FETCH`.
 const FETCH_ROWS: usize = 5_000;
 /// How often a running backfill logs its progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-
-/// Which rows `--backfill` delivers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackfillFrom {
-    /// Every row of the table.
-    All,
-    /// Rows with an id greater than this one.
-    After(i64),
-}
-
-impl BackfillFrom {
-    /// The exclusive lower bound of the ids delivered.
-    fn after(self) -> i64 {
-        match self {
-            BackfillFrom::All => i64::MIN,
-            BackfillFrom::After(id) => id,
-        }
-    }
-}
-
-/// Parses `all` or `after:ID`.
-pub fn parse_backfill(text: &str) -> Result<BackfillFrom, String> {
-    let text = text.trim();
-    if text.eq_ignore_ascii_case("all") {
-        return Ok(BackfillFrom::All);
-    }
-    match text
-        .strip_prefix("after:")
-        .map(|id| id.trim().parse::<i64>())
-    {
-        Some(Ok(id)) => Ok(BackfillFrom::After(id)),
-        _ => Err(format!(
-            "expected `all` or `after:ID` (rows with a greater id), got {text:?}"
-        )),
-    }
-}
 
 /// What `Session::backfill` left to the rest of the session.
 pub(super) enum Backfilled {
@@ -102,22 +73,6 @@ struct StateRow {
     after: i64,
     first_lsn: Option<Lsn>,
     finished: bool,
-}
-
-/// Progress, for `/status`, `/metrics` and the console.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct BackfillProgress {
-    /// Rows of the snapshot to deliver (id greater than `after_id`).
-    pub rows: u64,
-    /// Of those, acknowledged by Kafka in this attempt or found there
-    /// from an earlier one.
-    pub delivered: u64,
-    /// Rows found in Kafka from an earlier, interrupted attempt.
-    pub found_in_kafka: u64,
-    pub after_id: Option<i64>,
-    /// 1 for the first attempt, more after interruptions.
-    pub attempt: i32,
-    pub finished: bool,
 }
 
 impl Session<'_> {
@@ -522,74 +477,5 @@ impl Session<'_> {
             }
         }
         Ok(topics.into_iter().collect())
-    }
-}
-
-/// The event ids of records in `topics` at positions in `[from, below)`:
-/// what earlier attempts of this backfill delivered.
-async fn delivered_before(
-    kafka: &KafkaConfig,
-    topics: Vec<String>,
-    from: Lsn,
-    below: Lsn,
-) -> Result<HashSet<i64>, RelayError> {
-    let client = kafka.client_config();
-    tokio::task::spawn_blocking(move || {
-        let mut ids = HashSet::new();
-        for topic in &topics {
-            crate::verify::each_record(client.clone(), topic, |s| {
-                if let (Some((lsn, _)), Some(id)) = (s.position, s.event_id) {
-                    if lsn >= from && lsn < below {
-                        ids.insert(id);
-                    }
-                }
-            })
-            .map_err(|e| {
-                RelayError::Backfill(format!("reading topic {topic} back: {}", error_chain(&e)))
-            })?;
-        }
-        Ok(ids)
-    })
-    .await
-    .unwrap_or_else(|e| {
-        Err(RelayError::Backfill(format!(
-            "reading the topics back: {e}"
-        )))
-    })
-}
-
-fn log_progress(progress: &BackfillProgress, elapsed: Duration) {
-    let rate = progress.delivered as f64 / elapsed.as_secs_f64().max(1e-3);
-    let left = progress.rows.saturating_sub(progress.delivered);
-    tracing::info!(
-        delivered = progress.delivered,
-        rows = progress.rows,
-        percent = format!(
-            "{:.1}",
-            100.0 * progress.delivered as f64 / progress.rows.max(1) as f64
-        ),
-        rows_per_second = rate.round() as u64,
-        eta_seconds = (left as f64 / rate.max(1.0)).round() as u64,
-        "backfill progress"
-    );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_the_backfill_start() {
-        assert_eq!(parse_backfill("all"), Ok(BackfillFrom::All));
-        assert_eq!(
-            parse_backfill("after:41235"),
-            Ok(BackfillFrom::After(41235))
-        );
-        assert_eq!(parse_backfill(" after: -3 "), Ok(BackfillFrom::After(-3)));
-        for bad in ["", "41235", "after:", "after:x", "from:1"] {
-            assert!(parse_backfill(bad).is_err(), "{bad:?}");
-        }
-        assert_eq!(BackfillFrom::All.after(), i64::MIN);
-        assert_eq!(BackfillFrom::After(7).after(), 7);
     }
 }
