@@ -443,8 +443,8 @@ mod tests {
     #[test]
     fn headers_are_read_by_the_configured_names() {
         let relay = message(&[
-            ("event_id", "41"),
-            ("commit_ts", "2026-12-01T05:10:00.000001Z"),
+            (header::EVENT_ID, "41"),
+            (header::COMMIT_TS, "2026-12-01T05:10:00.000001Z"),
         ]);
         let a = arrived_of(&relay, &HeaderNames::default());
         assert_eq!(a.event_id, Some(41));

@@ -18,7 +18,8 @@ use devstack::testing::kafka_bootstrap;
 use loadgen::config::Mode;
 use loadgen::matcher::{key_of, Key, OrderStatus};
 use loadgen::report::Report;
-use outbox_record::trace::TraceParent;
+use outbox_record::header;
+use outbox_record::trace::{self, TraceParent};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +34,7 @@ async fn read_topic(topic: &str, at_least: usize) -> anyhow::Result<Vec<Record>>
 
 /// The trace id of a record's `traceparent` header.
 fn trace_id(record: &Record) -> Option<String> {
-    let header = record.header("traceparent")?;
+    let header = record.header(trace::TRACEPARENT)?;
     let tp = TraceParent::parse(header).unwrap_or_else(|e| panic!("{e}: {record:?}"));
     Some(tp.trace_id_hex())
 }
@@ -73,7 +74,7 @@ fn assert_slowest_on_topic(json: &Value, stage: &str, records: &[Record]) {
         let event = r["event_id"].as_i64().expect("event id").to_string();
         let record = records
             .iter()
-            .find(|rec| rec.header("event_id") == Some(event.as_str()))
+            .find(|rec| rec.header(header::EVENT_ID) == Some(event.as_str()))
             .unwrap_or_else(|| panic!("no record for {r}"));
         if let Some(order) = r["order_id"].as_i64() {
             let status = OrderStatus::parse(r["status"].as_str().expect("status"));
@@ -285,7 +286,7 @@ async fn sql_mode_matches_every_outbox_row_by_event_id() -> anyhow::Result<()> {
         let event = s.event_id.expect("event id").to_string();
         assert!(carrying
             .iter()
-            .any(|r| r.header("event_id") == Some(event.as_str())));
+            .any(|r| r.header(header::EVENT_ID) == Some(event.as_str())));
     }
     p.stop().await
 }
@@ -306,7 +307,9 @@ async fn sql_mode_works_on_an_outbox_without_a_traceparent_column() -> anyhow::R
     assert_all_matched(&report, 1);
     let records = read_topic(&p.topic, 50).await?;
     assert_eq!(records.len(), 50);
-    assert!(records.iter().all(|r| r.header("traceparent").is_none()));
+    assert!(records
+        .iter()
+        .all(|r| r.header(trace::TRACEPARENT).is_none()));
     let slowest = report.slowest.as_ref().expect("slowest");
     assert_eq!(slowest.stage, "end_to_end");
     assert_eq!(slowest.requests.len(), 10);

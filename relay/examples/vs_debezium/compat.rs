@@ -37,6 +37,7 @@ use anyhow::{bail, Context};
 use devstack::bench::ScratchDb;
 use devstack::kafka::{Record, TopicReader};
 use devstack::testing::connect;
+use outbox_record::{header, trace};
 
 use crate::connect::{self as kconnect, tempdir, Connect, Mode, Watermarks};
 use crate::Args;
@@ -44,14 +45,14 @@ use crate::Args;
 /// Headers the relay adds to Debezium's (its own, and its default
 /// `--header-columns`).
 const RELAY_EXTRA_HEADERS: &[&str] = &[
-    "event_id",
-    "event_type",
-    "lsn",
-    "xid",
-    "commit_ts",
-    "seq",
-    "traceparent",
-    "tracestate",
+    header::EVENT_ID,
+    header::EVENT_TYPE,
+    header::LSN,
+    header::XID,
+    header::COMMIT_TS,
+    header::SEQ,
+    trace::TRACEPARENT,
+    trace::TRACESTATE,
 ];
 
 /// Debezium's connector-level headers (`extended.headers.enabled`, on by
@@ -288,7 +289,7 @@ async fn compare(args: &Args, db: &ScratchDb, slots: &[String; 2]) -> anyhow::Re
         );
         for r in records {
             let id = r.header("id").map(str::to_owned).unwrap_or_default();
-            let side = if r.header("lsn").is_some() {
+            let side = if r.header(header::LSN).is_some() {
                 &mut relay_records
             } else {
                 &mut dbz_records

@@ -26,6 +26,7 @@ use anyhow::{bail, Context};
 use devstack::bench::{RelayProcess, ScratchDb};
 use devstack::kafka::TopicReader;
 use devstack::testing::connect;
+use outbox_record::header;
 
 use crate::connect::{tempdir, Connect, Mode};
 use crate::latency::millis;
@@ -90,7 +91,7 @@ async fn one_system(
         )
         .await?;
     let (topic, id_header) = if system == "relay" {
-        (format!("{}-relay", db.name), "event_id")
+        (format!("{}-relay", db.name), header::EVENT_ID)
     } else {
         (format!("{}.loadgen", db.name), "id")
     };

@@ -28,6 +28,7 @@ use std::time::Duration;
 use anyhow::Context;
 use devstack::bench::{cpu_seconds, http_get, RelayProcess, ScratchDb};
 use devstack::testing::connect;
+use outbox_record::header;
 
 use crate::connect::{tempdir, Connect, Mode};
 use crate::Args;
@@ -87,7 +88,14 @@ pub async fn run(
     for &rate in &args.rates {
         let cpu0 = cpu_seconds(relay.pid).unwrap_or(0.0);
         let acks0 = ack_histogram(&relay).await;
-        let report = loadgen(args, db, &topics.relay, rate, ("event_id", "commit_ts")).await?;
+        let report = loadgen(
+            args,
+            db,
+            &topics.relay,
+            rate,
+            (header::EVENT_ID, header::COMMIT_TS),
+        )
+        .await?;
         relay.check_running()?;
         let acks = ack_histogram(&relay).await;
         let cpu = cpu_seconds(relay.pid).unwrap_or(0.0) - cpu0;

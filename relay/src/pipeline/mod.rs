@@ -5,7 +5,8 @@
 //! the slot, ready Kafka), `apply` (the apply loop: WAL → records → acks →
 //! confirmation; generic over its [`WalSource`] and its [`Sink`], so
 //! `tests` drives it with hand-made pgoutput messages and an in-memory
-//! sink), and beside them `lag` (the lag sampler).
+//! sink) with `admit` (a record into the sink, in order), and beside them
+//! `lag` (the lag sampler).
 //!
 //! ```text
 //!            ┌──────────────── supervisor: reconnect with backoff + jitter ───────────────┐
@@ -68,6 +69,7 @@ use crate::replication::{
 use crate::sink::{DeliveryReport, KafkaConfig, KafkaSink, Placement, SendError, Sink};
 use crate::topics;
 
+mod admit;
 mod apply;
 mod backfill;
 mod lag;
@@ -76,6 +78,7 @@ mod supervisor;
 #[cfg(test)]
 mod tests;
 
+use admit::*;
 pub use apply::WalSource;
 use apply::*;
 use backfill::Backfilled;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use devstack::kafka::{Record, TopicReader};
 use devstack::testing::{kafka_bootstrap, unique_name, wait_for, TestDb};
+use outbox_record::{header, trace};
 use relay::config::Config;
 
 use crate::common::{assert_commit_order, relay_args, start, RelayProcess};
@@ -150,20 +151,14 @@ async fn records_are_debeziums_outbox_router_records() -> anyhow::Result<()> {
     // Debezium's `id` first, then the relay's own, then --header-columns.
     assert_eq!(
         names(r),
-        [
-            "id",
-            "event_id",
-            "event_type",
-            "lsn",
-            "xid",
-            "commit_ts",
-            "seq",
-            "traceparent"
-        ]
+        [&["id"][..], &header::RELAY_NAMES, &[trace::TRACEPARENT]].concat()
     );
     assert_eq!(r.header("id"), Some(ids[0].to_string().as_str()));
-    assert_eq!(r.header("event_id"), Some(ids[0].to_string().as_str()));
-    assert_eq!(r.header("traceparent"), Some(trace));
+    assert_eq!(
+        r.header(header::EVENT_ID),
+        Some(ids[0].to_string().as_str())
+    );
+    assert_eq!(r.header(trace::TRACEPARENT), Some(trace));
     // Placed as Kafka's Java producer (Debezium's) places the key.
     assert_eq!(r.partition, relay::dedupe::partition_for(b"1001", 3));
 
@@ -176,18 +171,7 @@ async fn records_are_debeziums_outbox_router_records() -> anyhow::Result<()> {
             r#""{\"name\": \"Zoë \\\"Q\\\" O'Brien\", \"note\": \"line1\\nline2\\ttab \\u0001\", \"path\": \"C:\\\\tmp\\\\x\", \"emoji\": \"\uD83D\uDE00 €\", \"slash\": \"a/b\"}""#
         )
     );
-    assert_eq!(
-        names(r),
-        [
-            "id",
-            "event_id",
-            "event_type",
-            "lsn",
-            "xid",
-            "commit_ts",
-            "seq"
-        ]
-    );
+    assert_eq!(names(r), [["id"].as_slice(), &header::RELAY_NAMES].concat());
 
     // A NULL key: no key (placed by its event id).
     let r = &orders[1];

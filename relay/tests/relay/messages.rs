@@ -14,7 +14,7 @@ use crate::common::{
 };
 use devstack::kafka::TopicReader;
 use devstack::testing::{create_topic, kafka_bootstrap, wait_for, TestDb};
-use outbox_record::header;
+use outbox_record::{header, trace};
 use serde_json::Value;
 
 /// Emits `n` event messages in the current transaction, ids from the outbox
@@ -170,7 +170,7 @@ async fn a_message_becomes_the_record_its_row_would_and_bad_ones_never_stop_the_
         assert_eq!(header_of(r, header::SEQ), seq);
         assert_eq!(header_of(r, header::EVENT_ID), id);
         assert_eq!(header_of(r, header::EVENT_TYPE), "OrderPaid");
-        assert_eq!(header_of(r, "traceparent"), traceparent);
+        assert_eq!(header_of(r, trace::TRACEPARENT), traceparent);
     }
     assert_eq!(header_of(row, header::LSN), header_of(message, header::LSN));
 
@@ -179,7 +179,7 @@ async fn a_message_becomes_the_record_its_row_would_and_bad_ones_never_stop_the_
     assert!(lsn_id > 2);
     assert_eq!(value(without_id)["id"], lsn_id);
     assert_eq!(header_of(without_id, header::SEQ), "2");
-    assert_eq!(without_id.header("traceparent"), None);
+    assert_eq!(without_id.header(trace::TRACEPARENT), None);
 
     // The malformed message, as it was written, in the dead-letter topic.
     let dlq = TopicReader::new(&kafka_bootstrap(), &format!("{topic}.relay-dlq"), true)?

@@ -8,7 +8,7 @@ use crate::common::{
 };
 use devstack::kafka::TopicReader;
 use devstack::testing::{create_topic, kafka_bootstrap, wait_for, TestDb};
-use outbox_record::header;
+use outbox_record::{header, trace};
 use relay::lsn::Lsn;
 
 fn config(db: &TestDb, topic: &str) -> relay::config::Config {
@@ -335,9 +335,9 @@ async fn a_traceparent_column_becomes_a_header() -> anyhow::Result<()> {
         .await?;
     assert_eq!(records.len(), 2);
     let by_id = |id: i64| records.iter().find(|r| event_id(r) == id).expect("record");
-    assert_eq!(by_id(traced).header("traceparent"), Some(traceparent));
+    assert_eq!(by_id(traced).header(trace::TRACEPARENT), Some(traceparent));
     assert_eq!(
-        by_id(traced).header("tracestate"),
+        by_id(traced).header(trace::TRACESTATE),
         Some("congo=t61rcWkgMzE")
     );
     let names: Vec<&str> = by_id(traced)
@@ -347,10 +347,10 @@ async fn a_traceparent_column_becomes_a_header() -> anyhow::Result<()> {
         .collect();
     assert_eq!(
         names[names.len() - 2..],
-        ["traceparent", "tracestate"],
+        [trace::TRACEPARENT, trace::TRACESTATE],
         "{names:?}"
     );
-    assert_eq!(by_id(untraced).header("traceparent"), None);
-    assert_eq!(by_id(untraced).header("tracestate"), None);
+    assert_eq!(by_id(untraced).header(trace::TRACEPARENT), None);
+    assert_eq!(by_id(untraced).header(trace::TRACESTATE), None);
     relay.stop().await
 }

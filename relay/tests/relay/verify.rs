@@ -232,7 +232,7 @@ async fn republish_produces_lost_events_late_and_leaves_in_flight_ones_to_the_re
         .await?;
     let late: Vec<&Record> = records
         .iter()
-        .filter(|r| r.header("late").is_some())
+        .filter(|r| r.header(header::LATE).is_some())
         .collect();
     assert_eq!(late.len(), 3);
     for r in &late {

@@ -9,8 +9,10 @@ use crate::event::TopicRouting;
 use outbox_record::header;
 
 mod harness;
+mod memory_sink;
 mod messages;
 use harness::*;
+use memory_sink::*;
 
 /// Every row to the one topic the sink starts with.
 fn orders() -> TopicRouting {

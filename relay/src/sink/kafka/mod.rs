@@ -17,6 +17,13 @@
 //! a partition's sequence is a fatal error instead. So each partition holds,
 //! in order, a prefix of what the relay sent to it (the ground `dedupe`'s
 //! exactly-once argument stands on).
+//!
+//! The producer's callbacks are in `context.rs`, what its errors mean in
+//! `errors.rs`, records too large for their topic in `limits.rs`.
+
+mod context;
+mod errors;
+mod limits;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -24,116 +31,25 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
-
-use rdkafka::client::ClientContext;
-use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::Message;
-use tokio::sync::mpsc;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 use super::{DeliveryReport, KafkaConfig, Placement, SendError, Sink, SinkError};
 use crate::checkpoint::TxnId;
 use crate::dedupe::{self, Position, TopicState};
 use crate::error::{RefusedRecord, RelayError};
 use crate::event::OutboxRecord;
-use lifecycle::kafka::{forward_log, AccessDenied};
-
-/// What librdkafka reported, before `next_report` classifies it.
-#[derive(Debug)]
-enum Report {
-    Delivered {
-        txn: TxnId,
-        bytes: usize,
-        topic: Arc<str>,
-    },
-    Failed {
-        bytes: usize,
-        error: KafkaError,
-        /// The record's `event_id` header, to name it if it can never be
-        /// delivered.
-        event_id: Option<String>,
-        topic: Arc<str>,
-    },
-    /// The producer can no longer deliver anything (fatal librdkafka error);
-    /// it has to be recreated and the stream replayed from the confirmed LSN.
-    Fatal { reason: String },
-    /// Kafka refused the producer's credentials or permissions: definite.
-    Denied(AccessDenied),
-}
+use context::{Report, ReportingContext, Tag};
+pub use errors::{classify_delivery, dedupe_error, txn_error};
+use lifecycle::kafka::AccessDenied;
+use tokio::sync::mpsc;
 
 /// Bound on each blocking transactional call.
 const TXN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Per-record delivery tag carried through librdkafka as the opaque.
-struct Tag {
-    txn: TxnId,
-    bytes: usize,
-    topic: Arc<str>,
-}
-
-struct ReportingContext {
-    reports: mpsc::UnboundedSender<Report>,
-}
-
-impl ClientContext for ReportingContext {
-    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        forward_log(level, facility, message);
-        if let Some(denied) = AccessDenied::from_log(level, facility, message) {
-            tracing::error!(error = %denied, "kafka refused the producer");
-            let _ = self.reports.send(Report::Denied(denied));
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        if let Some(denied) = AccessDenied::from_error(&error, reason) {
-            tracing::error!(error = %denied, "kafka refused the producer");
-            let _ = self.reports.send(Report::Denied(denied));
-            return;
-        }
-        let fatal = matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
-        if fatal {
-            tracing::error!(error = %error, reason, "kafka producer fatal error");
-            let _ = self.reports.send(Report::Fatal {
-                reason: format!("{error}: {reason}"),
-            });
-        } else {
-            tracing::warn!(error = %error, reason, "kafka client error");
-        }
-    }
-}
-
-impl ProducerContext for ReportingContext {
-    type DeliveryOpaque = Box<Tag>;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, tag: Self::DeliveryOpaque) {
-        let report = match result {
-            Ok(_) => Report::Delivered {
-                txn: tag.txn,
-                bytes: tag.bytes,
-                topic: tag.topic,
-            },
-            Err((error, msg)) => {
-                tracing::warn!(error = %error, topic = msg.topic(), partition = msg.partition(), "kafka delivery failed");
-                let event_id = msg.headers().and_then(|headers| {
-                    let pairs = headers.iter().map(|h| (h.key, h.value));
-                    outbox_record::header::find(pairs, outbox_record::header::EVENT_ID)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                });
-                Report::Failed {
-                    bytes: tag.bytes,
-                    error: error.clone(),
-                    event_id,
-                    topic: tag.topic,
-                }
-            }
-        };
-        // The receiver lives as long as the sink; a send error means the
-        // sink is being dropped and nobody waits for reports any more.
-        let _ = self.reports.send(report);
-    }
-}
+/// librdkafka's default `message.max.bytes`.
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
 /// The rdkafka-backed sink.
 pub struct KafkaSink {
@@ -258,49 +174,6 @@ impl KafkaSink {
 pub struct PreparedTopic {
     state: TopicState,
     max_message_bytes: Option<usize>,
-}
-
-impl KafkaSink {
-    /// `record` as a refusal names it.
-    fn refused(&self, record: &OutboxRecord, topic_limit: Option<usize>) -> RefusedRecord {
-        RefusedRecord {
-            event_id: record
-                .headers
-                .iter()
-                .find(|(k, _)| *k == outbox_record::header::EVENT_ID)
-                .map(|(_, v)| v.clone()),
-            bytes: record.size(),
-            topic: record.topic.clone(),
-            producer_limit: self.producer_limit,
-            topic_limit: topic_limit.or_else(|| self.topic_limits.get(&record.topic).copied()),
-        }
-    }
-
-    /// The topic's `max.message.bytes` if `record` is certainly over it:
-    /// its key, value and headers alone exceed it (the broker measures the
-    /// record batch, which holds all of them and more) — with zstd, its
-    /// value compressed as the producer will. Refusing such a record here
-    /// names it; the broker would refuse its batch, and with the gapless
-    /// guarantee fail the producer when later batches were in flight (seen
-    /// in the tests: the relay then replayed forever, naming nothing).
-    /// A record larger than the producer's `batch.size` goes alone in its
-    /// batch, so what is measured here is what the broker measures. Other
-    /// codecs are not estimated: the broker decides.
-    fn over_topic_limit(&self, record: &OutboxRecord) -> Option<usize> {
-        let limit = *self.topic_limits.get(&record.topic)?;
-        let size = record.size() - record.topic.len();
-        if size <= limit {
-            return None;
-        }
-        let value = match self.codec.as_deref() {
-            None => record.value.len(),
-            Some("zstd") => {
-                zstd::bulk::compress(&record.value, 0).map_or(record.value.len(), |c| c.len())
-            }
-            Some(_) => return None,
-        };
-        (size - record.value.len() + value > limit).then_some(limit)
-    }
 }
 
 /// Record headers as the producer takes them.
@@ -511,136 +384,5 @@ impl Sink for KafkaSink {
             .map_err(txn_error)?;
         self.txn_open = false;
         Ok(())
-    }
-}
-
-/// librdkafka's default `message.max.bytes`.
-const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
-
-/// Errors a replay cannot fix stop the relay, naming the record (`refused`);
-/// the rest are retried.
-pub fn classify_delivery(error: KafkaError, refused: impl FnOnce() -> RefusedRecord) -> RelayError {
-    if let Some(denied) = AccessDenied::from_error(&error, "producing a record") {
-        return RelayError::KafkaAccess(denied);
-    }
-    let permanent = matches!(
-        error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidRecord
-        )
-    );
-    if permanent {
-        RelayError::DeliveryPermanent {
-            refused: Box::new(refused()),
-            error,
-        }
-    } else {
-        RelayError::Delivery(error)
-    }
-}
-
-/// A fenced or otherwise fatal producer is replaced; the rest is retried by
-/// replaying from the confirmed position. Refused access (no ACL for the
-/// transactional id) stops the relay.
-pub fn txn_error(e: KafkaError) -> RelayError {
-    if let Some(denied) = AccessDenied::from_error(&e, format!("Kafka transaction: {e}")) {
-        return RelayError::KafkaAccess(denied);
-    }
-    match &e {
-        KafkaError::Transaction(t) if t.is_fatal() => RelayError::ProducerFatal(e.to_string()),
-        _ => RelayError::KafkaTransaction(e),
-    }
-}
-
-/// Reading a topic's end (exactly-once) without the right to: definite.
-pub fn dedupe_error(e: dedupe::DedupeError) -> RelayError {
-    match &e {
-        dedupe::DedupeError::Kafka { topic, source } => {
-            let detail = format!(
-                "reading the ends of topic {topic} for the exactly-once restart \
-                 (READ on the topic, DESCRIBE on group outbox-relay-dedupe)"
-            );
-            match AccessDenied::from_error(source, detail) {
-                Some(denied) => RelayError::KafkaAccess(denied),
-                None => RelayError::Dedupe(e),
-            }
-        }
-        _ => RelayError::Dedupe(e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sink(properties: &[(&str, &str)]) -> KafkaSink {
-        let cfg = KafkaConfig {
-            bootstrap_servers: "127.0.0.1:1".into(),
-            properties: properties
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            partitions: 1,
-            replication: 1,
-            max_in_flight_bytes: 1 << 20,
-            transactional_id: None,
-            skip_foreign_records: false,
-        };
-        let mut sink = KafkaSink::new(&cfg, true).expect("a producer (no connection yet)");
-        sink.topic_limits.insert("t".into(), 1_048_588);
-        sink
-    }
-
-    fn record(value: Vec<u8>) -> OutboxRecord {
-        OutboxRecord {
-            topic: "t".into(),
-            partition: None,
-            key: Some("42".into()),
-            value,
-            headers: vec![(outbox_record::header::EVENT_ID, "7".into())],
-            column_headers: Box::new([]),
-        }
-    }
-
-    #[test]
-    fn records_over_the_topic_limit_are_measured_as_the_producer_will_send_them() {
-        // 2 MB of JSON-like repetition: 2 MB raw, a few KB with zstd.
-        let compressible = br#"{"sku":"A-1","quantity":2},"#.repeat(80_000);
-        // 2 MB of noise: as large compressed.
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let noise: Vec<u8> = (0..2_000_000)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
-
-        let zstd = sink(&[]);
-        assert_eq!(zstd.codec.as_deref(), Some("zstd"), "the default");
-        assert_eq!(zstd.over_topic_limit(&record(compressible.clone())), None);
-        assert_eq!(
-            zstd.over_topic_limit(&record(noise.clone())),
-            Some(1_048_588)
-        );
-        assert_eq!(zstd.over_topic_limit(&record(vec![b'x'; 1000])), None);
-
-        let none = sink(&[("compression.type", "none")]);
-        assert_eq!(none.codec, None);
-        assert_eq!(
-            none.over_topic_limit(&record(compressible)),
-            Some(1_048_588)
-        );
-        assert_eq!(
-            none.over_topic_limit(&record(noise.clone())),
-            Some(1_048_588)
-        );
-
-        // Not estimated: the broker decides.
-        let lz4 = sink(&[("compression.type", "lz4")]);
-        assert_eq!(lz4.over_topic_limit(&record(noise)), None);
     }
 }
