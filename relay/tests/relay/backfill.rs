@@ -4,7 +4,8 @@
 //! slot's creation, and with the relay killed (`kill -9`) twice in the
 //! middle of the backfill (and a relay without `--backfill` refused
 //! meanwhile). Also: `after:ID`, a finished backfill left alone on
-//! restart, and a slot the backfill did not create refused.
+//! restart, a slot the backfill did not create refused, and a row Kafka
+//! can never take (dead-lettered as in the stream).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::{
-    assert_commit_order, event_id, http_get, insert_batch, outbox_ids, read_until_all, relay_args,
-    relay_config, spawn_writer, start, RelayProcess,
+    assert_commit_order, commit_poisoned, event_id, http_get, insert_batch, outbox_ids,
+    read_until_all, relay_args, relay_config, spawn_writer, start, topic_ids, RelayProcess,
 };
 use devstack::testing::{create_topic, kafka_bootstrap, wait_for, TestDb};
 use relay::pipeline::BACKFILL_STATE_TABLE;
@@ -235,4 +236,103 @@ async fn a_backfill_refuses_a_slot_it_did_not_create() -> anyhow::Result<()> {
         "{text}"
     );
     Ok(())
+}
+
+/// A row Kafka can never take (2 MB, over the producer's limit), written
+/// before the slot with 100,000 rows after it: the backfill stops naming
+/// it. Restarted with the event named in `--dead-letter-event-ids`, the
+/// backfill produces the event's reference to the dead-letter topic
+/// instead; killed (`kill -9`) in the middle and started again, it reads
+/// the dead-letter topic back with the rest, so the reference is there
+/// once, and every other row reaches the topic once, in order.
+#[tokio::test]
+async fn a_poison_row_stops_the_backfill_until_dead_lettered() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let c = db.connect().await?;
+    let ((_, big, _), _) = commit_poisoned(&c).await?;
+    insert_rows(&c, 100_000).await?;
+    let args = |extra: &[&str]| {
+        let mut args = vec!["--backfill", "all"];
+        args.extend(extra);
+        relay_args(&db.url, &db.slot_name(), &topic, &kafka_bootstrap(), &args)
+    };
+
+    let cfg = relay_config(
+        &db.url,
+        &db.slot_name(),
+        &topic,
+        &kafka_bootstrap(),
+        &["--backfill", "all"],
+    );
+    let shared = relay::http::Shared::new(&cfg.slot, &cfg.publication);
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(60),
+        relay::pipeline::run_with(cfg, Default::default(), shared),
+    )
+    .await?;
+    let chain = relay::pipeline::error_chain(&stopped.expect_err("a row Kafka cannot take"));
+    for needle in [
+        format!("event {big} ("),
+        format!("--dead-letter-event-ids {big}"),
+    ] {
+        assert!(chain.contains(&needle), "no {needle:?} in: {chain}");
+    }
+
+    let big_id = big.to_string();
+    let with_dlq = args(&["--dead-letter-event-ids", &big_id]);
+    kill_during_backfill(&with_dlq).await?;
+    let mut last = RelayProcess::spawn_only(&with_dlq)?;
+    last.wait_state("streaming").await?;
+
+    let ids: BTreeSet<i64> = outbox_ids(&c)
+        .await?
+        .into_iter()
+        .filter(|id| *id != big)
+        .collect();
+    let records =
+        read_until_all(&kafka_bootstrap(), &topic, &ids, Duration::from_secs(120)).await?;
+    let got: Vec<i64> = records.iter().map(event_id).collect();
+    assert_eq!(
+        got,
+        ids.iter().copied().collect::<Vec<_>>(),
+        "each once, in order"
+    );
+    let dlq = format!("{topic}.relay-dlq");
+    assert_eq!(topic_ids(&dlq, 1).await?, [big], "the reference, once");
+    let (_, _, done, found) = progress(&last).await.expect("backfill on /status");
+    assert!(
+        done && found > 0,
+        "finished, after an interrupted attempt: found {found}"
+    );
+    last.kill_9().await
+}
+
+/// Opted in (`--dead-letter-refused`): the refused row's event is
+/// dead-lettered when the backfill resumes, without a stop, and every other
+/// row reaches the topic once, in order.
+#[tokio::test]
+async fn opted_in_a_refused_backfill_row_is_dead_lettered_without_a_stop() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(1).await?;
+    let c = db.connect().await?;
+    let ((first, big, rest), _) = commit_poisoned(&c).await?;
+    let relay = start(relay_config(
+        &db.url,
+        &db.slot_name(),
+        &topic,
+        &kafka_bootstrap(),
+        &["--backfill", "all", "--dead-letter-refused"],
+    ))
+    .await;
+    let all: Vec<i64> = std::iter::once(first).chain(rest).collect();
+    assert_eq!(
+        topic_ids(&topic, all.len()).await?,
+        all,
+        "each once, in order"
+    );
+    assert_eq!(topic_ids(&format!("{topic}.relay-dlq"), 1).await?, [big]);
+    assert!(!relay.task.is_finished(), "the relay goes on");
+    assert_eq!(relay.shared.metrics.dead_lettered.get(), 1);
+    relay.stop().await
 }

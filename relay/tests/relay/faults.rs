@@ -9,15 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::{
-    assert_commit_order, current_wal_lsn, event_id, http_get, insert_batch, insert_event,
-    outbox_ids, read_until_all, relay_args, relay_config, slot_confirmed, spawn_writer, start,
-    RelayProcess,
+    assert_commit_order, commit_poisoned, current_wal_lsn, event_id, http_get, insert_batch,
+    insert_event, outbox_ids, read_until_all, relay_args, relay_config, slot_confirmed,
+    spawn_writer, start, topic_ids, RelayProcess,
 };
 use devstack::cluster::PgCluster;
 use devstack::testing::{create_topic, kafka_bootstrap, wait_for, TestDb};
+use outbox_record::header;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use relay::lsn::Lsn;
 
 #[tokio::test]
 async fn kill_9_mid_stream_then_restart_loses_and_duplicates_nothing() -> anyhow::Result<()> {
@@ -375,44 +375,6 @@ async fn permanent_produce_error_stops_the_relay_without_confirming() -> anyhow:
     Ok(())
 }
 
-/// A small event, a 2 MB incompressible one (over Kafka's default limits)
-/// and 20 small ones, each in its own transaction (so that records behind
-/// the large one are in flight when it is refused); the ids of the first,
-/// the large one and the rest, and the WAL position right after the large
-/// one's commit.
-async fn commit_poisoned(
-    c: &tokio_postgres::Client,
-) -> anyhow::Result<((i64, i64, Vec<i64>), Lsn)> {
-    let first = insert_event(c, 1, "OrderCreated").await?;
-    let big: i64 = c
-        .query_one(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload) \
-             SELECT 'order', '2', 2, 'OrderCreated', jsonb_build_object('blob', \
-                 (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 65000))) \
-             RETURNING id",
-            &[],
-        )
-        .await?
-        .get(0);
-    let after_big = current_wal_lsn(c).await?;
-    let mut rest = Vec::new();
-    for user in 3..23 {
-        rest.push(insert_event(c, user, "OrderCreated").await?);
-    }
-    Ok(((first, big, rest), after_big))
-}
-
-/// The event ids in `topic`, each with its count, once `want` are there.
-async fn topic_ids(topic: &str, want: usize) -> anyhow::Result<Vec<i64>> {
-    let records = devstack::kafka::TopicReader::new(&kafka_bootstrap(), topic, true)?
-        .read_at_least(want, Duration::from_secs(60), Duration::from_secs(1))
-        .await?;
-    Ok(records
-        .iter()
-        .filter_map(|r| r.header("event_id")?.parse().ok())
-        .collect())
-}
-
 /// The relay stops on the large event with a message naming its event id,
 /// its size, the limits and the ways forward; the first event is in the
 /// topic and none of the rest (nothing overtakes the refused record); the
@@ -496,8 +458,11 @@ async fn oversized_row_stops_the_relay_until_dead_lettered(extra: &[&str]) -> an
         reference["bytes"].as_u64().unwrap_or(0) > 2_000_000,
         "{reference}"
     );
-    assert_eq!(references[0].header("event_id"), Some(big_id.as_str()));
-    assert!(references[0].header("dlq_reason").is_some());
+    assert_eq!(
+        references[0].header(header::EVENT_ID),
+        Some(big_id.as_str())
+    );
+    assert!(references[0].header(header::dlq::REASON).is_some());
     assert_eq!(relay.shared.metrics.dead_lettered.get(), 1);
     relay.stop().await
 }

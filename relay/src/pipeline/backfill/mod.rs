@@ -31,10 +31,16 @@
 //! partition prefix argument of `dedupe` does not apply here, since rows
 //! committed late (out of id order) appear only in the later snapshot.
 //!
+//! **Poison rows.** A row Kafka can never take stops the backfill as it
+//! stops the stream, naming the event; the dead-letter options apply as
+//! they do to streamed events (`dead_letter`): a named or (with
+//! `--dead-letter-refused`) refused event goes to `<topic>.relay-dlq` as a
+//! reference, and the dead-letter topics are read back with the rest.
+//!
 //! One relay at a time: the backfill holds a Postgres advisory lock on
 //! its SQL connection; a second relay waits as a standby.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 
 use tokio_postgres::Client;
 
@@ -48,7 +54,7 @@ mod readback;
 
 use options::log_progress;
 pub use options::{parse_backfill, BackfillFrom, BackfillProgress};
-use readback::delivered_before;
+use readback::{delivered_before, topics_to_read_back};
 
 /// The state table's name, in the outbox table's schema.
 pub const STATE_TABLE: &str = "outbox_relay_backfill";
@@ -243,7 +249,7 @@ impl Session<'_> {
         }
         let position = Lsn(point.0.saturating_sub(1));
         let earlier = if attempt > 1 {
-            let topics = self.backfill_topics(&snap, &table, after).await?;
+            let topics = topics_to_read_back(self.event_cfg, &snap, &table, after).await?;
             delivered_before(
                 self.kafka_cfg,
                 topics,
@@ -294,8 +300,13 @@ impl Session<'_> {
                     progress.delivered += 1;
                     continue;
                 }
-                let mut record =
+                let record =
                     event::build_record(self.event_cfg, &table.relation, &tuple, &txn, id as u64)?;
+                // A dead-lettered event (named, or refused by Kafka in an
+                // earlier attempt with --dead-letter-refused): its reference.
+                let reference = self.dead_letters.reference_for(&record);
+                let diverted = reference.is_some();
+                let mut record = reference.unwrap_or(record);
                 if !sink.has_topic(&record.topic) {
                     let prepared = sink.prepare_topic(&record.topic).await?;
                     sink.add_topic(record.topic.clone(), prepared);
@@ -303,6 +314,11 @@ impl Session<'_> {
                 if sink.place(&mut record, (position, id as u64)) == Placement::Duplicate {
                     progress.delivered += 1;
                     continue;
+                }
+                if diverted {
+                    self.shared.metrics.dead_lettered.inc();
+                    tracing::warn!(topic = %record.topic, event_id = id,
+                        "backfill: producing a dead-lettered event's reference instead of the event");
                 }
                 let mut pending = record;
                 loop {
@@ -448,34 +464,5 @@ impl Session<'_> {
             .backfill_rows_delivered
             .set(progress.delivered as i64);
         self.shared.update(|s| s.backfill = Some(progress.clone()));
-    }
-
-    /// The topics the snapshot's rows go to (read back after an interruption).
-    async fn backfill_topics(
-        &self,
-        snap: &Client,
-        table: &OutboxColumns,
-        after: i64,
-    ) -> Result<Vec<String>, RelayError> {
-        let mut topics: BTreeSet<String> = self.event_cfg.static_topics().into_iter().collect();
-        if let event::TopicRouting::ByColumn { column, prefix, .. } = &self.event_cfg.routing {
-            let values = snap
-                .query(
-                    &format!(
-                        "SELECT DISTINCT {}::text FROM {} WHERE id > $1",
-                        quote_ident(column),
-                        table.qualified
-                    ),
-                    &[&after],
-                )
-                .await
-                .map_err(|e| ReplicationError::from_sql("reading the routed topics", e))?;
-            for v in &values {
-                if let Some(v) = v.get::<_, Option<String>>(0).filter(|v| !v.is_empty()) {
-                    topics.insert(format!("{prefix}{v}"));
-                }
-            }
-        }
-        Ok(topics.into_iter().collect())
     }
 }

@@ -1,11 +1,17 @@
-//! Reading back what an interrupted backfill already put in Kafka: the
-//! event ids of its records, told by their positions (see the backfill's
-//! module header, "Restart").
+//! Reading back what an interrupted backfill already put in Kafka: which
+//! topics, and the event ids of its records there, told by their positions
+//! (see the backfill's module header, "Restart").
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
+use tokio_postgres::Client;
+
+use crate::dead_letter;
 use crate::error::RelayError;
+use crate::event::{EventConfig, TopicRouting};
 use crate::lsn::Lsn;
+use crate::replication::{quote_ident, ReplicationError};
+use crate::republish::OutboxColumns;
 use crate::sink::KafkaConfig;
 use lifecycle::error_chain;
 
@@ -40,4 +46,36 @@ pub(super) async fn delivered_before(
             "reading the topics back: {e}"
         )))
     })
+}
+
+/// The topics the snapshot's rows go to, and their dead-letter topics
+/// (a dead-lettered event's reference stands for the event).
+pub(super) async fn topics_to_read_back(
+    event_cfg: &EventConfig,
+    snap: &Client,
+    table: &OutboxColumns,
+    after: i64,
+) -> Result<Vec<String>, RelayError> {
+    let mut topics: BTreeSet<String> = event_cfg.static_topics().into_iter().collect();
+    if let TopicRouting::ByColumn { column, prefix, .. } = &event_cfg.routing {
+        let values = snap
+            .query(
+                &format!(
+                    "SELECT DISTINCT {}::text FROM {} WHERE id > $1",
+                    quote_ident(column),
+                    table.qualified
+                ),
+                &[&after],
+            )
+            .await
+            .map_err(|e| ReplicationError::from_sql("reading the routed topics", e))?;
+        for v in &values {
+            if let Some(v) = v.get::<_, Option<String>>(0).filter(|v| !v.is_empty()) {
+                topics.insert(format!("{prefix}{v}"));
+            }
+        }
+    }
+    let dead_letter: Vec<String> = topics.iter().map(|t| dead_letter::topic_of(t)).collect();
+    topics.extend(dead_letter);
+    Ok(topics.into_iter().collect())
 }

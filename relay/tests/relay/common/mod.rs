@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use devstack::kafka::{Record, TopicReader};
-use devstack::testing::wait_for;
+use devstack::testing::{kafka_bootstrap, wait_for};
 use outbox_record::header;
 use relay::config::Config;
 use relay::http::{RelayState, Shared};
@@ -129,6 +129,44 @@ pub async fn insert_batch(
             &[&first_user, &n],
         )
         .await
+}
+
+/// A small event, a 2 MB incompressible one (over Kafka's default limits)
+/// and 20 small ones, each in its own transaction (so that records behind
+/// the large one are in flight when it is refused); the ids of the first,
+/// the large one and the rest, and the WAL position right after the large
+/// one's commit.
+pub async fn commit_poisoned(
+    c: &tokio_postgres::Client,
+) -> anyhow::Result<((i64, i64, Vec<i64>), Lsn)> {
+    let first = insert_event(c, 1, "OrderCreated").await?;
+    let big: i64 = c
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload) \
+             SELECT 'order', '2', 2, 'OrderCreated', jsonb_build_object('blob', \
+                 (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 65000))) \
+             RETURNING id",
+            &[],
+        )
+        .await?
+        .get(0);
+    let after_big = current_wal_lsn(c).await?;
+    let mut rest = Vec::new();
+    for user in 3..23 {
+        rest.push(insert_event(c, user, "OrderCreated").await?);
+    }
+    Ok(((first, big, rest), after_big))
+}
+
+/// The event ids in `topic`, each with its count, once `want` are there.
+pub async fn topic_ids(topic: &str, want: usize) -> anyhow::Result<Vec<i64>> {
+    let records = devstack::kafka::TopicReader::new(&kafka_bootstrap(), topic, true)?
+        .read_at_least(want, Duration::from_secs(60), Duration::from_secs(1))
+        .await?;
+    Ok(records
+        .iter()
+        .filter_map(|r| r.header(header::EVENT_ID)?.parse().ok())
+        .collect())
 }
 
 /// The `lsn` and `seq` headers: a record's position in commit order.
