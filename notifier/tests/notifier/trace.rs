@@ -14,7 +14,7 @@ use devstack::otlp::{OtlpReceiver, ReceivedSpan};
 use devstack::testing::{
     create_topic, kafka_bootstrap, unique_name, wait_for, workspace_binary, Captured, TestDb,
 };
-use outbox_record::trace::TraceParent;
+use outbox_record::trace::{self, TraceParent};
 use serde_json::json;
 
 use crate::common::{
@@ -100,7 +100,7 @@ async fn one_order_is_followed_by_its_trace_id_from_request_to_email() -> anyhow
         .read_at_least(1, WAIT, Duration::from_millis(500))
         .await?;
     let header = records[0]
-        .header("traceparent")
+        .header(trace::TRACEPARENT)
         .context("the record has no traceparent header")?;
     let from_api = TraceParent::parse(header)?;
     assert_eq!(from_api.trace_id_hex(), trace_id);

@@ -38,6 +38,7 @@ use devstack::bench::ScratchDb;
 use devstack::kafka::{Record, TopicReader};
 use devstack::testing::connect;
 use outbox_record::{header, trace};
+use relay::event::debezium;
 
 use crate::connect::{self as kconnect, tempdir, Connect, Mode, Watermarks};
 use crate::Args;
@@ -288,7 +289,10 @@ async fn compare(args: &Args, db: &ScratchDb, slots: &[String; 2]) -> anyhow::Re
             records.len()
         );
         for r in records {
-            let id = r.header("id").map(str::to_owned).unwrap_or_default();
+            let id = r
+                .header(debezium::ID_HEADER)
+                .map(str::to_owned)
+                .unwrap_or_default();
             let side = if r.header(header::LSN).is_some() {
                 &mut relay_records
             } else {

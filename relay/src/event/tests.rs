@@ -211,8 +211,11 @@ fn debezium_outbox_record() {
         r#""{\"order_id\": 5, \"items\": [1, 2]}""#
     );
     let names: Vec<_> = rec.all_headers().map(|(k, _)| k).collect();
-    assert_eq!(names, [["id"].as_slice(), &header::RELAY_NAMES].concat());
-    assert_eq!(rec.headers[0], ("id", "17".to_owned()));
+    assert_eq!(
+        names,
+        [[debezium::ID_HEADER].as_slice(), &header::RELAY_NAMES].concat()
+    );
+    assert_eq!(rec.headers[0], (debezium::ID_HEADER, "17".to_owned()));
     assert_eq!(rec.partition_key(), "5");
 }
 

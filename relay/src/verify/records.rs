@@ -122,7 +122,9 @@ fn seen_of<M: Message>(topic: &str, msg: &M) -> Seen {
             match h.key {
                 header::EVENT_ID => relay_id = relay_id.or(text.and_then(|t| t.parse().ok())),
                 // Debezium's outbox event router names the event `id`.
-                "id" => debezium_id = debezium_id.or(text.and_then(|t| t.parse().ok())),
+                crate::event::debezium::ID_HEADER => {
+                    debezium_id = debezium_id.or(text.and_then(|t| t.parse().ok()))
+                }
                 header::LSN => lsn = lsn.or(text.and_then(|t| t.parse::<Lsn>().ok())),
                 header::SEQ => seq = seq.or(text.and_then(|t| t.parse::<u64>().ok())),
                 header::LATE => late = true,

@@ -14,6 +14,7 @@ use devstack::kafka::{Record, TopicReader};
 use devstack::testing::{kafka_bootstrap, unique_name, wait_for, TestDb};
 use outbox_record::{header, trace};
 use relay::config::Config;
+use relay::event::debezium;
 
 use crate::common::{assert_commit_order, relay_args, start, RelayProcess};
 
@@ -134,7 +135,10 @@ async fn records_are_debeziums_outbox_router_records() -> anyhow::Result<()> {
     relay.stop().await?;
     assert_commit_order(&orders);
     // Partitions are read in any order: by id.
-    let id = |r: &Record| r.header("id").and_then(|v| v.parse::<i64>().ok());
+    let id = |r: &Record| {
+        r.header(debezium::ID_HEADER)
+            .and_then(|v| v.parse::<i64>().ok())
+    };
     orders.sort_by_key(id);
     shipments.sort_by_key(id);
 
@@ -151,9 +155,17 @@ async fn records_are_debeziums_outbox_router_records() -> anyhow::Result<()> {
     // Debezium's `id` first, then the relay's own, then --header-columns.
     assert_eq!(
         names(r),
-        [&["id"][..], &header::RELAY_NAMES, &[trace::TRACEPARENT]].concat()
+        [
+            &[debezium::ID_HEADER][..],
+            &header::RELAY_NAMES,
+            &[trace::TRACEPARENT]
+        ]
+        .concat()
     );
-    assert_eq!(r.header("id"), Some(ids[0].to_string().as_str()));
+    assert_eq!(
+        r.header(debezium::ID_HEADER),
+        Some(ids[0].to_string().as_str())
+    );
     assert_eq!(
         r.header(header::EVENT_ID),
         Some(ids[0].to_string().as_str())
@@ -171,13 +183,19 @@ async fn records_are_debeziums_outbox_router_records() -> anyhow::Result<()> {
             r#""{\"name\": \"Zoë \\\"Q\\\" O'Brien\", \"note\": \"line1\\nline2\\ttab \\u0001\", \"path\": \"C:\\\\tmp\\\\x\", \"emoji\": \"\uD83D\uDE00 €\", \"slash\": \"a/b\"}""#
         )
     );
-    assert_eq!(names(r), [["id"].as_slice(), &header::RELAY_NAMES].concat());
+    assert_eq!(
+        names(r),
+        [[debezium::ID_HEADER].as_slice(), &header::RELAY_NAMES].concat()
+    );
 
     // A NULL key: no key (placed by its event id).
     let r = &orders[1];
     assert_eq!(r.key, None);
     assert_eq!(r.value.as_deref(), Some(r#""{\"key\": \"none\"}""#));
-    assert_eq!(r.header("id"), Some(ids[2].to_string().as_str()));
+    assert_eq!(
+        r.header(debezium::ID_HEADER),
+        Some(ids[2].to_string().as_str())
+    );
 
     // An SQL NULL payload is the JSON null; a jsonb null the string "null".
     assert_eq!(shipments[0].key.as_deref(), Some("s-3"));
@@ -263,7 +281,7 @@ async fn kill_9_mid_stream_delivers_every_row_once() -> anyhow::Result<()> {
         let topic = format!("outbox.event.{t}");
         let records = read(&topic, expected).await?;
         for r in &records {
-            let id: i64 = r.header("id").expect("id header").parse()?;
+            let id: i64 = r.header(debezium::ID_HEADER).expect("id header").parse()?;
             assert!(seen.insert(id), "event {id} twice");
             let (ty, key, payload) = &rows[&id];
             assert_eq!(ty, t);
