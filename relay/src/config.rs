@@ -10,6 +10,9 @@ use crate::event::{self, EventConfig, TopicRouting, ValueFormat};
 use crate::message::MessageConfig;
 use crate::sink::KafkaConfig;
 
+mod command;
+pub use command::{parse_time, Command, SlotAction};
+
 /// Streams outbox inserts from a Postgres logical replication slot (pgoutput)
 /// to Kafka, in commit order, confirming WAL only after Kafka acknowledged it.
 #[derive(Parser, Clone)]
@@ -260,58 +263,6 @@ pub struct Config {
 
     #[command(subcommand)]
     pub command: Option<Command>,
-}
-
-/// Operator commands; without one, the relay runs.
-#[derive(clap::Subcommand, Clone, Debug)]
-pub enum Command {
-    /// Inspect or drop the replication slot (`--slot`, on `--database-url`).
-    Slot {
-        #[command(subcommand)]
-        action: SlotAction,
-    },
-    /// Compare the outbox table with the topics (`--topic`, or the routed
-    /// ones): events missing from Kafka, present more than once, out of
-    /// per-key commit order, and records with no row. Exit status 0 when
-    /// there are none, 1 when there are, 2 when the comparison failed.
-    Verify {
-        /// First outbox id compared (default: the table's smallest).
-        #[arg(long)]
-        from_id: Option<i64>,
-        /// Last outbox id compared (default: the table's largest).
-        #[arg(long)]
-        to_id: Option<i64>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// How long to wait for the slot (`--slot`) to confirm every row
-        /// compared before reading the topics.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        wait: Duration,
-        /// Then produce the missing events from their rows, marked late
-        /// (header `late`), except those the slot will still deliver.
-        /// Refused while a relay streams the slot.
-        #[arg(long)]
-        republish_missing: bool,
-    },
-}
-
-#[derive(clap::Subcommand, Clone, Debug)]
-pub enum SlotAction {
-    /// Show the slot: plugin, activity, confirmed and restart LSN, retained WAL.
-    Status {
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Drop the slot. Every change it has not confirmed is lost to the relay
-    /// (a new slot starts at the current WAL position). Refused while a relay
-    /// streams it.
-    Drop {
-        /// Really drop it.
-        #[arg(long)]
-        yes: bool,
-    },
 }
 
 impl std::fmt::Debug for Config {

@@ -19,6 +19,9 @@ fn main() -> std::process::ExitCode {
         Some(Command::Verify {
             from_id,
             to_id,
+            since,
+            until,
+            time_column,
             json,
             wait,
             republish_missing,
@@ -26,6 +29,9 @@ fn main() -> std::process::ExitCode {
             let range = verify::Range {
                 from_id,
                 to_id,
+                since,
+                until,
+                time_column,
                 wait,
                 republish: republish_missing,
             };

@@ -34,6 +34,8 @@ mod report;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, SecondsFormat, Utc};
+
 pub(crate) use records::each_record;
 use records::read_topic;
 pub use records::Seen;
@@ -76,6 +78,11 @@ pub enum VerifyError {
 pub struct Range {
     pub from_id: Option<i64>,
     pub to_id: Option<i64>,
+    /// Only rows whose `time_column` is at or after `since` and before
+    /// `until`.
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub time_column: String,
     /// How long to wait for the slot to confirm what the snapshot holds.
     pub wait: Duration,
     /// Produce the missing events (see `republish`).
@@ -111,12 +118,17 @@ pub async fn verify(cfg: &Config, range: &Range) -> Result<Report, VerifyError> 
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         .await
         .map_err(VerifyError::Query)?;
+    let time = quote_ident(&range.time_column);
+    let at = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true));
+    let (since, until) = (at(range.since), at(range.until));
     let rows = client
         .query(
             &format!(
-                "SELECT id, {key}::text, {routing} FROM {table} WHERE id BETWEEN $1 AND $2 ORDER BY id"
+                "SELECT id, {key}::text, {routing} FROM {table} WHERE id BETWEEN $1 AND $2 \
+                   AND ($3::text IS NULL OR {time} >= $3::text::timestamptz) \
+                   AND ($4::text IS NULL OR {time} < $4::text::timestamptz) ORDER BY id"
             ),
-            &[&from_id, &to_id],
+            &[&from_id, &to_id, &since, &until],
         )
         .await
         .map_err(VerifyError::Query)?;
@@ -195,6 +207,7 @@ pub async fn verify(cfg: &Config, range: &Range) -> Result<Report, VerifyError> 
         report.republished = Some(done);
     }
     report.topics = topics.into_iter().collect();
+    (report.since, report.until) = (since, until);
     report.caught_up = caught_up;
     report.ok = report.missing.count == 0
         && report.duplicated.count == 0

@@ -45,6 +45,9 @@ pub struct OutOfOrder {
 pub struct Report {
     pub from_id: i64,
     pub to_id: i64,
+    /// The time range (`--since`, `--until`), RFC 3339.
+    pub since: Option<String>,
+    pub until: Option<String>,
     pub rows: usize,
     pub topics: Vec<String>,
     pub records: usize,
@@ -133,6 +136,8 @@ pub fn compare(ids: &BTreeSet<i64>, seen: &[Seen], from: i64, to: i64) -> Report
     Report {
         from_id: from,
         to_id: to,
+        since: None,
+        until: None,
         rows: ids.len(),
         topics: Vec::new(),
         records: seen.len(),
@@ -165,9 +170,17 @@ impl std::fmt::Display for Report {
                 format!("  ({}{more})", shown.join(", "))
             }
         };
+        let created = match (&self.since, &self.until) {
+            (None, None) => String::new(),
+            (since, until) => format!(
+                " created in [{}, {})",
+                since.as_deref().unwrap_or("…"),
+                until.as_deref().unwrap_or("…")
+            ),
+        };
         writeln!(
             f,
-            "outbox ids {}..={}: {} rows",
+            "outbox ids {}..={}{created}: {} rows",
             self.from_id, self.to_id, self.rows
         )?;
         writeln!(

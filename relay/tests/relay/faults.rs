@@ -604,6 +604,9 @@ async fn an_invalidated_slot_stops_the_relay_naming_it() -> anyhow::Result<()> {
     let check = |republish| relay::verify::Range {
         from_id: None,
         to_id: None,
+        since: None,
+        until: None,
+        time_column: "created_at".into(),
         wait: Duration::from_secs(5),
         republish,
     };

@@ -1,7 +1,8 @@
 //! `relay verify` on Postgres and Apache Kafka: a topic the relay wrote
 //! compares clean (exit 0); then each kind of damage — a duplicate, a
 //! record out of its key's order, a record with no row, a row the relay
-//! never delivered — is found, counted and named (exit 1).
+//! never delivered — is found, counted and named (exit 1); and over a
+//! time range, only the rows created in it are compared.
 
 use std::time::Duration;
 
@@ -170,6 +171,114 @@ async fn verify_finds_every_kind_of_damage_and_nothing_on_a_clean_topic() -> any
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no table"));
     let _ = TopicReader::new(&kafka_bootstrap(), &topic, true)?;
+    Ok(())
+}
+
+/// Inserts `n` rows created one hour apart from `first` (RFC 3339).
+async fn insert_dated(c: &tokio_postgres::Client, first: &str, n: i32) -> anyhow::Result<()> {
+    c.execute(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, user_id, event_type, payload, created_at) \
+         SELECT 'order', g::text, g, 'E', '{}'::jsonb, $1::text::timestamptz + g * interval '1 hour' \
+         FROM generate_series(0, $2::int - 1) g",
+        &[&first, &n],
+    )
+    .await?;
+    Ok(())
+}
+
+/// `--since` and `--until` compare the rows created in a time range (by
+/// `created_at`, or `--time-column`): 20 rows of January delivered, 10 of
+/// today delivered, then (relay stopped) 3 rows of March never delivered.
+/// March alone: the 3 missing; January alone, a window of it, and the last
+/// hour: clean, with nothing from outside the range reported as a record
+/// with no row. A time that is not one is refused (exit 2).
+#[tokio::test]
+async fn verify_over_a_time_range_compares_the_rows_created_in_it() -> anyhow::Result<()> {
+    let db = TestDb::create().await?;
+    let topic = create_topic(2).await?;
+    let relay = start(relay_config(
+        &db.url,
+        &db.slot_name(),
+        &topic,
+        &kafka_bootstrap(),
+        &[],
+    ))
+    .await;
+    let c = db.connect().await?;
+    insert_dated(&c, "2026-01-01T00:00:00Z", 20).await?;
+    insert_batch(&c, 100, 10).await?;
+    read_until_all(
+        &kafka_bootstrap(),
+        &topic,
+        &outbox_ids(&c).await?,
+        Duration::from_secs(30),
+    )
+    .await?;
+    relay.stop().await?;
+    insert_dated(&c, "2026-03-01T00:00:00Z", 3).await?;
+    let march: Vec<i64> = outbox_ids(&c)
+        .await?
+        .into_iter()
+        .rev()
+        .take(3)
+        .rev()
+        .collect();
+
+    let (code, r) = verify(
+        &db,
+        &topic,
+        &[
+            "--since",
+            "2026-02-01T00:00:00Z",
+            "--until",
+            "2026-04-01T00:00:00+02:00",
+            "--wait",
+            "1s",
+        ],
+    )
+    .await?;
+    assert_eq!(code, 1, "{r:#}");
+    assert_eq!(r["rows"], 3, "{r:#}");
+    assert_eq!(r["missing"]["ids"], serde_json::json!(march), "{r:#}");
+    assert_eq!(r["since"], "2026-02-01T00:00:00.000000Z");
+    assert_eq!(r["until"], "2026-03-31T22:00:00.000000Z");
+
+    let clean = |r: &Value| {
+        r["missing"]["count"] == 0
+            && r["duplicated"]["count"] == 0
+            && r["without_row"]["count"] == 0
+            && r["out_of_order"] == 0
+    };
+    let (code, r) = verify(
+        &db,
+        &topic,
+        &["--until", "2026-02-01T00:00:00Z", "--wait", "1s"],
+    )
+    .await?;
+    assert!(code == 0 && r["rows"] == 20 && clean(&r), "{r:#}");
+    let window = [
+        "--since",
+        "2026-01-01T05:00:00Z",
+        "--until",
+        "2026-01-01T10:00:00Z",
+        "--wait",
+        "1s",
+    ];
+    let (code, r) = verify(&db, &topic, &window).await?;
+    assert!(code == 0 && r["rows"] == 5 && clean(&r), "{r:#}");
+    let (code, r) = verify(&db, &topic, &["--since", "1h", "--wait", "1s"]).await?;
+    assert!(code == 0 && r["rows"] == 10 && clean(&r), "{r:#}");
+
+    let mut args = relay_args(&db.url, &db.slot_name(), &topic, &kafka_bootstrap(), &[]);
+    args.remove(0);
+    args.extend(["verify", "--since", "yesterday"].map(String::from));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(&args)
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("neither an RFC 3339 time"), "{stderr}");
     Ok(())
 }
 
