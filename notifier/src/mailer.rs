@@ -308,11 +308,12 @@ pub struct SpoolMailer {
     writers: Arc<tokio::sync::Semaphore>,
 }
 
-/// Files written into the spool at once. Creating and renaming take the
-/// directory's lock, and writers waiting for it spin (on this project's
-/// ext4, a fifth to a quarter of the notifier's CPU, at 4 writers as at
-/// 32); a few writers still overlap their fsyncs.
-const SPOOL_WRITERS: usize = 4;
+/// Files written into the spool at once. A writer mostly waits for its
+/// fsync, and a journaled file system commits the fsyncs waiting together:
+/// on the benchmark's ext4, 32 writers wrote 3,200–4,100 files/s where 4
+/// wrote 2,300–2,900 (BENCHMARKS.md). (Creating and renaming take the
+/// directory's lock; writers waiting for it spin, at 4 writers as at 32.)
+const SPOOL_WRITERS: usize = 32;
 
 /// One operation (an fsync) shared by the callers waiting for it: a caller
 /// returns once a run that *started after it arrived* has succeeded, so

@@ -569,6 +569,7 @@ async fn consume(
         mailer = %mailer.describe(),
         max_in_flight_per_partition = cfg.max_in_flight_per_partition,
         inbox_connections = cfg.inbox_connections,
+        handlers = cfg.handlers(),
         inbox_db_connections = cfg.inbox_db_connections,
         "notifier starting"
     );
@@ -596,7 +597,7 @@ async fn consume(
     let mut workers = Workers {
         topic: cfg.topic.clone(),
         consumer: consumer.clone(),
-        handlers: parts.pool(usize::from(cfg.inbox_connections)),
+        handlers: parts.pool(cfg.handlers()),
         max_in_flight: usize::from(cfg.max_in_flight_per_partition),
         assignment,
         stop: stop.clone(),

@@ -69,7 +69,9 @@ const ORDERS: i64 = CUSTOMERS * ORDERS_PER_CUSTOMER;
 /// `--pool-size`: no request waits for a connection.
 const CLIENTS: usize = 24;
 const PARTITIONS: i32 = 12;
-/// The notifier's `--inbox-connections`: the records in flight at once.
+/// The notifier's `--inbox-connections`: by SMTP, the records in flight at
+/// once (into a spool, `--handlers`' default, 128, is: the spool runs test
+/// the defaults).
 const IN_FLIGHT: usize = 32;
 
 /// Where a burst's events come from.
