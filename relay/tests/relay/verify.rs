@@ -15,17 +15,26 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::Value;
 
-/// Runs `relay … verify --json extra` for the test's slot and topic.
-async fn verify(db: &TestDb, topic: &str, extra: &[&str]) -> anyhow::Result<(i32, Value)> {
+/// Runs the relay binary with the test's slot and topic, then `extra`.
+async fn relay_command(
+    db: &TestDb,
+    topic: &str,
+    extra: &[&str],
+) -> anyhow::Result<std::process::Output> {
     let mut args = relay_args(&db.url, &db.slot_name(), topic, &kafka_bootstrap(), &[]);
     args.remove(0);
-    args.extend(["verify", "--json"].map(String::from));
     args.extend(extra.iter().map(|s| s.to_string()));
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+    Ok(tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
         .args(&args)
         .env("RUST_LOG", "warn")
         .output()
-        .await?;
+        .await?)
+}
+
+/// Runs `relay … verify --json extra` for the test's slot and topic.
+async fn verify(db: &TestDb, topic: &str, extra: &[&str]) -> anyhow::Result<(i32, Value)> {
+    let args: Vec<&str> = ["verify", "--json"].iter().chain(extra).copied().collect();
+    let out = relay_command(db, topic, &args).await?;
     let code = out.status.code().unwrap_or(-1);
     let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -161,13 +170,7 @@ async fn verify_finds_every_kind_of_damage_and_nothing_on_a_clean_topic() -> any
     assert_eq!(code, 1);
 
     // Plain text for a person, and a clear error for a bad setup.
-    let mut args = relay_args(&db.url, &db.slot_name(), &topic, &kafka_bootstrap(), &[]);
-    args.remove(0);
-    args.extend(["--table", "", "verify"].map(String::from));
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-        .args(&args)
-        .output()
-        .await?;
+    let out = relay_command(&db, &topic, &["--table", "", "verify"]).await?;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no table"));
     let _ = TopicReader::new(&kafka_bootstrap(), &topic, true)?;
@@ -269,13 +272,7 @@ async fn verify_over_a_time_range_compares_the_rows_created_in_it() -> anyhow::R
     let (code, r) = verify(&db, &topic, &["--since", "1h", "--wait", "1s"]).await?;
     assert!(code == 0 && r["rows"] == 10 && clean(&r), "{r:#}");
 
-    let mut args = relay_args(&db.url, &db.slot_name(), &topic, &kafka_bootstrap(), &[]);
-    args.remove(0);
-    args.extend(["verify", "--since", "yesterday"].map(String::from));
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-        .args(&args)
-        .output()
-        .await?;
+    let out = relay_command(&db, &topic, &["verify", "--since", "yesterday"]).await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("neither an RFC 3339 time"), "{stderr}");

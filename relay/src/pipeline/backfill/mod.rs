@@ -81,6 +81,12 @@ struct StateRow {
     finished: bool,
 }
 
+/// The state table, quoted, in the outbox table's schema.
+fn state_table(cfg: &Config) -> String {
+    let (schema, _) = cfg.table_parts();
+    format!("{}.{}", quote_ident(&schema), STATE_TABLE)
+}
+
 impl Session<'_> {
     /// With `--backfill` and a backfill not finished yet: creates the slot,
     /// delivers its snapshot's rows, marks the backfill finished. See the
@@ -110,8 +116,7 @@ impl Session<'_> {
             ));
         }
         let sql = |context: &'static str| move |e| ReplicationError::from_sql(context, e);
-        let (schema, _) = cfg.table_parts();
-        let state_table = format!("{}.{}", quote_ident(&schema), STATE_TABLE);
+        let state_table = state_table(cfg);
         client
             .batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS {state_table} (
@@ -376,8 +381,7 @@ impl Session<'_> {
         if !self.cfg.has_table() {
             return Ok(());
         }
-        let (schema, _) = self.cfg.table_parts();
-        let state_table = format!("{}.{}", quote_ident(&schema), STATE_TABLE);
+        let state_table = state_table(self.cfg);
         let sql = |e| ReplicationError::from_sql("reading the backfill state", e);
         let exists: bool = client
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&state_table])
