@@ -37,9 +37,9 @@
 //! environment), on the broker's plaintext listener (`KAFKA_BOOTSTRAP_SERVERS`
 //! of `.run/env`, not the services' SASL_SSL one), logging at `warn`. Its
 //! CPU time and peak RSS come from `/proc`; the plain clients' CPU is this
-//! process's. With `--sink-pid` (scripts/bench passes it) the sink's CPU
-//! time per run shows when aiosmtpd, one Python thread on these 2 cores, is
-//! the bound. With `SMTP_MAILDIR` set, the run's emails in the sink's
+//! process's. With `--sink-pid` (scripts/bench passes the sink's processes)
+//! the sink's CPU time per run shows when the sink, Python processes on
+//! these 2 cores, is the bound. With `SMTP_MAILDIR` set, the run's emails in the sink's
 //! Maildir are counted per run (each at its own recipient domain) and
 //! deleted afterwards (`--keep-emails` keeps them).
 //!
@@ -127,9 +127,10 @@ struct Args {
     /// Leave this run's emails in the sink's Maildir.
     #[arg(long)]
     keep_emails: bool,
-    /// Process id of the SMTP sink, for its CPU time per run.
+    /// Process ids of the SMTP sink (repeat for each of its processes), for
+    /// its CPU time per run.
     #[arg(long)]
-    sink_pid: Option<u32>,
+    sink_pid: Vec<u32>,
     /// The release notifier binary [default: `notifier` beside this
     /// program's directory, i.e. target/release/notifier].
     #[arg(long, env = "NOTIFIER_BIN")]
@@ -565,7 +566,7 @@ async fn drive_notifier(
         }
     }
     cmd.env("RUST_LOG", "warn").kill_on_drop(true);
-    let sink_before = bench.args.sink_pid.and_then(cpu_seconds);
+    let sink_before = sink_cpu_total(bench);
     let started = Instant::now();
     let mut child = cmd
         .spawn()
@@ -615,9 +616,18 @@ async fn drive_notifier(
     })
 }
 
+/// The CPU seconds the sink's processes used so far (`None` without
+/// `--sink-pid`, or when one of them is gone).
+fn sink_cpu_total(bench: &Bench) -> Option<f64> {
+    if bench.args.sink_pid.is_empty() {
+        return None;
+    }
+    bench.args.sink_pid.iter().map(|&p| cpu_seconds(p)).sum()
+}
+
 /// The sink's CPU seconds since `before`.
 fn sink_cpu(bench: &Bench, before: Option<f64>) -> Option<f64> {
-    Some(cpu_seconds(bench.args.sink_pid?)? - before?)
+    Some(sink_cpu_total(bench)? - before?)
 }
 
 /// `None` when `notifier_inbox` holds exactly events 1..=N, each once;
@@ -679,7 +689,7 @@ async fn plain_nodelay(bench: &Bench) -> anyhow::Result<Option<Run>> {
     let n = bench.args.events;
     let domain = bench.domain(Some(name));
     let next = Arc::new(AtomicUsize::new(0));
-    let sink_before = bench.args.sink_pid.and_then(cpu_seconds);
+    let sink_before = sink_cpu_total(bench);
     let cpu_before = cpu_seconds(std::process::id()).unwrap_or(0.0);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -732,7 +742,7 @@ async fn plain_lettre_pool(bench: &Bench) -> anyhow::Result<Run> {
     let n = bench.args.events;
     let domain = bench.domain(Some(name));
     let next = Arc::new(AtomicUsize::new(0));
-    let sink_before = bench.args.sink_pid.and_then(cpu_seconds);
+    let sink_before = sink_cpu_total(bench);
     let cpu_before = cpu_seconds(std::process::id()).unwrap_or(0.0);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();

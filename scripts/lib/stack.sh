@@ -429,14 +429,25 @@ while True:
 
 # --- SMTP sink -------------------------------------------------------------
 
+# SMTP connections (and so handlers) of the stack's notifier: the local sink
+# takes any number, and at 32 (the notifier's default, sized for mail servers
+# that limit connections per client) the notifier fell behind at 500 orders/s
+# on 2 shared cores (BENCHMARKS.md, "P2: the notifier's SMTP concurrency").
+STACK_NOTIFIER_CONNECTIONS=${NOTIFIER_INBOX_CONNECTIONS:-128}
+
 smtp_ready() { "$SYS_PYTHON" -c "import smtplib; smtplib.SMTP('127.0.0.1', $SMTP_PORT, timeout=2).quit()"; }
 
 smtp_start() {
-    # Python's Maildir creates tmp/new/cur only when the directory itself is
-    # missing; without them every delivery fails (500), so make all of them.
-    mkdir -p "$RUN_DIR/smtp-maildir/tmp" "$RUN_DIR/smtp-maildir/new" "$RUN_DIR/smtp-maildir/cur"
-    start smtp "$SYS_PYTHON" -m aiosmtpd -n -l "127.0.0.1:$SMTP_PORT" \
-        -c aiosmtpd.handlers.Mailbox "$RUN_DIR/smtp-maildir"
+    # aiosmtpd with a Maildir delivery of our own (scripts/lib/smtp-sink.py:
+    # the bytes as sent, not parsed and rewritten as aiosmtpd's Mailbox
+    # handler does), in SMTP_SINK_WORKERS processes (default: one a core, at
+    # most 4) sharing the port, so the stack's mail server is not the stage
+    # the notifier waits on.
+    local workers=${SMTP_SINK_WORKERS:-$(nproc)}
+    [[ $workers =~ ^[1-9][0-9]*$ ]] || die "SMTP_SINK_WORKERS must be a number of processes, not '$workers'"
+    [ "$workers" -le 4 ] || workers=4
+    start smtp "$SYS_PYTHON" "$ROOT/scripts/lib/smtp-sink.py" --listen "127.0.0.1:$SMTP_PORT" \
+        --workers "$workers" "$RUN_DIR/smtp-maildir"
     wait_healthy smtp 20 smtp_ready
 }
 

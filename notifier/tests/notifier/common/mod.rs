@@ -30,10 +30,9 @@ pub fn sink_smtp_url() -> String {
     format!("smtp://127.0.0.1:{port}")
 }
 
-/// The shared sink's Maildir. The stack script creates the directory
-/// empty, and Python's `mailbox.Maildir` only creates `tmp/`, `new/` and
-/// `cur/` when the directory itself is missing — without them every
-/// delivery fails with "500 FileNotFoundError". So create them here.
+/// The shared sink's Maildir. The sink creates `tmp/`, `new/` and `cur/`
+/// when it starts; they are made again here should anything have removed
+/// them since (a delivery into a missing `tmp/` fails with 451).
 pub fn sink_maildir() -> PathBuf {
     let root = PathBuf::from(std::env::var("TEST_SMTP_MAILDIR").expect("TEST_SMTP_MAILDIR"));
     for sub in ["tmp", "new", "cur"] {
@@ -437,7 +436,9 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// An aiosmtpd Maildir sink this test owns (to stop and restart it).
+/// An SMTP sink this test owns (to stop and restart it): the stack's
+/// (`scripts/lib/smtp-sink.py`, aiosmtpd delivering into a Maildir), one
+/// process.
 pub struct OwnSmtp {
     pub port: u16,
     pub maildir: PathBuf,
@@ -462,19 +463,20 @@ impl OwnSmtp {
 
     /// Starts the server (again) on the same port and waits until it accepts.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let sink = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lib/smtp-sink.py");
         let child = std::process::Command::new("/usr/bin/python3")
-            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(sink)
+            .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
-            .args(["-c", "aiosmtpd.handlers.Mailbox"])
             .arg(&self.maildir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .context("starting aiosmtpd")?;
+            .context("starting the SMTP sink (scripts/lib/smtp-sink.py)")?;
         self.child = Some(child);
         let port = self.port;
         wait_for(
-            "aiosmtpd to accept",
+            "the SMTP sink to accept",
             Duration::from_secs(20),
             || async move {
                 Ok(tokio::net::TcpStream::connect(("127.0.0.1", port))
