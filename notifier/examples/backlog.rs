@@ -17,7 +17,7 @@
 //!   then notifier_inbox must hold exactly events 1..=N, and the spool exactly N .eml files
 //! ```
 //!
-//! C is the notifier's `--inbox-connections` default (32): the emails it
+//! C is the notifier's `--smtp-connections` default (32): the emails it
 //! has in flight at once and the SMTP connections it keeps. The plain
 //! clients send C at a time, never more: lettre's pool opens a new
 //! connection whenever none is idle, so one task per email would open
@@ -183,7 +183,7 @@ impl Args {
 /// from its clap definition (not from the environment).
 struct NotifierDefaults {
     max_in_flight_per_partition: String,
-    inbox_connections: usize,
+    smtp_connections: usize,
     mail_from: String,
 }
 
@@ -203,9 +203,9 @@ impl NotifierDefaults {
         };
         Ok(NotifierDefaults {
             max_in_flight_per_partition: default("max_in_flight_per_partition")?,
-            inbox_connections: default("inbox_connections")?
+            smtp_connections: default("smtp_connections")?
                 .parse()
-                .context("--inbox-connections default")?,
+                .context("--smtp-connections default")?,
             mail_from: default("mail_from")?,
         })
     }
@@ -337,13 +337,13 @@ async fn bench_runs(bench: &mut Bench) -> anyhow::Result<Vec<Run>> {
     );
     let email = plain_email(&bench.composer, 0, &domain)?;
     println!(
-        "notifier: {} (defaults: --max-in-flight-per-partition {}, --inbox-connections {}); \
+        "notifier: {} (defaults: --max-in-flight-per-partition {}, --smtp-connections {}); \
          email {} bytes; plain clients: {} connections",
         bench.notifier_bin.display(),
         bench.defaults.max_in_flight_per_partition,
-        bench.defaults.inbox_connections,
+        bench.defaults.smtp_connections,
         email.formatted().len(),
-        bench.defaults.inbox_connections
+        bench.defaults.smtp_connections
     );
 
     let mut runs = Vec::new();
@@ -693,7 +693,7 @@ async fn plain_nodelay(bench: &Bench) -> anyhow::Result<Option<Run>> {
     let cpu_before = cpu_seconds(std::process::id()).unwrap_or(0.0);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..bench.defaults.inbox_connections {
+    for _ in 0..bench.defaults.smtp_connections {
         let (host, domain, next) = (host.clone(), domain.clone(), next.clone());
         let composer = bench.composer.clone();
         tasks.spawn(async move {
@@ -733,7 +733,7 @@ async fn plain_nodelay(bench: &Bench) -> anyhow::Result<Option<Run>> {
 /// Baseline: lettre's pooled `AsyncSmtpTransport` (pool of C), C tasks.
 async fn plain_lettre_pool(bench: &Bench) -> anyhow::Result<Run> {
     let name = LETTRE_RUN;
-    let c = bench.defaults.inbox_connections;
+    let c = bench.defaults.smtp_connections;
     let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(&bench.args.smtp_url)
         .context("--smtp-url")?
         .timeout(Some(Duration::from_secs(10)))
@@ -909,7 +909,7 @@ fn report(bench: &Bench, runs: &[Run], swept: Option<&[SinkCount]>) -> anyhow::R
         "(notifier runs: from process start, start-up included, to notifier_emails_sent_total = N; \
          CPU s of the notifier process. plain runs: first connection to the last reply, C = {} \
          connections; CPU s of this process. ratio: emails/s over the fastest plain client's)",
-        bench.defaults.inbox_connections
+        bench.defaults.smtp_connections
     );
     if let Some(swept) = swept {
         let counts: Vec<String> = swept
@@ -983,7 +983,7 @@ fn report(bench: &Bench, runs: &[Run], swept: Option<&[SinkCount]>) -> anyhow::R
             "users": USERS,
             "notifier_defaults": {
                 "max_in_flight_per_partition": bench.defaults.max_in_flight_per_partition,
-                "inbox_connections": bench.defaults.inbox_connections,
+                "smtp_connections": bench.defaults.smtp_connections,
             },
             "load_average_at_start": bench.load_average,
             "runs": runs_json,

@@ -105,13 +105,14 @@ pub struct Config {
 
     /// The SMTP connections kept open for reuse, and, by SMTP, the records
     /// handled at once across all partitions (the handlers; see
-    /// --handlers). Their inbox claims share the --inbox-db-connections
-    /// (the name is from when each handler had its own).
-    #[arg(long, env = "NOTIFIER_INBOX_CONNECTIONS", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
-    pub inbox_connections: u16,
+    /// --handlers). Size it to what the mail server allows one client.
+    /// Formerly --inbox-connections / NOTIFIER_INBOX_CONNECTIONS, both
+    /// still accepted.
+    #[arg(long, visible_alias = "inbox-connections", env = SMTP_CONNECTIONS_ENV, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub smtp_connections: u16,
 
     /// Records handled at once across all partitions [default: by SMTP,
-    /// --inbox-connections (a handler sends on a connection of its own);
+    /// --smtp-connections (a handler sends on a connection of its own);
     /// into --mail-dir, 128 (a handler mostly waits for its file's fsync,
     /// and the file system commits many at once)].
     #[arg(long, env = "NOTIFIER_HANDLERS", value_parser = clap::value_parser!(u16).range(1..))]
@@ -156,7 +157,7 @@ impl std::fmt::Debug for Config {
                 "max_in_flight_per_partition",
                 &self.max_in_flight_per_partition,
             )
-            .field("inbox_connections", &self.inbox_connections)
+            .field("smtp_connections", &self.smtp_connections)
             .field("inbox_db_connections", &self.inbox_db_connections)
             .finish_non_exhaustive()
     }
@@ -169,7 +170,35 @@ pub use lifecycle::LogFormat;
 /// 3,900 files/s, 64 about 4,900, 128 about 5,400.
 pub const SPOOL_HANDLERS: usize = 128;
 
+/// The environment variable of `--smtp-connections`.
+pub const SMTP_CONNECTIONS_ENV: &str = "NOTIFIER_SMTP_CONNECTIONS";
+
+/// Its name before the option was renamed (it never sized the inbox's
+/// database connections; those are `--inbox-db-connections`).
+pub const LEGACY_SMTP_CONNECTIONS_ENV: &str = "NOTIFIER_INBOX_CONNECTIONS";
+
+/// The value to give [`SMTP_CONNECTIONS_ENV`] from the legacy variable:
+/// only when the new one is not set.
+pub fn legacy_smtp_connections(
+    var: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Option<std::ffi::OsString> {
+    match var(SMTP_CONNECTIONS_ENV) {
+        Some(_) => None,
+        None => var(LEGACY_SMTP_CONNECTIONS_ENV),
+    }
+}
+
 impl Config {
+    /// The command line and environment, with the legacy name of
+    /// `--smtp-connections`'s variable still read.
+    pub fn from_command_line() -> Config {
+        if let Some(v) = legacy_smtp_connections(|k| std::env::var_os(k)) {
+            // Before any thread starts: main calls this first.
+            std::env::set_var(SMTP_CONNECTIONS_ENV, v);
+        }
+        Config::parse()
+    }
+
     /// Kafka client properties: `--kafka-properties-file`'s, then
     /// `--kafka-property`'s.
     pub fn kafka_properties(&self) -> Vec<(String, String)> {
@@ -177,11 +206,11 @@ impl Config {
     }
 
     /// Records handled at once: `--handlers`, else by SMTP
-    /// `--inbox-connections`, into a mail directory [`SPOOL_HANDLERS`].
+    /// `--smtp-connections`, into a mail directory [`SPOOL_HANDLERS`].
     pub fn handlers(&self) -> usize {
         match (self.handlers, &self.smtp_url) {
             (Some(n), _) => usize::from(n),
-            (None, Some(_)) => usize::from(self.inbox_connections),
+            (None, Some(_)) => usize::from(self.smtp_connections),
             (None, None) => SPOOL_HANDLERS,
         }
     }
@@ -208,7 +237,7 @@ mod tests {
         assert_eq!(cfg.listen.port(), 9102);
         assert!(cfg.smtp_url.is_none());
         assert_eq!(cfg.max_in_flight_per_partition, 16);
-        assert_eq!(cfg.inbox_connections, 32);
+        assert_eq!(cfg.smtp_connections, 32);
         assert_eq!(cfg.inbox_db_connections, 4);
         assert_eq!(cfg.handlers(), SPOOL_HANDLERS, "into a mail directory");
         let parse = |extra: &[&str]| {
@@ -216,8 +245,10 @@ mod tests {
             Config::try_parse_from(base.iter().chain(extra)).unwrap()
         };
         assert_eq!(parse(&["--smtp-url", "smtp://h:25"]).handlers(), 32);
-        let smtp = parse(&["--smtp-url", "smtp://h:25", "--inbox-connections", "8"]);
+        let smtp = parse(&["--smtp-url", "smtp://h:25", "--smtp-connections", "8"]);
         assert_eq!(smtp.handlers(), 8, "by SMTP: one connection each");
+        let old_name = parse(&["--smtp-url", "smtp://h:25", "--inbox-connections", "9"]);
+        assert_eq!(old_name.smtp_connections, 9, "the former name still works");
         assert_eq!(parse(&["--handlers", "7"]).handlers(), 7);
         assert!(
             Config::try_parse_from(["notifier", "--database-url", "x", "--handlers", "0"]).is_err()
@@ -230,6 +261,30 @@ mod tests {
             "0"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn the_former_environment_name_counts_only_without_the_new_one() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        assert_eq!(
+            legacy_smtp_connections(env(&[(LEGACY_SMTP_CONNECTIONS_ENV, "64")])),
+            Some("64".into())
+        );
+        assert_eq!(
+            legacy_smtp_connections(env(&[
+                (LEGACY_SMTP_CONNECTIONS_ENV, "64"),
+                (SMTP_CONNECTIONS_ENV, "8")
+            ])),
+            None
+        );
+        assert_eq!(legacy_smtp_connections(env(&[])), None);
     }
 
     #[test]

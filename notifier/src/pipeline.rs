@@ -7,7 +7,7 @@
 //! ```text
 //!                 ┌─ queue p0 ─▶ worker p0: window ─▶ handler tasks (≤ --max-in-flight-per-partition)
 //!  Kafka ─fetch─▶ ┼─ queue p1 ─▶ worker p1: window ─▶ …        │ each takes a handler from the
-//!  (group         └─ queue p2 ─▶ worker p2: …                  │ pool (--inbox-connections); claims
+//!  (group         └─ queue p2 ─▶ worker p2: …                  │ pool (--handlers); claims
 //!   notifier)      main queue ─▶ loop: rebalances, errors      │ batched (--inbox-db-connections)
 //!                                                              ▼
 //!                                      handled ─▶ window: prefix grew? ─▶ store_offset(p, last of prefix)
@@ -497,7 +497,7 @@ async fn consume(
         cfg.smtp_url.as_deref(),
         cfg.mail_dir.as_deref(),
         cfg.smtp_timeout,
-        usize::from(cfg.inbox_connections),
+        usize::from(cfg.smtp_connections),
     )?;
     if cfg.smtp_url.is_some() && cfg.mail_dir.is_some() {
         tracing::info!("both an SMTP URL and a mail directory are set; sending by SMTP");
@@ -568,7 +568,7 @@ async fn consume(
         dlq_topic = %dlq.topic(),
         mailer = %mailer.describe(),
         max_in_flight_per_partition = cfg.max_in_flight_per_partition,
-        inbox_connections = cfg.inbox_connections,
+        smtp_connections = cfg.smtp_connections,
         handlers = cfg.handlers(),
         inbox_db_connections = cfg.inbox_db_connections,
         "notifier starting"

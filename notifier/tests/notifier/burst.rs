@@ -69,7 +69,7 @@ const ORDERS: i64 = CUSTOMERS * ORDERS_PER_CUSTOMER;
 /// `--pool-size`: no request waits for a connection.
 const CLIENTS: usize = 24;
 const PARTITIONS: i32 = 12;
-/// The notifier's `--inbox-connections`: by SMTP, the records in flight at
+/// The notifier's `--smtp-connections`: by SMTP, the records in flight at
 /// once (into a spool, `--handlers`' default, 128, is: the spool runs test
 /// the defaults).
 const IN_FLIGHT: usize = 32;
@@ -428,7 +428,7 @@ impl Notifier {
             .args(["--kafka-property", "session.timeout.ms=6000"])
             .args(["--kafka-property", "heartbeat.interval.ms=500"])
             .args(["--max-in-flight-per-partition", "16"])
-            .args(["--inbox-connections", &IN_FLIGHT.to_string()])
+            .args(["--smtp-connections", &IN_FLIGHT.to_string()])
             .env("RUST_LOG", "notifier=info")
             .stdin(std::process::Stdio::null())
             .stdout(out.try_clone()?)
