@@ -103,18 +103,20 @@ pub struct Config {
     #[arg(long, env = "NOTIFIER_MAX_IN_FLIGHT", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_in_flight_per_partition: u16,
 
-    /// The SMTP connections kept open for reuse, and, by SMTP, the records
-    /// handled at once across all partitions (the handlers; see
-    /// --handlers). Size it to what the mail server allows one client.
+    /// SMTP connections: at most this many open (and kept for reuse), one
+    /// per send in progress. Size it to what the mail server allows one
+    /// client.
     /// Formerly --inbox-connections / NOTIFIER_INBOX_CONNECTIONS, both
     /// still accepted.
     #[arg(long, visible_alias = "inbox-connections", env = SMTP_CONNECTIONS_ENV, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     pub smtp_connections: u16,
 
     /// Records handled at once across all partitions [default: by SMTP,
-    /// --smtp-connections (a handler sends on a connection of its own);
-    /// into --mail-dir, 128 (a handler mostly waits for its file's fsync,
-    /// and the file system commits many at once)].
+    /// 4 × --smtp-connections (a handler holds a connection only while it
+    /// sends, then waits for its inbox batch to commit); into --mail-dir,
+    /// 128 (a handler mostly waits for its file's fsync, and the file
+    /// system commits many at once)]. Also the bound on the emails a
+    /// kill -9 can leave sent and not recorded (sent again on restart).
     #[arg(long, env = "NOTIFIER_HANDLERS", value_parser = clap::value_parser!(u16).range(1..))]
     pub handlers: Option<u16>,
 
@@ -170,6 +172,14 @@ pub use lifecycle::LogFormat;
 /// 3,900 files/s, 64 about 4,900, 128 about 5,400.
 pub const SPOOL_HANDLERS: usize = 128;
 
+/// Handlers per SMTP connection by default. A handler holds its
+/// connection for the send (four round trips to the server) and then waits
+/// for its inbox batch to commit (two more to Postgres, after the batch's
+/// slowest send); with one handler per connection the connections idled
+/// through those waits: 2,203 emails/s on 32 connections where a plain
+/// client made 4,131 (BENCHMARKS.md, 2026-12-05).
+pub const SMTP_HANDLERS_PER_CONNECTION: usize = 4;
+
 /// The environment variable of `--smtp-connections`.
 pub const SMTP_CONNECTIONS_ENV: &str = "NOTIFIER_SMTP_CONNECTIONS";
 
@@ -206,11 +216,12 @@ impl Config {
     }
 
     /// Records handled at once: `--handlers`, else by SMTP
-    /// `--smtp-connections`, into a mail directory [`SPOOL_HANDLERS`].
+    /// [`SMTP_HANDLERS_PER_CONNECTION`] × `--smtp-connections`, into a mail
+    /// directory [`SPOOL_HANDLERS`].
     pub fn handlers(&self) -> usize {
         match (self.handlers, &self.smtp_url) {
             (Some(n), _) => usize::from(n),
-            (None, Some(_)) => usize::from(self.smtp_connections),
+            (None, Some(_)) => SMTP_HANDLERS_PER_CONNECTION * usize::from(self.smtp_connections),
             (None, None) => SPOOL_HANDLERS,
         }
     }
@@ -244,9 +255,9 @@ mod tests {
             let base = ["notifier", "--database-url", "postgres://x@h/db"];
             Config::try_parse_from(base.iter().chain(extra)).unwrap()
         };
-        assert_eq!(parse(&["--smtp-url", "smtp://h:25"]).handlers(), 32);
+        assert_eq!(parse(&["--smtp-url", "smtp://h:25"]).handlers(), 128);
         let smtp = parse(&["--smtp-url", "smtp://h:25", "--smtp-connections", "8"]);
-        assert_eq!(smtp.handlers(), 8, "by SMTP: one connection each");
+        assert_eq!(smtp.handlers(), 32, "by SMTP: four to a connection");
         let old_name = parse(&["--smtp-url", "smtp://h:25", "--inbox-connections", "9"]);
         assert_eq!(old_name.smtp_connections, 9, "the former name still works");
         assert_eq!(parse(&["--handlers", "7"]).handlers(), 7);

@@ -23,7 +23,11 @@
 //! records of other keys go on (up to the window's bound).
 //!
 //! Handlers come from a [`HandlerPool`] shared by every partition; the
-//! pool's size bounds the emails in flight at once. Their inbox claims go
+//! pool's size (`--handlers`) bounds the records being handled at once. By
+//! SMTP a handler takes one of the `--smtp-connections` for its send alone
+//! and gives it back before waiting for its batch's commit, so there are
+//! more handlers than connections (four to one by default) and the
+//! connections do not idle through those waits. Their inbox claims go
 //! through one batcher ([`Claims`]): the claims made at about the same time
 //! share one transaction, inserted with one statement before the sends and
 //! committed with one more after the last of them (see `inbox`).

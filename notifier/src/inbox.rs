@@ -37,7 +37,7 @@
 //! - **The window that duplicates** is the one it always was: an email sent,
 //!   its batch not yet committed, and the process dies. Every member holds
 //!   its handler until its batch commits, so the emails at risk are at most
-//!   the handlers (`--smtp-connections` by SMTP), as before batching; they are
+//!   the handlers (`--handlers`), as before batching; they are
 //!   resent with the same `Message-ID`.
 //! - **Two live instances never both send.** While a batch is open its
 //!   uncommitted rows lock their event ids: another instance's (or a later

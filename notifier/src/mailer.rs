@@ -89,9 +89,15 @@ pub trait MailSink {
 
 /// SMTP. `smtp://` URLs (plain or STARTTLS) go through [`NodelayPool`];
 /// `smtps://` (TLS from the first byte) through lettre's pooled transport.
+/// At most `connections` sends at once, each on a connection of its own:
+/// both pools bound only the connections they keep idle, so the bound on
+/// open connections is here. A caller holds its connection for the send
+/// alone, so more callers than connections (the handlers, each also waiting
+/// for its inbox batch to commit) keep the connections busy.
 #[derive(Clone)]
 pub struct SmtpMailer {
     inner: SmtpInner,
+    sending: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Clone)]
@@ -102,8 +108,8 @@ enum SmtpInner {
 
 impl SmtpMailer {
     /// `url`: `smtp://host:port`, `smtp://user:pass@host:587?tls=required`,
-    /// `smtps://host:465`, ...; up to `connections` connections are kept
-    /// open for reuse (one per concurrent sender).
+    /// `smtps://host:465`, ...; up to `connections` connections, kept open
+    /// for reuse.
     pub fn new(
         url: &str,
         timeout: Duration,
@@ -119,13 +125,22 @@ impl SmtpMailer {
             Some(pool) => SmtpInner::Nodelay(Arc::new(pool)),
             None => SmtpInner::Lettre(transport),
         };
-        Ok(SmtpMailer { inner })
+        Ok(SmtpMailer {
+            inner,
+            sending: Arc::new(tokio::sync::Semaphore::new(connections.max(1))),
+        })
     }
 }
 
 impl MailSink for SmtpMailer {
     async fn send(&self, _key: &str, message: &Message) -> Result<(), MailError> {
         let raw = message.formatted();
+        // Never closed: the mailer owns the semaphore.
+        let _connection = self
+            .sending
+            .acquire()
+            .await
+            .map_err(|e| MailError::Transient(Box::new(e)))?;
         let result = match &self.inner {
             SmtpInner::Nodelay(pool) => pool.send(message.envelope(), &raw).await,
             SmtpInner::Lettre(t) => t

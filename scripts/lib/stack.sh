@@ -429,12 +429,6 @@ while True:
 
 # --- SMTP sink -------------------------------------------------------------
 
-# SMTP connections (and so handlers) of the stack's notifier: the local sink
-# takes any number, and at 32 (the notifier's default, sized for mail servers
-# that limit connections per client) the notifier fell behind at 500 orders/s
-# on 2 shared cores (BENCHMARKS.md, "P2: the notifier's SMTP concurrency").
-STACK_NOTIFIER_CONNECTIONS=${NOTIFIER_SMTP_CONNECTIONS:-128}
-
 smtp_ready() { "$SYS_PYTHON" -c "import smtplib; smtplib.SMTP('127.0.0.1', $SMTP_PORT, timeout=2).quit()"; }
 
 smtp_start() {

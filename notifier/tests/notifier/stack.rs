@@ -612,6 +612,14 @@ fn slow_event_user(id: i64) -> i64 {
 /// and one at a time, and that the committed offset ends past them all.
 /// Returns the server, for the caller's checks of concurrency.
 async fn a_slow_server(max_in_flight: u16) -> anyhow::Result<FakeSmtp> {
+    a_slow_server_with(max_in_flight, None).await
+}
+
+/// [`a_slow_server`] with `--smtp-connections` set.
+async fn a_slow_server_with(
+    max_in_flight: u16,
+    smtp_connections: Option<u16>,
+) -> anyhow::Result<FakeSmtp> {
     let db = TestDb::create().await?;
     let topic = create_topic(1).await?;
     let group = unique_name("g");
@@ -626,6 +634,9 @@ async fn a_slow_server(max_in_flight: u16) -> anyhow::Result<FakeSmtp> {
     anyhow::ensure!(last.0 == 0, "one partition");
     let mut cfg = config(&db.url, &topic, &group, &Dest::Smtp(smtp.url.clone()));
     cfg.max_in_flight_per_partition = max_in_flight;
+    if let Some(c) = smtp_connections {
+        cfg.smtp_connections = c;
+    }
     let n = Running::start(cfg);
     wait_for("every email accepted", Duration::from_secs(60), || async {
         Ok((smtp.accepted() >= SLOW_EVENTS as usize).then_some(()))
@@ -692,6 +703,18 @@ async fn one_partition_sends_other_customers_emails_at_once_and_each_customers_i
         "at most {} emails of one partition in progress at once",
         smtp.peak()
     );
+    Ok(())
+}
+
+/// `--smtp-connections` bounds the emails the server has in progress at
+/// once, whatever the handlers (four to a connection by default): 16 in
+/// flight on 3 connections, never more than 3 at the server, and each
+/// customer's emails still in order (checked by `a_slow_server_with`).
+#[tokio::test]
+async fn the_smtp_connections_bound_the_emails_at_the_server_at_once() -> anyhow::Result<()> {
+    let smtp = a_slow_server_with(16, Some(3)).await?;
+    println!("3 connections: up to {} emails at once", smtp.peak());
+    assert_eq!(smtp.peak(), 3, "the connections, all used and no more");
     Ok(())
 }
 
