@@ -69,10 +69,13 @@ const ORDERS: i64 = CUSTOMERS * ORDERS_PER_CUSTOMER;
 /// `--pool-size`: no request waits for a connection.
 const CLIENTS: usize = 24;
 const PARTITIONS: i32 = 12;
-/// The notifier's `--smtp-connections`: by SMTP, the records in flight at
-/// once (into a spool, `--handlers`' default, 128, is: the spool runs test
-/// the defaults).
-const IN_FLIGHT: usize = 32;
+/// The notifier's `--smtp-connections` (its default).
+const SMTP_CONNECTIONS: usize = 32;
+/// By SMTP, the records in flight at once: the handlers' default, four per
+/// connection — the bound on the emails a kill -9 can leave sent and not
+/// recorded. (Into a spool `--handlers`' default is 128 too: the spool runs
+/// test the defaults.)
+const IN_FLIGHT: usize = notifier::config::SMTP_HANDLERS_PER_CONNECTION * SMTP_CONNECTIONS;
 
 /// Where a burst's events come from.
 #[derive(Clone, Copy, Debug)]
@@ -428,7 +431,7 @@ impl Notifier {
             .args(["--kafka-property", "session.timeout.ms=6000"])
             .args(["--kafka-property", "heartbeat.interval.ms=500"])
             .args(["--max-in-flight-per-partition", "16"])
-            .args(["--smtp-connections", &IN_FLIGHT.to_string()])
+            .args(["--smtp-connections", &SMTP_CONNECTIONS.to_string()])
             .env("RUST_LOG", "notifier=info")
             .stdin(std::process::Stdio::null())
             .stdout(out.try_clone()?)
