@@ -17,11 +17,12 @@
 //!   then notifier_inbox must hold exactly events 1..=N, and the spool exactly N .eml files
 //! ```
 //!
-//! C is the notifier's `--smtp-connections` default (32): the emails it
-//! has in flight at once and the SMTP connections it keeps. The plain
+//! C is the notifier's `--smtp-connections` default (32): the most emails
+//! it has at the server at once and the SMTP connections it keeps (its
+//! handlers, four per connection, wait for the inbox meanwhile). The plain
 //! clients send C at a time, never more: lettre's pool opens a new
 //! connection whenever none is idle, so one task per email would open
-//! thousands of connections to the single-threaded aiosmtpd. Both plain
+//! thousands of connections to the sink. Both plain
 //! clients compose each email with the notifier's own `Composer` (about
 //! 1.5 KB, printed), so only Kafka, the inbox and the notifier's pipeline
 //! set the notifier apart. `plain-lettre` is lettre's pooled transport as
