@@ -92,11 +92,7 @@ impl DeadLetters {
         if events.is_empty() {
             return None;
         }
-        let id = record
-            .headers
-            .iter()
-            .find(|(k, _)| *k == header::EVENT_ID)
-            .map(|(_, v)| v.as_str())?;
+        let id = record.header(header::EVENT_ID)?;
         events.get(id).map(|reason| reference(record, reason))
     }
 }
@@ -113,13 +109,7 @@ fn reason(refused: &RefusedRecord, error: &rdkafka::error::KafkaError) -> String
 /// would have been) plus `dlq_reason` and `dlq_original_topic`, and a JSON
 /// value naming the event instead of carrying it.
 fn reference(record: &OutboxRecord, reason: &str) -> OutboxRecord {
-    let header = |name: &str| {
-        record
-            .headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.clone())
-    };
+    let header = |name: &str| record.header(name).map(str::to_owned);
     let value = json!({
         "dead_lettered": true,
         "event_id": header(header::EVENT_ID),

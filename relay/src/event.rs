@@ -161,13 +161,16 @@ impl OutboxRecord {
     pub fn partition_key(&self) -> &str {
         self.key
             .as_deref()
-            .or_else(|| {
-                self.headers
-                    .iter()
-                    .find(|(k, _)| *k == header::EVENT_ID)
-                    .map(|(_, v)| v.as_str())
-            })
+            .or_else(|| self.header(header::EVENT_ID))
             .unwrap_or("")
+    }
+
+    /// The value of the relay's header `name` (not the columns').
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Every header, the relay's own first, then the columns'.

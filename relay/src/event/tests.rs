@@ -83,7 +83,7 @@ fn builds_spec_record() {
     .unwrap();
     assert_eq!(rec.topic, "microshop.order-outbox");
     assert_eq!(rec.key.as_deref(), Some("42"));
-    let value = String::from_utf8(rec.value).unwrap();
+    let value = String::from_utf8(rec.value.clone()).unwrap();
     assert!(
         value.starts_with(r#"{"id":17,"aggregate_type":"order""#),
         "{value}"
@@ -95,12 +95,7 @@ fn builds_spec_record() {
         "jsonb embedded, not a string"
     );
     assert_eq!(v["created_at"], json!("2026-11-21T09:00:00.500000Z"));
-    let h = |k: &str| {
-        rec.headers
-            .iter()
-            .find(|(n, _)| *n == k)
-            .map(|(_, v)| v.as_str())
-    };
+    let h = |k: &str| rec.header(k);
     assert_eq!(h(header::EVENT_ID), Some("17"));
     assert_eq!(h(header::EVENT_TYPE), Some("OrderCreated"));
     assert_eq!(h(header::LSN), Some("1/A0"));

@@ -123,12 +123,8 @@ fn without_an_id_the_event_id_is_the_lsn_and_created_at_the_commit_time() {
     let v: Value = serde_json::from_slice(&r.value).unwrap();
     assert_eq!(v["id"], 0x16B_3700u64);
     assert_eq!(v["created_at"], "2026-11-21T10:00:00.500000Z");
-    let id = r
-        .headers
-        .iter()
-        .find(|(k, _)| *k == header::EVENT_ID)
-        .unwrap();
-    assert_eq!(id.1, (0x16B_3700u64).to_string());
+    let id = r.header(header::EVENT_ID).unwrap();
+    assert_eq!(id, (0x16B_3700u64).to_string());
     assert_eq!(r.key.as_deref(), Some("42"));
     assert!(r.column_headers.is_empty());
 }
@@ -191,12 +187,7 @@ fn a_malformed_message_is_dead_lettered_as_it_is() {
     assert_eq!(r.topic, "microshop.order-outbox.relay-dlq");
     assert_eq!(r.value, content.as_bytes());
     assert_eq!(r.key.as_deref(), Some("42"));
-    let h = |name: &str| {
-        r.headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let h = |name: &str| r.header(name);
     assert_eq!(h(header::SEQ), Some("3"));
     assert_eq!(h(header::LSN), Some("0/16B3748"));
     assert_eq!(h(header::EVENT_TYPE), Some("OrderCreated"));

@@ -321,11 +321,7 @@ pub(super) fn ids(records: &[OutboxRecord]) -> Vec<u64> {
 }
 
 pub(super) fn header<'a>(r: &'a OutboxRecord, name: &str) -> &'a str {
-    r.headers
-        .iter()
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.as_str())
-        .unwrap_or_else(|| panic!("no {name} header"))
+    r.header(name).unwrap_or_else(|| panic!("no {name} header"))
 }
 
 pub(super) fn confirmed(statuses: &[(tokio::time::Instant, Lsn)]) -> Lsn {

@@ -14,10 +14,8 @@ impl KafkaSink {
     ) -> RefusedRecord {
         RefusedRecord {
             event_id: record
-                .headers
-                .iter()
-                .find(|(k, _)| *k == outbox_record::header::EVENT_ID)
-                .map(|(_, v)| v.clone()),
+                .header(outbox_record::header::EVENT_ID)
+                .map(str::to_owned),
             bytes: record.size(),
             topic: record.topic.clone(),
             producer_limit: self.producer_limit,
