@@ -389,7 +389,9 @@ CONF
 # java with the broker's class path, heap and logging; the main class and
 # its arguments follow.
 kafka_java_cmd() {
-    KAFKA_JAVA=(java -Xms"${KAFKA_HEAP:-512m}" -Xmx"${KAFKA_HEAP:-512m}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+    local gc
+    read -r -a gc <<<"${KAFKA_GC_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20}"
+    KAFKA_JAVA=(java -Xms"${KAFKA_HEAP:-512m}" -Xmx"${KAFKA_HEAP:-512m}" "${gc[@]}"
                 -Djava.awt.headless=true -Dlog4j2.configurationFile="$ROOT/kafka/log4j2.properties"
                 -cp "$KAFKA_LIBS/*")
 }
