@@ -9,7 +9,7 @@
 //!        └──▶ fresh topic <OUTBOX_TOPIC>.bench-notifier-<stamp> (partitions as the stack's topic)
 //!
 //!   smtp:          notifier --smtp-url SINK  (fresh group, scratch database) ──▶ aiosmtpd sink
-//!   plain-nodelay: C tasks, one lettre SMTP connection each (TCP_NODELAY)     ──▶ aiosmtpd sink
+//!   plain-nodelay: C tasks, one SMTP connection each (TCP_NODELAY, pipelined) ──▶ aiosmtpd sink
 //!   plain-lettre:  C tasks sharing lettre's AsyncSmtpTransport, pool of C     ──▶ aiosmtpd sink
 //!   spool:         notifier --mail-dir TMP  (fresh group, scratch database)   ──▶ .eml files
 //!
@@ -30,7 +30,9 @@
 //! `TCP_NODELAY` each email's final `.` line waits for a delayed ACK (why
 //! the notifier's mailer opens its own sockets, `notifier/src/mailer.rs`),
 //! so it is slower; `plain-nodelay` sends the way the notifier's mailer
-//! does. The ratio is against the faster of the two.
+//! does (`TCP_NODELAY`, and pipelined where the sink offers PIPELINING, as
+//! the stack's does), with an SMTP client of its own. The ratio is against
+//! the faster of the two.
 //!
 //! The notifier runs as it is configured by default (only the database,
 //! broker, topic, group, destination and listen address are given; the
@@ -71,8 +73,6 @@ use devstack::bench::{
     StackArgs,
 };
 use devstack::testing::{connect, unique_name};
-use lettre::transport::smtp::client::AsyncSmtpConnection;
-use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::{AsyncSmtpTransport, PoolConfig};
 use lettre::{AsyncTransport, Message, Tokio1Executor};
 use notifier::email::Composer;
@@ -85,6 +85,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// Distinct customers (record keys) in the backlog: a prime, so the keys
 /// spread over any partition count.
@@ -677,7 +678,9 @@ fn plain_email(composer: &Composer, i: usize, domain: &str) -> anyhow::Result<Me
 }
 
 /// Baseline: C tasks, each on its own SMTP connection with `TCP_NODELAY`,
-/// as the notifier's mailer sends. Plain `smtp://` URLs without login only.
+/// pipelined where the sink offers it, as the notifier's mailer sends (an
+/// SMTP client of its own, [`RawSmtp`], not the notifier's). Plain
+/// `smtp://` URLs without login only.
 async fn plain_nodelay(bench: &Bench) -> anyhow::Result<Option<Run>> {
     let name = NODELAY_RUN;
     let url = url::Url::parse(&bench.args.smtp_url).context("--smtp-url")?;
@@ -698,11 +701,7 @@ async fn plain_nodelay(bench: &Bench) -> anyhow::Result<Option<Run>> {
         let (host, domain, next) = (host.clone(), domain.clone(), next.clone());
         let composer = bench.composer.clone();
         tasks.spawn(async move {
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            let mut conn =
-                AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &ClientId::default())
-                    .await?;
+            let mut conn = RawSmtp::connect(&host, port).await?;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= n {
@@ -713,8 +712,7 @@ async fn plain_nodelay(bench: &Bench) -> anyhow::Result<Option<Run>> {
                     .await
                     .with_context(|| format!("{name}: email {i}"))?;
             }
-            conn.quit().await?;
-            anyhow::Ok(())
+            conn.quit().await
         });
     }
     join_all(&mut tasks, bench.args.timeout(), name).await?;
@@ -729,6 +727,102 @@ async fn plain_nodelay(bench: &Bench) -> anyhow::Result<Option<Run>> {
         peak_rss_kib: None,
         sink_cpu_seconds: sink_cpu(bench, sink_before),
     }))
+}
+
+/// The plain SMTP client of `plain-nodelay`: one connection with
+/// `TCP_NODELAY`; each email's MAIL, RCPT and DATA in one write when the
+/// server's EHLO offers PIPELINING (else each after the previous reply),
+/// then the dot-stuffed message and its final `.` in one write.
+struct RawSmtp {
+    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    pipelining: bool,
+}
+
+impl RawSmtp {
+    async fn connect(host: &str, port: u16) -> anyhow::Result<RawSmtp> {
+        let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+        tcp.set_nodelay(true)?;
+        let (read, writer) = tcp.into_split();
+        let mut conn = RawSmtp {
+            reader: BufReader::new(read),
+            writer,
+            pipelining: false,
+        };
+        conn.expect(2).await.context("greeting")?;
+        conn.writer.write_all(b"EHLO bench\r\n").await?;
+        let lines = conn.expect(2).await.context("EHLO")?;
+        conn.pipelining = lines
+            .iter()
+            .skip(1)
+            .any(|l| l.eq_ignore_ascii_case("PIPELINING"));
+        Ok(conn)
+    }
+
+    /// Reads one reply (all its lines); fails unless its code is `class`xx.
+    async fn expect(&mut self, class: u8) -> anyhow::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            ensure!(
+                self.reader.read_line(&mut line).await? > 0,
+                "the server closed the connection"
+            );
+            let line = line.trim_end();
+            ensure!(
+                line.len() >= 3 && line.as_bytes()[0] == b'0' + class,
+                "unexpected reply {line:?}"
+            );
+            lines.push(line.get(4..).unwrap_or("").to_owned());
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(lines);
+            }
+        }
+    }
+
+    async fn send(
+        &mut self,
+        envelope: &lettre::address::Envelope,
+        raw: &[u8],
+    ) -> anyhow::Result<()> {
+        let from = envelope.from().map_or("", AsRef::<str>::as_ref);
+        let mut commands = vec![format!("MAIL FROM:<{from}>\r\n")];
+        for to in envelope.to() {
+            commands.push(format!("RCPT TO:<{}>\r\n", AsRef::<str>::as_ref(to)));
+        }
+        commands.push("DATA\r\n".to_owned());
+        let classes = commands.len();
+        if self.pipelining {
+            self.writer.write_all(commands.concat().as_bytes()).await?;
+            for i in 0..classes {
+                self.expect(if i + 1 == classes { 3 } else { 2 }).await?;
+            }
+        } else {
+            for (i, command) in commands.iter().enumerate() {
+                self.writer.write_all(command.as_bytes()).await?;
+                self.expect(if i + 1 == classes { 3 } else { 2 }).await?;
+            }
+        }
+        let mut data = Vec::with_capacity(raw.len() + 8);
+        let mut line_start = true;
+        for &b in raw {
+            if line_start && b == b'.' {
+                data.push(b'.');
+            }
+            data.push(b);
+            line_start = b == b'\n';
+        }
+        data.extend_from_slice(b"\r\n.\r\n");
+        self.writer.write_all(&data).await?;
+        self.expect(2).await?;
+        Ok(())
+    }
+
+    async fn quit(mut self) -> anyhow::Result<()> {
+        self.writer.write_all(b"QUIT\r\n").await?;
+        self.expect(2).await?;
+        Ok(())
+    }
 }
 
 /// Baseline: lettre's pooled `AsyncSmtpTransport` (pool of C), C tasks.

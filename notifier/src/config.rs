@@ -72,6 +72,13 @@ pub struct Config {
     #[arg(long, env = "NOTIFIER_SMTP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub smtp_timeout: Duration,
 
+    /// Pipeline each email's MAIL, RCPT and DATA commands (RFC 2920) when
+    /// the server offers PIPELINING: two round trips an email instead of
+    /// four. `false` sends one command at a time, for a server that offers
+    /// pipelining and mishandles it.
+    #[arg(long, env = "NOTIFIER_SMTP_PIPELINING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub smtp_pipelining: bool,
+
     /// HTTP listen address for /metrics and /healthz.
     #[arg(long, env = "NOTIFIER_LISTEN", default_value = "127.0.0.1:9102")]
     pub listen: SocketAddr,
@@ -160,6 +167,7 @@ impl std::fmt::Debug for Config {
                 &self.max_in_flight_per_partition,
             )
             .field("smtp_connections", &self.smtp_connections)
+            .field("smtp_pipelining", &self.smtp_pipelining)
             .field("inbox_db_connections", &self.inbox_db_connections)
             .finish_non_exhaustive()
     }

@@ -29,6 +29,7 @@ pub mod mailer;
 pub mod metrics;
 pub mod pipeline;
 pub mod retention;
+pub mod smtp;
 pub mod window;
 
 pub use pipeline::{run, run_with, NotifierError};

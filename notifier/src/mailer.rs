@@ -22,13 +22,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lettre::address::Envelope;
-use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
-use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::{AsyncSmtpTransport, PoolConfig};
 use lettre::{AsyncTransport, Message, Tokio1Executor};
-use tokio::net::TcpStream;
+
+use crate::smtp::{ConnectionPool, SendError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -87,7 +84,8 @@ pub trait MailSink {
     ) -> impl std::future::Future<Output = Result<(), MailError>> + Send;
 }
 
-/// SMTP. `smtp://` URLs (plain or STARTTLS) go through [`NodelayPool`];
+/// SMTP. `smtp://` URLs (plain or STARTTLS) go through the [`ConnectionPool`]
+/// (`TCP_NODELAY`, pipelined where the server offers it);
 /// `smtps://` (TLS from the first byte) through lettre's pooled transport.
 /// At most `connections` sends at once, each on a connection of its own:
 /// both pools bound only the connections they keep idle, so the bound on
@@ -102,18 +100,20 @@ pub struct SmtpMailer {
 
 #[derive(Clone)]
 enum SmtpInner {
-    Nodelay(Arc<NodelayPool>),
+    Pooled(Arc<ConnectionPool>),
     Lettre(AsyncSmtpTransport<Tokio1Executor>),
 }
 
 impl SmtpMailer {
     /// `url`: `smtp://host:port`, `smtp://user:pass@host:587?tls=required`,
     /// `smtps://host:465`, ...; up to `connections` connections, kept open
-    /// for reuse.
+    /// for reuse; `smtp://` connections pipelined where the server offers
+    /// it, unless `pipelining` is off.
     pub fn new(
         url: &str,
         timeout: Duration,
         connections: usize,
+        pipelining: bool,
     ) -> Result<SmtpMailer, MailerSetupError> {
         // lettre validates every form; its transport serves smtps.
         let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
@@ -121,8 +121,8 @@ impl SmtpMailer {
             .timeout(Some(timeout))
             .pool_config(PoolConfig::new().max_size(connections.clamp(1, u32::MAX as usize) as u32))
             .build();
-        let inner = match NodelayPool::from_url(url, timeout, connections) {
-            Some(pool) => SmtpInner::Nodelay(Arc::new(pool)),
+        let inner = match ConnectionPool::from_url(url, timeout, connections, pipelining) {
+            Some(pool) => SmtpInner::Pooled(Arc::new(pool)),
             None => SmtpInner::Lettre(transport),
         };
         Ok(SmtpMailer {
@@ -142,7 +142,7 @@ impl MailSink for SmtpMailer {
             .await
             .map_err(|e| MailError::Transient(Box::new(e)))?;
         let result = match &self.inner {
-            SmtpInner::Nodelay(pool) => pool.send(message.envelope(), &raw).await,
+            SmtpInner::Pooled(pool) => pool.send(message.envelope(), &raw).await,
             SmtpInner::Lettre(t) => t
                 .send_raw(message.envelope(), &raw)
                 .await
@@ -155,161 +155,6 @@ impl MailSink for SmtpMailer {
             Err(e) => Err(MailError::Transient(Box::new(e))),
         }
     }
-}
-
-/// Reused SMTP connections on sockets with `TCP_NODELAY`.
-///
-/// Why not lettre's transport: it writes a message's body and its
-/// terminating `.` line in two writes. With Nagle's algorithm on, the
-/// second small write waits for the ACK of the first, which the server
-/// delays (40 ms on Linux) because it has nothing to answer until the
-/// terminator arrives: about 45 ms per email against a local aiosmtpd,
-/// against 2.5 ms with `TCP_NODELAY` (measured with a Python client writing
-/// the same way). lettre offers no socket option, so this pool opens the
-/// sockets and hands them to lettre's SMTP connection.
-pub struct NodelayPool {
-    host: String,
-    port: u16,
-    /// `Some(required)`: STARTTLS (`?tls=required` fails without it).
-    starttls: Option<bool>,
-    credentials: Option<Credentials>,
-    timeout: Duration,
-    hello: ClientId,
-    idle: std::sync::Mutex<Vec<AsyncSmtpConnection>>,
-    /// Idle connections kept for reuse (one per concurrent sender is enough).
-    max_idle: usize,
-}
-
-impl NodelayPool {
-    /// For `smtp://` URLs; `None` for any other scheme.
-    fn from_url(url: &str, timeout: Duration, max_idle: usize) -> Option<NodelayPool> {
-        let url = url::Url::parse(url).ok()?;
-        if url.scheme() != "smtp" {
-            return None;
-        }
-        let host = url.host_str()?.trim_matches(['[', ']']).to_owned();
-        let starttls = url
-            .query_pairs()
-            .find(|(k, _)| k == "tls")
-            .map(|(_, v)| v == "required");
-        let decode = |s: &str| percent_decode(s);
-        let credentials = (!url.username().is_empty()).then(|| {
-            Credentials::new(
-                decode(url.username()),
-                decode(url.password().unwrap_or_default()),
-            )
-        });
-        Some(NodelayPool {
-            port: url
-                .port()
-                .unwrap_or(if starttls == Some(true) { 587 } else { 25 }),
-            host,
-            starttls,
-            credentials,
-            timeout,
-            hello: ClientId::default(),
-            idle: std::sync::Mutex::new(Vec::new()),
-            max_idle,
-        })
-    }
-
-    async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
-        tcp.set_nodelay(true)?;
-        let mut conn =
-            AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello).await?;
-        if let Some(required) = self.starttls {
-            if conn.can_starttls() {
-                conn.starttls(TlsParameters::new(self.host.clone())?, &self.hello)
-                    .await?;
-            } else if required {
-                conn.abort().await;
-                return Err(SendError::NoStartTls);
-            }
-        }
-        if let Some(credentials) = &self.credentials {
-            conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)
-                .await?;
-        }
-        Ok(conn)
-    }
-
-    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
-    }
-
-    fn put_idle(&self, conn: AsyncSmtpConnection) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.max_idle {
-            idle.push(conn);
-        }
-    }
-
-    /// Sends on an idle connection, or a new one. A reused connection the
-    /// server may have closed meanwhile gets one more try on a new one.
-    async fn send(&self, envelope: &Envelope, raw: &[u8]) -> Result<(), SendError> {
-        if let Some(conn) = self.take_idle() {
-            match self.send_on(conn, envelope, raw).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_permanent() => return Err(e),
-                Err(e) => {
-                    tracing::debug!(error = %e, "reused smtp connection failed; opening a new one")
-                }
-            }
-        }
-        let conn = tokio::time::timeout(self.timeout, self.connect())
-            .await
-            .map_err(|_| SendError::Timeout(self.timeout))??;
-        self.send_on(conn, envelope, raw).await
-    }
-
-    async fn send_on(
-        &self,
-        mut conn: AsyncSmtpConnection,
-        envelope: &Envelope,
-        raw: &[u8],
-    ) -> Result<(), SendError> {
-        match tokio::time::timeout(self.timeout, conn.send(envelope, raw)).await {
-            Ok(Ok(_)) => {
-                self.put_idle(conn);
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                // After a refusal the connection could go on, but its state
-                // is not worth trusting: close it.
-                conn.abort().await;
-                Err(e.into())
-            }
-            Err(_) => Err(SendError::Timeout(self.timeout)),
-        }
-    }
-}
-
-/// Why an SMTP send failed.
-#[derive(Debug, thiserror::Error)]
-enum SendError {
-    #[error(transparent)]
-    Smtp(#[from] lettre::transport::smtp::Error),
-    #[error("smtp connection failed")]
-    Io(#[from] std::io::Error),
-    #[error("the server offers no STARTTLS (tls=required)")]
-    NoStartTls,
-    #[error("smtp timed out after {0:?}")]
-    Timeout(Duration),
-}
-
-impl SendError {
-    /// A 5xx reply: the server refused the message for good.
-    fn is_permanent(&self) -> bool {
-        matches!(self, SendError::Smtp(e) if e.is_permanent())
-    }
-}
-
-/// `%XX` sequences of a URL's user or password decoded (invalid ones kept).
-fn percent_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
 }
 
 /// `.eml` files in a directory, one per event, written atomically and
@@ -430,16 +275,23 @@ pub enum Mailer {
 }
 
 impl Mailer {
-    /// SMTP when `smtp_url` is given (keeping up to `connections` open),
+    /// SMTP when `smtp_url` is given (keeping up to `connections` open,
+    /// pipelining where the server offers it unless `pipelining` is off),
     /// else the spool directory.
     pub fn from_config(
         smtp_url: Option<&str>,
         mail_dir: Option<&Path>,
         timeout: Duration,
         connections: usize,
+        pipelining: bool,
     ) -> Result<Mailer, MailerSetupError> {
         match (smtp_url, mail_dir) {
-            (Some(url), _) => Ok(Mailer::Smtp(SmtpMailer::new(url, timeout, connections)?)),
+            (Some(url), _) => Ok(Mailer::Smtp(SmtpMailer::new(
+                url,
+                timeout,
+                connections,
+                pipelining,
+            )?)),
             (None, Some(dir)) => Ok(Mailer::Spool(SpoolMailer::new(dir)?)),
             (None, None) => Err(MailerSetupError::NoDestination),
         }
@@ -471,12 +323,12 @@ mod tests {
     #[tokio::test]
     async fn smtp_urls() {
         let t = Duration::from_secs(1);
-        assert!(SmtpMailer::new("smtp://127.0.0.1:2525", t, 4).is_ok());
-        assert!(SmtpMailer::new("smtp://u:p@mail.example:587?tls=required", t, 4).is_ok());
-        assert!(SmtpMailer::new("smtps://mail.example", t, 4).is_ok());
-        assert!(SmtpMailer::new("http://mail.example", t, 4).is_err());
+        assert!(SmtpMailer::new("smtp://127.0.0.1:2525", t, 4, true).is_ok());
+        assert!(SmtpMailer::new("smtp://u:p@mail.example:587?tls=required", t, 4, true).is_ok());
+        assert!(SmtpMailer::new("smtps://mail.example", t, 4, true).is_ok());
+        assert!(SmtpMailer::new("http://mail.example", t, 4, true).is_err());
         assert!(matches!(
-            Mailer::from_config(None, None, t, 4),
+            Mailer::from_config(None, None, t, 4, true),
             Err(MailerSetupError::NoDestination)
         ));
     }
@@ -565,30 +417,5 @@ mod tests {
         let body = std::fs::read_to_string(dir.join("order-event-3.eml")).unwrap();
         assert!(body.contains("Subject: hi"), "{body}");
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn smtp_urls_go_through_the_nodelay_pool_and_smtps_through_lettre() {
-        let t = Duration::from_secs(1);
-        let p = NodelayPool::from_url("smtp://127.0.0.1:2525", t, 4).expect("smtp");
-        assert_eq!(
-            (p.host.as_str(), p.port, p.starttls),
-            ("127.0.0.1", 2525, None)
-        );
-        assert!(p.credentials.is_none());
-        let p = NodelayPool::from_url("smtp://u%40x:p%3Aw@mail.example?tls=required", t, 4)
-            .expect("smtp");
-        assert_eq!(
-            (p.host.as_str(), p.port, p.starttls),
-            ("mail.example", 587, Some(true))
-        );
-        assert_eq!(
-            p.credentials,
-            Some(Credentials::new("u@x".to_owned(), "p:w".to_owned()))
-        );
-        let p = NodelayPool::from_url("smtp://mail.example?tls=opportunistic", t, 4).expect("smtp");
-        assert_eq!((p.port, p.starttls), (25, Some(false)));
-        assert!(NodelayPool::from_url("smtps://mail.example", t, 4).is_none());
-        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
     }
 }

@@ -498,6 +498,7 @@ async fn consume(
         cfg.mail_dir.as_deref(),
         cfg.smtp_timeout,
         usize::from(cfg.smtp_connections),
+        cfg.smtp_pipelining,
     )?;
     if cfg.smtp_url.is_some() && cfg.mail_dir.is_some() {
         tracing::info!("both an SMTP URL and a mail directory are set; sending by SMTP");

@@ -113,6 +113,32 @@ async fn every_order_event_becomes_its_email() -> anyhow::Result<()> {
     n.stop().await
 }
 
+/// The stack's sink offers PIPELINING, so the tests and benchmarks that
+/// send through it exercise the notifier's pipelined sends against
+/// aiosmtpd.
+#[tokio::test]
+async fn the_stack_sink_offers_pipelining() -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let url = sink_smtp_url();
+    let stream = tokio::net::TcpStream::connect(url.trim_start_matches("smtp://")).await?;
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    lines.next_line().await?; // the greeting
+    write.write_all(b"EHLO test\r\n").await?;
+    let mut extensions = Vec::new();
+    while let Some(line) = lines.next_line().await? {
+        extensions.push(line[4..].to_owned());
+        if line.as_bytes().get(3) == Some(&b' ') {
+            break;
+        }
+    }
+    assert!(
+        extensions.iter().any(|e| e == "PIPELINING"),
+        "{extensions:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_same_record_twice_sends_one_email() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
@@ -340,26 +366,33 @@ async fn serial_smtp_down_holds_the_position_until_it_returns() -> anyhow::Resul
 }
 
 /// Two instances and two rebalances (one joins mid-stream, then the
-/// first leaves) over `events` records already in the topic: every event
-/// must be emailed exactly once.
+/// first leaves) over `events` records: every event must be emailed
+/// exactly once. The records come in phases, so each instance has records
+/// to handle however fast the other is: a first part before A starts, more
+/// until B has sent an email, the rest after A has left (B takes over A's
+/// partitions from A's committed offsets).
 async fn rebalance_scenario(bootstrap: &str, relay: &Relay, events: i64) -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let group = unique_name("g");
     let domain = unique_domain();
-    let sends = (1..=events).map(|i| {
-        let email = format!("c{i}@{domain}");
-        async move {
-            relay
-                .send_event(
-                    i,
-                    i % 37 + 1,
-                    "OrderCreated",
-                    &order_payload(i, &email, "CREATED"),
-                )
-                .await
-        }
-    });
-    futures_util::future::try_join_all(sends).await?;
+    let send = |ids: std::ops::RangeInclusive<i64>| {
+        let domain = domain.clone();
+        futures_util::future::try_join_all(ids.map(move |i| {
+            let email = format!("c{i}@{domain}");
+            async move {
+                relay
+                    .send_event(
+                        i,
+                        i % 37 + 1,
+                        "OrderCreated",
+                        &order_payload(i, &email, "CREATED"),
+                    )
+                    .await
+            }
+        }))
+    };
+    let first = events * 2 / 5;
+    send(1..=first).await?;
 
     let cfg = || {
         config_on(
@@ -375,28 +408,32 @@ async fn rebalance_scenario(bootstrap: &str, relay: &Relay, events: i64) -> anyh
     wait_mails(
         &mut reader,
         &domain,
-        (events / 4) as usize,
+        (first / 2) as usize,
         Duration::from_secs(60),
     )
     .await?;
-    // A second instance joins: the group rebalances while A is mid-stream.
+    // A second instance joins: the group rebalances while A is mid-stream,
+    // and records keep coming until B has handled one.
     let b = Running::start(cfg());
+    let mut sent = first;
+    let until = events * 4 / 5;
+    while sent < until && b.metric("notifier_emails_sent_total").await? == 0.0 {
+        let next = (sent + 10).min(until);
+        send(sent + 1..=next).await?;
+        sent = next;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     wait_for(
         "both instances to handle events",
         Duration::from_secs(60),
         || async { Ok((b.metric("notifier_emails_sent_total").await? > 0.0).then_some(())) },
     )
     .await?;
-    wait_mails(
-        &mut reader,
-        &domain,
-        (events * 3 / 5) as usize,
-        Duration::from_secs(60),
-    )
-    .await?;
-    // The first leaves: B takes over its partitions from A's committed offsets.
+    // The first leaves: B takes over its partitions from A's committed
+    // offsets, and the rest of the records come.
     let sent_by_a = a.metric("notifier_emails_sent_total").await?;
     a.stop().await?;
+    send(sent + 1..=events).await?;
     wait_mails(
         &mut reader,
         &domain,

@@ -505,8 +505,8 @@ impl Drop for OwnSmtp {
     }
 }
 
-/// A minimal SMTP server for failure cases: answers the first
-/// `failing_rcpts` RCPT TO commands (of recipients containing
+/// A minimal SMTP server for failure cases, offering PIPELINING: answers
+/// the first `failing_rcpts` RCPT TO commands (of recipients containing
 /// `failing_to`, or all) with `failure` (e.g. `451 ...` or `550 ...`), the
 /// later ones with 250; takes `delay` to answer each message (a slow
 /// server); counts the messages it accepted and how many were in progress
@@ -614,7 +614,11 @@ impl FakeSmtp {
                             "250 queued".to_owned()
                         } else {
                             match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
-                                "EHLO" | "HELO" => "250 fake test server".to_owned(),
+                                // Offers PIPELINING, as real servers do: the
+                                // notifier's MAIL, RCPT and DATA come at once
+                                // and are answered in order.
+                                "EHLO" => "250-fake test server\r\n250 PIPELINING".to_owned(),
+                                "HELO" => "250 fake test server".to_owned(),
                                 "RCPT"
                                     if failing_to.is_none_or(|to| line.contains(to))
                                         && rcpts.fetch_add(1, Ordering::SeqCst) < failing_rcpts =>
