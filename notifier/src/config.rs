@@ -79,6 +79,12 @@ pub struct Config {
     #[arg(long, env = "NOTIFIER_SMTP_PIPELINING", default_value_t = true, action = clap::ArgAction::Set)]
     pub smtp_pipelining: bool,
 
+    /// PEM file of CA certificates to trust for the SMTP server's TLS
+    /// (STARTTLS, smtps://) besides the web's roots: a mail relay with a
+    /// private CA.
+    #[arg(long, env = "NOTIFIER_SMTP_CA_FILE", value_name = "PATH")]
+    pub smtp_ca_file: Option<PathBuf>,
+
     /// HTTP listen address for /metrics and /healthz.
     #[arg(long, env = "NOTIFIER_LISTEN", default_value = "127.0.0.1:9102")]
     pub listen: SocketAddr,
@@ -168,6 +174,7 @@ impl std::fmt::Debug for Config {
             )
             .field("smtp_connections", &self.smtp_connections)
             .field("smtp_pipelining", &self.smtp_pipelining)
+            .field("smtp_ca_file", &self.smtp_ca_file)
             .field("inbox_db_connections", &self.inbox_db_connections)
             .finish_non_exhaustive()
     }

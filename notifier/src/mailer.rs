@@ -20,12 +20,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use lettre::transport::smtp::{AsyncSmtpTransport, PoolConfig};
-use lettre::{AsyncTransport, Message, Tokio1Executor};
+use lettre::transport::smtp::client::Certificate;
+use lettre::transport::smtp::AsyncSmtpTransport;
+use lettre::{Message, Tokio1Executor};
 
-use crate::smtp::{ConnectionPool, SendError};
+use crate::smtp::{ConnectionPool, PoolOptions};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -59,6 +59,14 @@ pub enum MailerSetupError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the SMTP URL's scheme is neither smtp nor smtps")]
+    SmtpScheme,
+    #[error("cannot read certificates from {path} (--smtp-ca-file: PEM)")]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: BoxError,
+    },
     #[error("neither an SMTP URL nor a mail directory is configured")]
     NoDestination,
 }
@@ -84,50 +92,32 @@ pub trait MailSink {
     ) -> impl std::future::Future<Output = Result<(), MailError>> + Send;
 }
 
-/// SMTP. `smtp://` URLs (plain or STARTTLS) go through the [`ConnectionPool`]
-/// (`TCP_NODELAY`, pipelined where the server offers it);
-/// `smtps://` (TLS from the first byte) through lettre's pooled transport.
-/// At most `connections` sends at once, each on a connection of its own:
-/// both pools bound only the connections they keep idle, so the bound on
-/// open connections is here. A caller holds its connection for the send
-/// alone, so more callers than connections (the handlers, each also waiting
-/// for its inbox batch to commit) keep the connections busy.
+/// SMTP, through the [`ConnectionPool`]: `smtp://` (plain or STARTTLS,
+/// `TCP_NODELAY`) and `smtps://` (TLS from the first byte), pipelined where
+/// the server offers it. At most `max_idle` sends at once, each on a
+/// connection of its own: the pool bounds only the connections it keeps
+/// idle, so the bound on open connections is here. A caller holds its
+/// connection for the send alone, so more callers than connections (the
+/// handlers, each also waiting for its inbox batch to commit) keep the
+/// connections busy.
 #[derive(Clone)]
 pub struct SmtpMailer {
-    inner: SmtpInner,
+    pool: Arc<ConnectionPool>,
     sending: Arc<tokio::sync::Semaphore>,
-}
-
-#[derive(Clone)]
-enum SmtpInner {
-    Pooled(Arc<ConnectionPool>),
-    Lettre(AsyncSmtpTransport<Tokio1Executor>),
 }
 
 impl SmtpMailer {
     /// `url`: `smtp://host:port`, `smtp://user:pass@host:587?tls=required`,
-    /// `smtps://host:465`, ...; up to `connections` connections, kept open
-    /// for reuse; `smtp://` connections pipelined where the server offers
-    /// it, unless `pipelining` is off.
-    pub fn new(
-        url: &str,
-        timeout: Duration,
-        connections: usize,
-        pipelining: bool,
-    ) -> Result<SmtpMailer, MailerSetupError> {
-        // lettre validates every form; its transport serves smtps.
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
-            .map_err(MailerSetupError::SmtpUrl)?
-            .timeout(Some(timeout))
-            .pool_config(PoolConfig::new().max_size(connections.clamp(1, u32::MAX as usize) as u32))
-            .build();
-        let inner = match ConnectionPool::from_url(url, timeout, connections, pipelining) {
-            Some(pool) => SmtpInner::Pooled(Arc::new(pool)),
-            None => SmtpInner::Lettre(transport),
-        };
+    /// `smtps://host:465`, ...; up to `options.max_idle` connections, kept
+    /// open for reuse.
+    pub fn new(url: &str, options: PoolOptions) -> Result<SmtpMailer, MailerSetupError> {
+        // lettre's parser says what is wrong with a URL.
+        AsyncSmtpTransport::<Tokio1Executor>::from_url(url).map_err(MailerSetupError::SmtpUrl)?;
+        let connections = options.max_idle.max(1);
+        let pool = ConnectionPool::from_url(url, options).ok_or(MailerSetupError::SmtpScheme)?;
         Ok(SmtpMailer {
-            inner,
-            sending: Arc::new(tokio::sync::Semaphore::new(connections.max(1))),
+            pool: Arc::new(pool),
+            sending: Arc::new(tokio::sync::Semaphore::new(connections)),
         })
     }
 }
@@ -141,20 +131,32 @@ impl MailSink for SmtpMailer {
             .acquire()
             .await
             .map_err(|e| MailError::Transient(Box::new(e)))?;
-        let result = match &self.inner {
-            SmtpInner::Pooled(pool) => pool.send(message.envelope(), &raw).await,
-            SmtpInner::Lettre(t) => t
-                .send_raw(message.envelope(), &raw)
-                .await
-                .map(drop)
-                .map_err(SendError::from),
-        };
-        match result {
+        match self.pool.send(message.envelope(), &raw).await {
             Ok(()) => Ok(()),
             Err(e) if e.is_permanent() => Err(MailError::Permanent(Box::new(e))),
             Err(e) => Err(MailError::Transient(Box::new(e))),
         }
     }
+}
+
+/// The certificates of a PEM file (`--smtp-ca-file`), to trust for the
+/// SMTP server's TLS besides the web's roots.
+pub fn read_certificates(path: &Path) -> Result<Certificate, MailerSetupError> {
+    let pem = std::fs::read(path).map_err(|source| MailerSetupError::CaFile {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })?;
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    if !pem.windows(BEGIN.len()).any(|w| w == BEGIN) {
+        return Err(MailerSetupError::CaFile {
+            path: path.to_owned(),
+            source: "no -----BEGIN CERTIFICATE----- block in it".into(),
+        });
+    }
+    Certificate::from_pem(&pem).map_err(|source| MailerSetupError::CaFile {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
 }
 
 /// `.eml` files in a directory, one per event, written atomically and
@@ -275,23 +277,15 @@ pub enum Mailer {
 }
 
 impl Mailer {
-    /// SMTP when `smtp_url` is given (keeping up to `connections` open,
-    /// pipelining where the server offers it unless `pipelining` is off),
-    /// else the spool directory.
+    /// SMTP when `smtp_url` is given (see [`PoolOptions`]), else the spool
+    /// directory.
     pub fn from_config(
         smtp_url: Option<&str>,
         mail_dir: Option<&Path>,
-        timeout: Duration,
-        connections: usize,
-        pipelining: bool,
+        smtp: PoolOptions,
     ) -> Result<Mailer, MailerSetupError> {
         match (smtp_url, mail_dir) {
-            (Some(url), _) => Ok(Mailer::Smtp(SmtpMailer::new(
-                url,
-                timeout,
-                connections,
-                pipelining,
-            )?)),
+            (Some(url), _) => Ok(Mailer::Smtp(SmtpMailer::new(url, smtp)?)),
             (None, Some(dir)) => Ok(Mailer::Spool(SpoolMailer::new(dir)?)),
             (None, None) => Err(MailerSetupError::NoDestination),
         }
@@ -319,18 +313,42 @@ impl MailSink for Mailer {
 mod tests {
     use super::*;
 
-    // The pooled transport spawns its pool task: it needs a runtime.
-    #[tokio::test]
-    async fn smtp_urls() {
-        let t = Duration::from_secs(1);
-        assert!(SmtpMailer::new("smtp://127.0.0.1:2525", t, 4, true).is_ok());
-        assert!(SmtpMailer::new("smtp://u:p@mail.example:587?tls=required", t, 4, true).is_ok());
-        assert!(SmtpMailer::new("smtps://mail.example", t, 4, true).is_ok());
-        assert!(SmtpMailer::new("http://mail.example", t, 4, true).is_err());
+    fn options() -> PoolOptions {
+        PoolOptions {
+            timeout: std::time::Duration::from_secs(1),
+            max_idle: 4,
+            pipelining: true,
+            extra_roots: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn smtp_urls() {
+        assert!(SmtpMailer::new("smtp://127.0.0.1:2525", options()).is_ok());
+        assert!(SmtpMailer::new("smtp://u:p@mail.example:587?tls=required", options()).is_ok());
+        assert!(SmtpMailer::new("smtps://mail.example", options()).is_ok());
+        assert!(SmtpMailer::new("http://mail.example", options()).is_err());
+        assert!(SmtpMailer::new("smtp://mail.example?tls=sometimes", options()).is_err());
         assert!(matches!(
-            Mailer::from_config(None, None, t, 4, true),
+            Mailer::from_config(None, None, options()),
             Err(MailerSetupError::NoDestination)
         ));
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_pem_certificates() {
+        let missing = Path::new("/nonexistent/ca.pem");
+        assert!(matches!(
+            read_certificates(missing),
+            Err(MailerSetupError::CaFile { .. })
+        ));
+        let dir = std::env::temp_dir().join(format!("ca-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let garbage = dir.join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate").unwrap();
+        let error = read_certificates(&garbage).unwrap_err();
+        assert!(error.to_string().contains("garbage.pem"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Ten callers at once while a run is under way: they share the next

@@ -119,8 +119,9 @@ use crate::email::Composer;
 use crate::handler::{error_chain, Backoff, Handler, HandlerPool, Interrupted};
 use crate::http::Shared;
 use crate::inbox::{Claims, Inbox, InboxError};
-use crate::mailer::{Mailer, MailerSetupError};
+use crate::mailer::{read_certificates, Mailer, MailerSetupError};
 use crate::metrics::Outcome;
+use crate::smtp::PoolOptions;
 use crate::window::{Key, Window};
 
 /// Errors that stop the notifier (definite: retrying cannot help).
@@ -493,13 +494,17 @@ async fn consume(
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
 ) -> Result<(), NotifierError> {
-    let mailer = Mailer::from_config(
-        cfg.smtp_url.as_deref(),
-        cfg.mail_dir.as_deref(),
-        cfg.smtp_timeout,
-        usize::from(cfg.smtp_connections),
-        cfg.smtp_pipelining,
-    )?;
+    let extra_roots = match &cfg.smtp_ca_file {
+        Some(path) => vec![read_certificates(path)?],
+        None => Vec::new(),
+    };
+    let smtp = PoolOptions {
+        timeout: cfg.smtp_timeout,
+        max_idle: usize::from(cfg.smtp_connections),
+        pipelining: cfg.smtp_pipelining,
+        extra_roots,
+    };
+    let mailer = Mailer::from_config(cfg.smtp_url.as_deref(), cfg.mail_dir.as_deref(), smtp)?;
     if cfg.smtp_url.is_some() && cfg.mail_dir.is_some() {
         tracing::info!("both an SMTP URL and a mail directory are set; sending by SMTP");
     }

@@ -1,13 +1,20 @@
-//! SMTP connections for `smtp://` URLs: opened with `TCP_NODELAY`, kept
-//! open for reuse, and pipelined (RFC 2920) when the server offers it.
+//! SMTP connections: `smtp://` (plain or STARTTLS, with `TCP_NODELAY`) and
+//! `smtps://` (TLS from the first byte), kept open for reuse, and
+//! pipelined (RFC 2920) when the server offers it.
 //!
 //! ```text
-//!  without PIPELINING (lettre's send)      with PIPELINING
+//!  without PIPELINING                      with PIPELINING
 //!  ─▶ MAIL FROM     ◀─ 250                 ─▶ MAIL FROM, RCPT TO…, DATA   (one write)
 //!  ─▶ RCPT TO       ◀─ 250                 ◀─ 250, 250…, 354
 //!  ─▶ DATA          ◀─ 354                 ─▶ message, "."                (one write)
 //!  ─▶ message, "."  ◀─ 250                 ◀─ 250
 //! ```
+//!
+//! Either way the message and its final `.` go in one write, so every
+//! write follows the server's reply to the one before: Nagle's algorithm
+//! never holds one back (lettre's own send writes the message and the `.`
+//! apart; on a socket without `TCP_NODELAY`, as lettre opens for
+//! `smtps://`, the `.` then waits about 40 ms for a delayed ACK).
 //!
 //! Pipelining halves the round trips an email waits for, and the writes
 //! and wake-ups both sides pay per email (5 writes become 2). DATA ends
@@ -22,32 +29,41 @@
 //! server's extensions from its reply. Messages that need SMTPUTF8 or
 //! 8BITMIME (the notifier's are ASCII) go through lettre's send, which
 //! checks those extensions.
+//!
+//! TLS (STARTTLS and `smtps://`) verifies the server against the web's
+//! root certificates plus, with `--smtp-ca-file`, the given ones (a mail
+//! relay with a private CA).
 
 use std::time::Duration;
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
 use lettre::transport::smtp::extension::ClientId;
 use tokio::net::TcpStream;
 
-/// Reused SMTP connections on sockets with `TCP_NODELAY`.
+/// Reused SMTP connections, on lettre's SMTP connection.
 ///
 /// Why not lettre's transport: it writes a message's body and its
 /// terminating `.` line in two writes. With Nagle's algorithm on, the
 /// second small write waits for the ACK of the first, which the server
 /// delays (40 ms on Linux) because it has nothing to answer until the
-/// terminator arrives: about 45 ms per email against a local aiosmtpd,
-/// against 2.5 ms with `TCP_NODELAY` (measured with a Python client writing
-/// the same way). lettre offers no socket option, so this pool opens the
-/// sockets and hands them to lettre's SMTP connection.
+/// terminator arrives: about 45 ms per email against a local aiosmtpd
+/// (BENCHMARKS.md, `plain-lettre`: 694 emails/s on 32 connections), against
+/// 2.5 ms with `TCP_NODELAY`. lettre offers no socket option, so for
+/// `smtp://` this pool opens the sockets and hands them to lettre's SMTP
+/// connection; and it writes each message with its `.` in one write.
 pub struct ConnectionPool {
     pub(crate) host: String,
     pub(crate) port: u16,
     /// `Some(required)`: STARTTLS (`?tls=required` fails without it).
     pub(crate) starttls: Option<bool>,
+    /// `smtps://`: TLS from the first byte.
+    pub(crate) implicit_tls: bool,
     pub(crate) credentials: Option<Credentials>,
+    /// Trusted for TLS besides the web's roots (`--smtp-ca-file`).
+    extra_roots: Vec<Certificate>,
     timeout: Duration,
     hello: ClientId,
     idle: std::sync::Mutex<Vec<Connection>>,
@@ -64,22 +80,33 @@ struct Connection {
     pipelining: bool,
 }
 
+/// How a [`ConnectionPool`] connects and sends, beside its URL.
+#[derive(Clone)]
+pub struct PoolOptions {
+    /// Of connecting, and of each mail transaction.
+    pub timeout: Duration,
+    /// Idle connections kept for reuse (one per concurrent sender is enough).
+    pub max_idle: usize,
+    /// Pipeline where the server offers it.
+    pub pipelining: bool,
+    /// Certificates trusted for TLS besides the web's roots.
+    pub extra_roots: Vec<Certificate>,
+}
+
 impl ConnectionPool {
-    /// For `smtp://` URLs; `None` for any other scheme.
-    pub fn from_url(
-        url: &str,
-        timeout: Duration,
-        max_idle: usize,
-        pipelining: bool,
-    ) -> Option<ConnectionPool> {
+    /// For `smtp://` and `smtps://` URLs; `None` for any other scheme.
+    pub fn from_url(url: &str, options: PoolOptions) -> Option<ConnectionPool> {
         let url = url::Url::parse(url).ok()?;
-        if url.scheme() != "smtp" {
-            return None;
-        }
+        let implicit_tls = match url.scheme() {
+            "smtp" => false,
+            "smtps" => true,
+            _ => return None,
+        };
         let host = url.host_str()?.trim_matches(['[', ']']).to_owned();
         let starttls = url
             .query_pairs()
             .find(|(k, _)| k == "tls")
+            .filter(|_| !implicit_tls)
             .map(|(_, v)| v == "required");
         let decode = |s: &str| percent_decode(s);
         let credentials = (!url.username().is_empty()).then(|| {
@@ -88,30 +115,54 @@ impl ConnectionPool {
                 decode(url.password().unwrap_or_default()),
             )
         });
+        let default_port = match (implicit_tls, starttls) {
+            (true, _) => 465,
+            (false, Some(true)) => 587,
+            (false, _) => 25,
+        };
         Some(ConnectionPool {
-            port: url
-                .port()
-                .unwrap_or(if starttls == Some(true) { 587 } else { 25 }),
+            port: url.port().unwrap_or(default_port),
             host,
             starttls,
+            implicit_tls,
             credentials,
-            timeout,
+            extra_roots: options.extra_roots,
+            timeout: options.timeout,
             hello: ClientId::default(),
             idle: std::sync::Mutex::new(Vec::new()),
-            max_idle,
-            pipelining,
+            max_idle: options.max_idle,
+            pipelining: options.pipelining,
         })
     }
 
+    fn tls_parameters(&self) -> Result<TlsParameters, lettre::transport::smtp::Error> {
+        let mut builder = TlsParameters::builder(self.host.clone());
+        for root in &self.extra_roots {
+            builder = builder.add_root_certificate(root.clone());
+        }
+        builder.build()
+    }
+
     async fn connect(&self) -> Result<Connection, SendError> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
-        tcp.set_nodelay(true)?;
-        let mut conn =
-            AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello).await?;
+        let mut conn = if self.implicit_tls {
+            // lettre opens the socket (no TCP_NODELAY): every write of
+            // ours follows a reply, so Nagle holds none back.
+            AsyncSmtpConnection::connect_tokio1(
+                (self.host.as_str(), self.port),
+                Some(self.timeout),
+                &self.hello,
+                Some(self.tls_parameters()?),
+                None,
+            )
+            .await?
+        } else {
+            let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+            tcp.set_nodelay(true)?;
+            AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello).await?
+        };
         if let Some(required) = self.starttls {
             if conn.can_starttls() {
-                conn.starttls(TlsParameters::new(self.host.clone())?, &self.hello)
-                    .await?;
+                conn.starttls(self.tls_parameters()?, &self.hello).await?;
             } else if required {
                 conn.abort().await;
                 return Err(SendError::NoStartTls);
@@ -184,8 +235,9 @@ impl ConnectionPool {
     }
 }
 
-/// One mail transaction: pipelined where the server offers it and the
-/// message needs no extension lettre would check for.
+/// One mail transaction: pipelined where the server offers it, the
+/// message and its `.` in one write. A message that needs an extension
+/// lettre checks for (SMTPUTF8, 8BITMIME) goes through lettre's send.
 async fn transaction(
     conn: &mut Connection,
     envelope: &Envelope,
@@ -200,21 +252,27 @@ async fn transaction(
             .iter()
             .all(|a| AsRef::<str>::as_ref(a).is_ascii());
     let message = match std::str::from_utf8(raw) {
-        Ok(text) if conn.pipelining && plain => text,
+        Ok(text) if plain => text,
         _ => return conn.smtp.send(envelope, raw).await.map(drop),
     };
-    let mut commands = Mail::new(envelope.from().cloned(), vec![]).to_string();
+    let mut commands = vec![Mail::new(envelope.from().cloned(), vec![]).to_string()];
     for to in envelope.to() {
-        commands.push_str(&Rcpt::new(to.clone(), vec![]).to_string());
+        commands.push(Rcpt::new(to.clone(), vec![]).to_string());
     }
-    commands.push_str(&Data.to_string());
+    commands.push(Data.to_string());
     // `command` writes its argument in one write and reads one reply (an
-    // error if negative); the other replies follow in order.
-    conn.smtp.command(&commands).await?;
-    for _ in envelope.to() {
-        conn.smtp.read_response().await?;
+    // error if negative).
+    if conn.pipelining {
+        // The other replies follow in order.
+        conn.smtp.command(commands.concat()).await?;
+        for _ in 1..commands.len() {
+            conn.smtp.read_response().await?;
+        }
+    } else {
+        for command in commands {
+            conn.smtp.command(command).await?;
+        }
     }
-    conn.smtp.read_response().await?;
     conn.smtp.command(data_block(message)).await?;
     Ok(())
 }
