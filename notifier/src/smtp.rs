@@ -65,7 +65,7 @@ pub struct ConnectionPool {
     /// Trusted for TLS besides the web's roots (`--smtp-ca-file`).
     extra_roots: Vec<Certificate>,
     timeout: Duration,
-    hello: ClientId,
+    pub(crate) hello: ClientId,
     idle: std::sync::Mutex<Vec<Connection>>,
     /// Idle connections kept for reuse (one per concurrent sender is enough).
     max_idle: usize,
@@ -128,7 +128,11 @@ impl ConnectionPool {
             credentials,
             extra_roots: options.extra_roots,
             timeout: options.timeout,
-            hello: ClientId::default(),
+            // As lettre reads its URLs: a path names this client in EHLO.
+            hello: match url.path().trim_matches('/') {
+                "" => ClientId::default(),
+                name => ClientId::Domain(name.to_owned()),
+            },
             idle: std::sync::Mutex::new(Vec::new()),
             max_idle: options.max_idle,
             pipelining: options.pipelining,

@@ -478,5 +478,8 @@ fn smtp_and_smtps_urls() {
     let p = ConnectionPool::from_url("smtps://mail.example", options(true)).expect("smtps");
     assert_eq!((p.port, p.starttls, p.implicit_tls), (465, None, true));
     assert!(ConnectionPool::from_url("http://mail.example", options(true)).is_none());
+    let p = ConnectionPool::from_url("smtps://mail.example/shop.example", options(true))
+        .expect("smtps");
+    assert_eq!(p.hello, ClientId::Domain("shop.example".to_owned()));
     assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
 }
