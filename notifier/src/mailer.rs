@@ -59,8 +59,8 @@ pub enum MailerSetupError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the SMTP URL's scheme is neither smtp nor smtps")]
-    SmtpScheme,
+    #[error("SMTP")]
+    Smtp(#[source] crate::smtp::SetupError),
     #[error("cannot read certificates from {path} (--smtp-ca-file: PEM)")]
     CaFile {
         path: PathBuf,
@@ -114,7 +114,7 @@ impl SmtpMailer {
         // lettre's parser says what is wrong with a URL.
         AsyncSmtpTransport::<Tokio1Executor>::from_url(url).map_err(MailerSetupError::SmtpUrl)?;
         let connections = options.max_idle.max(1);
-        let pool = ConnectionPool::from_url(url, options).ok_or(MailerSetupError::SmtpScheme)?;
+        let pool = ConnectionPool::from_url(url, options).map_err(MailerSetupError::Smtp)?;
         Ok(SmtpMailer {
             pool: Arc::new(pool),
             sending: Arc::new(tokio::sync::Semaphore::new(connections)),

@@ -62,8 +62,9 @@ pub struct ConnectionPool {
     /// `smtps://`: TLS from the first byte.
     pub(crate) implicit_tls: bool,
     pub(crate) credentials: Option<Credentials>,
-    /// Trusted for TLS besides the web's roots (`--smtp-ca-file`).
-    extra_roots: Vec<Certificate>,
+    /// For STARTTLS or smtps: the host to verify, the roots trusted (the
+    /// web's and `--smtp-ca-file`'s). Built once, at start-up.
+    tls: Option<TlsParameters>,
     timeout: Duration,
     pub(crate) hello: ClientId,
     idle: std::sync::Mutex<Vec<Connection>>,
@@ -94,15 +95,19 @@ pub struct PoolOptions {
 }
 
 impl ConnectionPool {
-    /// For `smtp://` and `smtps://` URLs; `None` for any other scheme.
-    pub fn from_url(url: &str, options: PoolOptions) -> Option<ConnectionPool> {
-        let url = url::Url::parse(url).ok()?;
+    /// For `smtp://` and `smtps://` URLs.
+    pub fn from_url(url: &str, options: PoolOptions) -> Result<ConnectionPool, SetupError> {
+        let url = url::Url::parse(url).map_err(|_| SetupError::Url)?;
         let implicit_tls = match url.scheme() {
             "smtp" => false,
             "smtps" => true,
-            _ => return None,
+            _ => return Err(SetupError::Url),
         };
-        let host = url.host_str()?.trim_matches(['[', ']']).to_owned();
+        let host = url
+            .host_str()
+            .ok_or(SetupError::Url)?
+            .trim_matches(['[', ']'])
+            .to_owned();
         let starttls = url
             .query_pairs()
             .find(|(k, _)| k == "tls")
@@ -120,13 +125,22 @@ impl ConnectionPool {
             (false, Some(true)) => 587,
             (false, _) => 25,
         };
-        Some(ConnectionPool {
+        let tls = if implicit_tls || starttls.is_some() {
+            let mut builder = TlsParameters::builder(host.clone());
+            for root in options.extra_roots {
+                builder = builder.add_root_certificate(root);
+            }
+            Some(builder.build().map_err(SetupError::Tls)?)
+        } else {
+            None
+        };
+        Ok(ConnectionPool {
             port: url.port().unwrap_or(default_port),
             host,
             starttls,
             implicit_tls,
             credentials,
-            extra_roots: options.extra_roots,
+            tls,
             timeout: options.timeout,
             // As lettre reads its URLs: a path names this client in EHLO.
             hello: match url.path().trim_matches('/') {
@@ -139,14 +153,6 @@ impl ConnectionPool {
         })
     }
 
-    fn tls_parameters(&self) -> Result<TlsParameters, lettre::transport::smtp::Error> {
-        let mut builder = TlsParameters::builder(self.host.clone());
-        for root in &self.extra_roots {
-            builder = builder.add_root_certificate(root.clone());
-        }
-        builder.build()
-    }
-
     async fn connect(&self) -> Result<Connection, SendError> {
         let mut conn = if self.implicit_tls {
             // lettre opens the socket (no TCP_NODELAY): every write of
@@ -155,7 +161,7 @@ impl ConnectionPool {
                 (self.host.as_str(), self.port),
                 Some(self.timeout),
                 &self.hello,
-                Some(self.tls_parameters()?),
+                self.tls.clone(),
                 None,
             )
             .await?
@@ -164,9 +170,9 @@ impl ConnectionPool {
             tcp.set_nodelay(true)?;
             AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello).await?
         };
-        if let Some(required) = self.starttls {
+        if let (Some(required), Some(tls)) = (self.starttls, &self.tls) {
             if conn.can_starttls() {
-                conn.starttls(self.tls_parameters()?, &self.hello).await?;
+                conn.starttls(tls.clone(), &self.hello).await?;
             } else if required {
                 conn.abort().await;
                 return Err(SendError::NoStartTls);
@@ -302,6 +308,15 @@ fn offers_pipelining<'a>(lines: impl Iterator<Item = &'a str>) -> bool {
             .next()
             .is_some_and(|keyword| keyword.eq_ignore_ascii_case("PIPELINING"))
     })
+}
+
+/// Why a pool cannot be made (the configuration is wrong).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("the SMTP URL is not smtp://host[:port] or smtps://host[:port]")]
+    Url,
+    #[error("setting up TLS for the SMTP server")]
+    Tls(#[source] lettre::transport::smtp::Error),
 }
 
 /// Why an SMTP send failed.

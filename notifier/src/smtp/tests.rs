@@ -477,7 +477,7 @@ fn smtp_and_smtps_urls() {
     assert_eq!((p.port, p.starttls), (25, Some(false)));
     let p = ConnectionPool::from_url("smtps://mail.example", options(true)).expect("smtps");
     assert_eq!((p.port, p.starttls, p.implicit_tls), (465, None, true));
-    assert!(ConnectionPool::from_url("http://mail.example", options(true)).is_none());
+    assert!(ConnectionPool::from_url("http://mail.example", options(true)).is_err());
     let p = ConnectionPool::from_url("smtps://mail.example/shop.example", options(true))
         .expect("smtps");
     assert_eq!(p.hello, ClientId::Domain("shop.example".to_owned()));
