@@ -9,8 +9,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// Creates `topic` with `partitions` partitions (replication 1) unless it
@@ -44,6 +47,113 @@ pub async fn create_topic_replicated(
         }
     }
     Ok(())
+}
+
+/// The topics and consumer groups [`delete_by_prefix`] deleted.
+#[derive(Debug, Default)]
+pub struct Deleted {
+    pub topics: Vec<String>,
+    pub groups: Vec<String>,
+}
+
+/// Deletes every topic whose name starts with one of `topic_prefixes` and
+/// every consumer group whose name starts with one of `group_prefixes`:
+/// what benchmarks leave on the stack's broker (a fresh topic, its DLQ and
+/// a fresh group per run), so that the next run measures a broker holding
+/// what users run, not hundreds of spent partitions. An empty prefix is
+/// refused: it would name everything. A group that still has members is
+/// not deleted (the broker refuses it) and is reported as an error.
+pub async fn delete_by_prefix(
+    bootstrap: &str,
+    topic_prefixes: &[String],
+    group_prefixes: &[String],
+) -> anyhow::Result<Deleted> {
+    ensure!(
+        topic_prefixes
+            .iter()
+            .chain(group_prefixes)
+            .all(|p| !p.is_empty()),
+        "an empty prefix would name every topic or group"
+    );
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    let lister: BaseConsumer = config.create().context("creating a metadata client")?;
+    let timeout = Duration::from_secs(10);
+    let (topics, groups) = {
+        let topic_prefixes = topic_prefixes.to_vec();
+        let group_prefixes = group_prefixes.to_vec();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<String>, Vec<String>)> {
+            let named = |name: &str, prefixes: &[String]| {
+                prefixes.iter().any(|p| name.starts_with(p.as_str()))
+            };
+            let md = lister
+                .fetch_metadata(None, timeout)
+                .context("fetching the broker's metadata")?;
+            let topics = md
+                .topics()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .filter(|t| named(t, &topic_prefixes))
+                .collect();
+            let groups = if group_prefixes.is_empty() {
+                Vec::new()
+            } else {
+                lister
+                    .fetch_group_list(None, timeout)
+                    .context("listing the consumer groups")?
+                    .groups()
+                    .iter()
+                    .map(|g| g.name().to_owned())
+                    .filter(|g| named(g, &group_prefixes))
+                    .collect()
+            };
+            Ok((topics, groups))
+        })
+        .await??
+    };
+    let admin: AdminClient<DefaultClientContext> =
+        config.create().context("creating an admin client")?;
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
+    let mut refused = Vec::new();
+    let mut sort = |results: Vec<Result<String, (String, RDKafkaErrorCode)>>,
+                    kind: &str,
+                    gone: RDKafkaErrorCode| {
+        let mut done = Vec::new();
+        for result in results {
+            match result {
+                Ok(name) => done.push(name),
+                // Deleted meanwhile by someone else: what was asked for.
+                Err((_, code)) if code == gone => {}
+                Err((name, code)) => refused.push(format!("{kind} {name}: {code}")),
+            }
+        }
+        done
+    };
+    let mut deleted = Deleted::default();
+    if !topics.is_empty() {
+        let results = admin.delete_topics(&as_strs(&topics), &opts).await;
+        let results = results.context("deleting topics")?;
+        deleted.topics = sort(results, "topic", RDKafkaErrorCode::UnknownTopicOrPartition);
+    }
+    if !groups.is_empty() {
+        let results = admin.delete_groups(&as_strs(&groups), &opts).await;
+        let results = results.context("deleting consumer groups")?;
+        deleted.groups = sort(results, "group", RDKafkaErrorCode::GroupIdNotFound);
+    }
+    ensure!(
+        refused.is_empty(),
+        "deleted {} topics and {} groups; refused: {}",
+        deleted.topics.len(),
+        deleted.groups.len(),
+        refused.join(", ")
+    );
+    Ok(deleted)
+}
+
+fn as_strs(names: &[String]) -> Vec<&str> {
+    names.iter().map(String::as_str).collect()
 }
 
 /// The number of partitions of `topic`, from the broker's metadata (a

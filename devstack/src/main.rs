@@ -54,6 +54,23 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         partitions: i32,
     },
+    /// Delete the topics and consumer groups whose names start with the
+    /// prefixes given (what benchmark runs leave on the broker); prints
+    /// the counts deleted.
+    DeleteByPrefix {
+        #[arg(
+            long,
+            env = "KAFKA_BOOTSTRAP_SERVERS",
+            default_value = "127.0.0.1:9092"
+        )]
+        bootstrap_servers: String,
+        /// A topic name prefix (repeatable).
+        #[arg(long = "topic-prefix")]
+        topic_prefixes: Vec<String>,
+        /// A consumer group name prefix (repeatable).
+        #[arg(long = "group-prefix")]
+        group_prefixes: Vec<String>,
+    },
     /// Print a topic's records as JSON lines: partition, offset, key, headers, value.
     Watch {
         #[arg(
@@ -137,6 +154,23 @@ async fn main() -> anyhow::Result<()> {
         } => {
             devstack::kafka::create_topic(&bootstrap_servers, &topic, partitions).await?;
             println!("topic {topic} ready");
+        }
+        Command::DeleteByPrefix {
+            bootstrap_servers,
+            topic_prefixes,
+            group_prefixes,
+        } => {
+            let deleted = devstack::kafka::delete_by_prefix(
+                &bootstrap_servers,
+                &topic_prefixes,
+                &group_prefixes,
+            )
+            .await?;
+            println!(
+                "deleted {} topics, {} consumer groups",
+                deleted.topics.len(),
+                deleted.groups.len()
+            );
         }
         Command::Watch {
             bootstrap_servers,
