@@ -151,6 +151,11 @@ pub struct Config {
     #[arg(long, env = "NOTIFIER_INBOX_RETENTION_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub inbox_retention_interval: Duration,
 
+    /// Async worker threads [default: one per core]. librdkafka's and
+    /// the spool's blocking file writes have threads of their own.
+    #[arg(long, env = "NOTIFIER_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
+
     /// Log format.
     #[arg(long, env = "NOTIFIER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -176,6 +181,7 @@ impl std::fmt::Debug for Config {
             .field("smtp_pipelining", &self.smtp_pipelining)
             .field("smtp_ca_file", &self.smtp_ca_file)
             .field("inbox_db_connections", &self.inbox_db_connections)
+            .field("worker_threads", &self.worker_threads)
             .finish_non_exhaustive()
     }
 }
@@ -276,6 +282,16 @@ mod tests {
         let old_name = parse(&["--smtp-url", "smtp://h:25", "--inbox-connections", "9"]);
         assert_eq!(old_name.smtp_connections, 9, "the former name still works");
         assert_eq!(parse(&["--handlers", "7"]).handlers(), 7);
+        assert_eq!(cfg.worker_threads, None, "one per core");
+        assert_eq!(parse(&["--worker-threads", "1"]).worker_threads, Some(1));
+        assert!(Config::try_parse_from([
+            "notifier",
+            "--database-url",
+            "x",
+            "--worker-threads",
+            "0"
+        ])
+        .is_err());
         assert!(
             Config::try_parse_from(["notifier", "--database-url", "x", "--handlers", "0"]).is_err()
         );

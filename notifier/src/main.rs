@@ -8,5 +8,6 @@ fn main() -> std::process::ExitCode {
         Ok(t) => t,
         Err(code) => return code,
     };
-    lifecycle::serve("notifier", |shutdown| notifier::run(cfg, shutdown))
+    let workers = cfg.worker_threads.map(usize::from);
+    lifecycle::serve_with_workers("notifier", workers, |shutdown| notifier::run(cfg, shutdown))
 }
