@@ -141,9 +141,11 @@ pub struct Config {
 
     /// Delete notifier_inbox rows handled longer ago than this, in small
     /// batches; 0 (the default) keeps every row. Must be at least the
-    /// topic's retention.ms (a record still in the topic can be delivered
-    /// again, and its row is what makes it a duplicate): checked at start
-    /// and before every round.
+    /// topic's retention.ms plus its segment.ms, the longest a record can
+    /// stay in the topic (Kafka deletes a segment once its newest record
+    /// passes retention.ms), since a record still in the topic can be
+    /// delivered again and its row is what makes it a duplicate: checked
+    /// at start and before every round.
     #[arg(long, env = "NOTIFIER_INBOX_RETENTION", default_value = "0s", value_parser = parse_duration)]
     pub inbox_retention: Duration,
 

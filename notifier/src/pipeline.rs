@@ -552,7 +552,7 @@ async fn consume(
             Ok(()) => {}
             // Read again before every round: deletes wait until it is known.
             Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, "inbox retention waits until the topic's retention.ms can be read")
+                tracing::warn!(error = %e, "inbox retention waits until the topic's retention.ms and segment.ms can be read")
             }
             Err(e) => return Err(NotifierError::InboxRetention(e)),
         }

@@ -6,15 +6,22 @@
 //! instead of a second email. A record can come again as long as the topic
 //! holds it (a crash before the offset commit, a group whose offsets were
 //! reset to replay), so a row may only go once its record is gone from the
-//! topic: the retention must be at least the topic's `retention.ms`.
+//! topic. Kafka deletes by segment, and a segment only once its *newest*
+//! record is older than `retention.ms`; a segment is rolled when its first
+//! record is `segment.ms` old, so it spans at most that. A record can
+//! therefore stay up to `retention.ms + segment.ms` (7 + 7 days by
+//! default), and the retention must be at least that sum (earlier versions
+//! asked for `retention.ms` alone). The broker looks for expired segments
+//! every `log.retention.check.interval.ms` (5 min by default), a broker
+//! setting the notifier cannot read: leave that much more.
 //!
 //! ```text
-//!  start:      topic retention.ms > --inbox-retention (or infinite) ─▶ refuse to start
-//!  every tick: retention.ms read again; still covered? ─no─▶ delete nothing, ERROR
+//!  start:      topic retention.ms + segment.ms > --inbox-retention (or infinite) ─▶ refuse to start
+//!  every tick: both read again; still covered? ─no─▶ delete nothing, ERROR
 //!              └─yes─▶ DELETE the oldest event ids handled before now - retention (batches)
 //! ```
 //!
-//! The topic's setting is read again before every round, so raising the
+//! The topic's settings are read again before every round, so raising the
 //! topic's retention later stops deletion (logged) instead of breaking the
 //! guarantee; a round whose setting cannot be read deletes nothing.
 
@@ -37,15 +44,20 @@ const MAX_BATCHES_PER_ROUND: usize = 100;
 #[derive(Debug, thiserror::Error)]
 pub enum RetentionError {
     #[error(
-        "--inbox-retention {retention:?} is shorter than topic {topic}'s retention.ms ({topic_ms} ms): \
-         a record still in the topic could be delivered again (a crash before the offset commit, \
-         offsets reset to replay) after its inbox row was deleted, and be emailed twice; set \
-         --inbox-retention to at least {topic_ms} ms, or lower the topic's retention.ms"
+        "--inbox-retention {retention:?} is shorter than topic {topic} may keep a record: its \
+         retention.ms ({topic_ms} ms) plus its segment.ms ({segment_ms} ms), as Kafka deletes a \
+         segment only once its newest record is older than retention.ms; a record still in the \
+         topic could be delivered again (a crash before the offset commit, offsets reset to \
+         replay) after its inbox row was deleted, and be emailed twice; set --inbox-retention to \
+         at least {needed_ms} ms (plus the broker's log.retention.check.interval.ms, 5 min by \
+         default), or lower the topic's retention.ms or segment.ms",
+        needed_ms = topic_ms.saturating_add(*segment_ms)
     )]
     ShorterThanTopic {
         retention: Duration,
         topic: String,
         topic_ms: i64,
+        segment_ms: i64,
     },
     #[error(
         "--inbox-retention {retention:?} is set, but topic {topic} keeps its records forever \
@@ -53,8 +65,12 @@ pub enum RetentionError {
          leave --inbox-retention unset, or give the topic a retention.ms"
     )]
     TopicKeepsForever { retention: Duration, topic: String },
-    #[error("cannot read topic {topic}'s retention.ms ({reason})")]
-    Unreadable { topic: String, reason: String },
+    #[error("cannot read topic {topic}'s {key} ({reason})")]
+    Unreadable {
+        topic: String,
+        key: &'static str,
+        reason: String,
+    },
 }
 
 impl RetentionError {
@@ -64,42 +80,63 @@ impl RetentionError {
     }
 }
 
-/// Whether `retention` covers a topic retention of `topic_ms` (-1: forever).
-pub fn covers(retention: Duration, topic: &str, topic_ms: i64) -> Result<(), RetentionError> {
+/// Whether `retention` covers the longest a record can stay in a topic of
+/// `retention.ms` `topic_ms` (-1: forever) and `segment.ms` `segment_ms`.
+pub fn covers(
+    retention: Duration,
+    topic: &str,
+    topic_ms: i64,
+    segment_ms: i64,
+) -> Result<(), RetentionError> {
     if topic_ms < 0 {
         return Err(RetentionError::TopicKeepsForever {
             retention,
             topic: topic.to_owned(),
         });
     }
-    if retention.as_millis() < topic_ms as u128 {
+    let kept_ms = topic_ms.saturating_add(segment_ms.max(0));
+    if retention.as_millis() < kept_ms as u128 {
         return Err(RetentionError::ShorterThanTopic {
             retention,
             topic: topic.to_owned(),
             topic_ms,
+            segment_ms,
         });
     }
     Ok(())
 }
 
-/// Reads the topic's `retention.ms` and checks that `retention` covers it.
+/// Reads the topic's `retention.ms` and `segment.ms` and checks that
+/// `retention` covers them.
 pub async fn check(
     config: &ClientConfig,
     topic: &str,
     retention: Duration,
 ) -> Result<(), RetentionError> {
+    let topic_ms = topic_setting(config, topic, "retention.ms").await?;
+    let segment_ms = topic_setting(config, topic, "segment.ms").await?;
+    covers(retention, topic, topic_ms, segment_ms)
+}
+
+/// One of the topic's settings in milliseconds (the broker's default when
+/// the topic does not override it).
+async fn topic_setting(
+    config: &ClientConfig,
+    topic: &str,
+    key: &'static str,
+) -> Result<i64, RetentionError> {
     let unreadable = |reason: String| RetentionError::Unreadable {
         topic: topic.to_owned(),
+        key,
         reason,
     };
-    let value = lifecycle::kafka::topic_config(config, topic, "retention.ms")
+    let value = lifecycle::kafka::topic_config(config, topic, key)
         .await
         .map_err(unreadable)?
         .ok_or_else(|| unreadable("not in the topic's configuration".to_owned()))?;
-    let topic_ms = value
+    value
         .parse()
-        .map_err(|_| unreadable(format!("not a number: {value:?}")))?;
-    covers(retention, topic, topic_ms)
+        .map_err(|_| unreadable(format!("not a number: {value:?}")))
 }
 
 /// Deletes old inbox rows every `interval` until `stop`, while `retention`
@@ -155,17 +192,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_retention_must_cover_the_topics() {
+    fn the_retention_must_cover_the_topics_retention_and_one_segment() {
         let day = Duration::from_secs(86_400);
-        assert!(covers(day * 7, "t", 604_800_000).is_ok());
-        assert!(covers(day * 8, "t", 604_800_000).is_ok());
-        let short = covers(day, "t", 604_800_000).unwrap_err();
+        let week_ms = 604_800_000;
+        // Kafka's defaults: retention.ms and segment.ms 7 days each.
+        assert!(covers(day * 14, "t", week_ms, week_ms).is_ok());
+        assert!(covers(day * 15, "t", week_ms, week_ms).is_ok());
+        // The topic's retention alone is not enough: a record can stay a
+        // segment longer.
+        let short = covers(day * 8, "t", week_ms, week_ms).unwrap_err();
         assert!(!short.is_transient());
-        assert!(
-            short.to_string().contains("at least 604800000 ms"),
-            "{short}"
-        );
-        let forever = covers(day * 365, "t", -1).unwrap_err();
+        let message = short.to_string();
+        assert!(message.contains("at least 1209600000 ms"), "{message}");
+        assert!(message.contains("segment.ms (604800000 ms)"), "{message}");
+        // Short segments need little more than the retention.
+        assert!(covers(Duration::from_secs(3), "t", 2_000, 1_000).is_ok());
+        assert!(covers(Duration::from_millis(2_999), "t", 2_000, 1_000).is_err());
+        let forever = covers(day * 365, "t", -1, week_ms).unwrap_err();
         assert!(forever.to_string().contains("retention.ms -1"), "{forever}");
+        // Settings near i64::MAX do not overflow into acceptance.
+        assert!(covers(day * 365, "t", i64::MAX, week_ms).is_err());
     }
 }

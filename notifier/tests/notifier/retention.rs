@@ -1,6 +1,6 @@
 //! Inbox retention (`--inbox-retention`) on the test stack: rows go once
 //! older than the retention, and only when the retention covers the topic's
-//! `retention.ms`; a shorter one is refused at start.
+//! `retention.ms` plus its `segment.ms`; a shorter one is refused at start.
 
 use std::time::Duration;
 
@@ -10,12 +10,15 @@ use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 
-/// Sets `topic`'s `retention.ms`.
-async fn set_topic_retention(topic: &str, ms: &str) -> anyhow::Result<()> {
+/// Sets `topic`'s `retention.ms` and `segment.ms` (AlterConfigs replaces
+/// a topic's settings: both in one request).
+async fn set_topic_retention(topic: &str, ms: &str, segment_ms: &str) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
         .create()?;
-    let alter = AlterConfig::new(ResourceSpecifier::Topic(topic)).set("retention.ms", ms);
+    let alter = AlterConfig::new(ResourceSpecifier::Topic(topic))
+        .set("retention.ms", ms)
+        .set("segment.ms", segment_ms);
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
     for result in admin.alter_configs([&alter], &opts).await? {
         result.map_err(|(_, code)| anyhow::anyhow!("altering {topic}: {code:?}"))?;
@@ -36,9 +39,9 @@ async fn inbox_rows(db: &TestDb) -> anyhow::Result<i64> {
 async fn inbox_rows_older_than_the_retention_are_deleted() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
     let topic = create_topic(1).await?;
-    // The topic keeps records 3 s (by setting; its segments are not rolled
-    // that soon, which only makes the test stricter).
-    set_topic_retention(&topic, "3000").await?;
+    // The topic keeps a record at most 2 s past its segment's newest one,
+    // and rolls a segment after 1 s: 3 s in all, the inbox retention below.
+    set_topic_retention(&topic, "2000", "1000").await?;
     let smtp = FakeSmtp::start("250 ok", 0).await?;
     let relay = Relay::new(&topic)?;
     for id in 1..=5 {
@@ -73,7 +76,9 @@ async fn inbox_rows_older_than_the_retention_are_deleted() -> anyhow::Result<()>
 #[tokio::test]
 async fn an_inbox_retention_shorter_than_the_topics_is_refused() -> anyhow::Result<()> {
     let db = TestDb::create().await?;
-    // The broker's default retention.ms: 7 days.
+    // The broker's defaults: retention.ms and segment.ms 7 days each, so a
+    // record can stay 14 days; 8 days covers retention.ms alone (what
+    // earlier versions checked) and is refused.
     let topic = create_topic(1).await?;
     let mut cfg = config(
         &db.url,
@@ -81,7 +86,7 @@ async fn an_inbox_retention_shorter_than_the_topics_is_refused() -> anyhow::Resu
         &unique_name("g"),
         &Dest::Dir(std::env::temp_dir()),
     );
-    cfg.inbox_retention = Duration::from_secs(3600);
+    cfg.inbox_retention = Duration::from_secs(8 * 86_400);
     let err = tokio::time::timeout(
         Duration::from_secs(60),
         notifier::run_with(
@@ -95,8 +100,9 @@ async fn an_inbox_retention_shorter_than_the_topics_is_refused() -> anyhow::Resu
     let chain = notifier::handler::error_chain(&err);
     assert!(
         chain.contains(&format!(
-            "is shorter than topic {topic}'s retention.ms (604800000 ms)"
-        )),
+            "is shorter than topic {topic} may keep a record: its retention.ms (604800000 ms) \
+             plus its segment.ms (604800000 ms)"
+        )) && chain.contains("at least 1209600000 ms"),
         "{chain}"
     );
     Ok(())
