@@ -10,19 +10,19 @@ use devstack::testing::{kafka_bootstrap, unique_name, wait_for};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-fn topics_on_broker() -> anyhow::Result<Vec<String>> {
-    let client: BaseConsumer = ClientConfig::new()
+fn client() -> anyhow::Result<BaseConsumer> {
+    Ok(ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
-        .create()?;
-    let md = client.fetch_metadata(None, Duration::from_secs(10))?;
+        .create()?)
+}
+
+fn topics_on_broker() -> anyhow::Result<Vec<String>> {
+    let md = client()?.fetch_metadata(None, Duration::from_secs(10))?;
     Ok(md.topics().iter().map(|t| t.name().to_owned()).collect())
 }
 
 fn groups_on_broker() -> anyhow::Result<Vec<String>> {
-    let client: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_bootstrap())
-        .create()?;
-    let list = client.fetch_group_list(None, Duration::from_secs(10))?;
+    let list = client()?.fetch_group_list(None, Duration::from_secs(10))?;
     Ok(list.groups().iter().map(|g| g.name().to_owned()).collect())
 }
 

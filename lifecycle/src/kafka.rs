@@ -91,6 +91,16 @@ pub async fn topic_config(
     topic: &str,
     key: &str,
 ) -> Result<Option<String>, String> {
+    Ok(topic_configs(config, topic, &[key]).await?.pop().flatten())
+}
+
+/// [`topic_config`] of several keys in one request, their values in the
+/// order of `keys`.
+pub async fn topic_configs(
+    config: &ClientConfig,
+    topic: &str,
+    keys: &[&str],
+) -> Result<Vec<Option<String>>, String> {
     let timeout = Duration::from_secs(10);
     let admin: AdminClient<DefaultClientContext> = config.create().map_err(|e| e.to_string())?;
     let opts = AdminOptions::new().request_timeout(Some(timeout));
@@ -99,18 +109,21 @@ pub async fn topic_config(
         admin.describe_configs([&ResourceSpecifier::Topic(topic)], &opts),
     )
     .await;
-    let value = match described {
+    let values = match described {
         Ok(Ok(mut results)) => match results.pop() {
-            Some(Ok(resource)) => Ok(resource.get(key).and_then(|entry| entry.value.clone())),
+            Some(Ok(resource)) => Ok(keys
+                .iter()
+                .map(|key| resource.get(key).and_then(|entry| entry.value.clone()))
+                .collect()),
             Some(Err(code)) => Err(format!("{code:?}")),
-            None => Ok(None),
+            None => Ok(vec![None; keys.len()]),
         },
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {timeout:?}")),
     };
     // Closing a client takes a while and nothing waits on it.
     std::thread::spawn(move || drop(admin));
-    value
+    values
 }
 
 /// Kafka refused the client's credentials (authentication) or an operation

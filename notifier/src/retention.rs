@@ -49,15 +49,16 @@ pub enum RetentionError {
          segment only once its newest record is older than retention.ms; a record still in the \
          topic could be delivered again (a crash before the offset commit, offsets reset to \
          replay) after its inbox row was deleted, and be emailed twice; set --inbox-retention to \
-         at least {needed_ms} ms (plus the broker's log.retention.check.interval.ms, 5 min by \
-         default), or lower the topic's retention.ms or segment.ms",
-        needed_ms = topic_ms.saturating_add(*segment_ms)
+         at least {kept_ms} ms (plus the broker's log.retention.check.interval.ms, 5 min by \
+         default), or lower the topic's retention.ms or segment.ms"
     )]
     ShorterThanTopic {
         retention: Duration,
         topic: String,
         topic_ms: i64,
         segment_ms: i64,
+        /// Their sum: the longest a record can stay.
+        kept_ms: i64,
     },
     #[error(
         "--inbox-retention {retention:?} is set, but topic {topic} keeps its records forever \
@@ -101,42 +102,37 @@ pub fn covers(
             topic: topic.to_owned(),
             topic_ms,
             segment_ms,
+            kept_ms,
         });
     }
     Ok(())
 }
 
-/// Reads the topic's `retention.ms` and `segment.ms` and checks that
-/// `retention` covers them.
+/// Reads the topic's `retention.ms` and `segment.ms` (one request) and
+/// checks that `retention` covers them.
 pub async fn check(
     config: &ClientConfig,
     topic: &str,
     retention: Duration,
 ) -> Result<(), RetentionError> {
-    let topic_ms = topic_setting(config, topic, "retention.ms").await?;
-    let segment_ms = topic_setting(config, topic, "segment.ms").await?;
-    covers(retention, topic, topic_ms, segment_ms)
-}
-
-/// One of the topic's settings in milliseconds (the broker's default when
-/// the topic does not override it).
-async fn topic_setting(
-    config: &ClientConfig,
-    topic: &str,
-    key: &'static str,
-) -> Result<i64, RetentionError> {
-    let unreadable = |reason: String| RetentionError::Unreadable {
+    let unreadable = |key: &'static str, reason: String| RetentionError::Unreadable {
         topic: topic.to_owned(),
         key,
         reason,
     };
-    let value = lifecycle::kafka::topic_config(config, topic, key)
+    const KEYS: [&str; 2] = ["retention.ms", "segment.ms"];
+    let values = lifecycle::kafka::topic_configs(config, topic, &KEYS)
         .await
-        .map_err(unreadable)?
-        .ok_or_else(|| unreadable("not in the topic's configuration".to_owned()))?;
-    value
-        .parse()
-        .map_err(|_| unreadable(format!("not a number: {value:?}")))
+        .map_err(|reason| unreadable("retention.ms and segment.ms", reason))?;
+    let mut millis = [0i64; 2];
+    for ((key, value), ms) in KEYS.into_iter().zip(values).zip(&mut millis) {
+        let value =
+            value.ok_or_else(|| unreadable(key, "not in the topic's configuration".to_owned()))?;
+        *ms = value
+            .parse()
+            .map_err(|_| unreadable(key, format!("not a number: {value:?}")))?;
+    }
+    covers(retention, topic, millis[0], millis[1])
 }
 
 /// Deletes old inbox rows every `interval` until `stop`, while `retention`
